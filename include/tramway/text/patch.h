@@ -1,0 +1,84 @@
+// tramway/text/patch.h — rewrite instructions that other threads may be executing.
+//
+// A PatchBatch collects instruction replacements and applies them with the kernel's
+// text_poke_bp_batch protocol: int3 on every head; serialize; write every tail; serialize;
+// write every head; serialize. At every instant any thread fetching a patched range sees the
+// old instruction, the new one, or an int3 at its head; the SIGTRAP router emulates the new
+// instruction for a thread that hits the int3. Serialize is
+// membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE): at most 3 a batch, whatever its size.
+//
+// Program text is written through /proc/self/mem and generated code through the RW view of
+// its memfd, so no mapping is ever writable and executable, and no page loses execute
+// permission. Writes are coalesced: one write per touched page per phase.
+//
+// Batches are serialised by one process-wide lock that fork() respects: a child never
+// inherits a half-patched site.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "tramway/status.h"
+
+namespace tramway::text {
+
+// Longest replacement one patch may carry (bytes).
+inline constexpr std::size_t kMaxPatchBytes = 16;
+
+class PatchBatch {
+ public:
+  // Queues "write new_bytes at address". The first instruction of new_bytes is the one a
+  // trapped thread executes (it must be a nop, jmp, call, ret or `xor eax,eax; ret`); any
+  // bytes after a ret/jmp are padding. The range must be entered only at its head: either
+  // its current first instruction spans the whole range, or it does not fall through.
+  // Checked now against the current bytes; an error says which rule was broken.
+  Status add(void* address, std::span<const std::uint8_t> new_bytes);
+
+  std::size_t size() const noexcept { return patches_.size(); }
+  bool empty() const noexcept { return patches_.empty(); }
+  void clear() noexcept { patches_.clear(); }
+
+  struct Patch {
+    std::uintptr_t address;
+    std::uint8_t length;
+    std::uint8_t bytes[kMaxPatchBytes];
+  };
+  const std::vector<Patch>& patches() const noexcept { return patches_; }
+
+ private:
+  std::vector<Patch> patches_;
+};
+
+// Holds the process-wide patch lock. Layers above the text layer (static keys, static
+// calls, hooks) take it around "read tables, build batch, apply" so that table updates and
+// code updates are one atomic step. pthread_atfork handlers take it too.
+class PatchLock {
+ public:
+  PatchLock();
+  ~PatchLock();
+  PatchLock(const PatchLock&) = delete;
+  PatchLock& operator=(const PatchLock&) = delete;
+};
+
+// Applies the batch. Patches whose target bytes already hold new_bytes are skipped; an
+// empty (or all-skipped) batch costs no serialisation.
+Status apply(const PatchBatch& batch);
+Status apply(const PatchBatch& batch, const PatchLock& held);
+
+// Writes bytes that no thread can be executing (for example a fresh trampoline, or the
+// unreachable tail after a ret) without the int3 protocol, honouring W^X.
+Status write_unexecuted(void* address, std::span<const std::uint8_t> bytes);
+
+// Counters since process start, for tests and benchmarks.
+struct PatchStats {
+  std::uint64_t batches = 0;          // batches that changed at least one byte
+  std::uint64_t serialisations = 0;   // membarrier(SYNC_CORE) calls
+  std::uint64_t page_writes = 0;      // writes issued to program text or code views
+  std::uint64_t traps_emulated = 0;   // int3 hits emulated as the new instruction
+  std::uint64_t traps_restarted = 0;  // int3 hits whose int3 was already gone (re-executed)
+};
+PatchStats stats() noexcept;
+
+}  // namespace tramway::text

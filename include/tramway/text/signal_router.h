@@ -1,0 +1,52 @@
+// tramway/text/signal_router.h — signals that cannot lose a thread.
+//
+// The router is installed when libtramway loads. It
+//  * owns SIGTRAP: an int3 at a site being patched is emulated as the new instruction;
+//    every other SIGTRAP (a debugger's breakpoint, a program's own int3, raise(SIGTRAP)) goes
+//    to the handler the program installed, or gets the default action;
+//  * interposes sigaction/signal/sigset/bsd_signal/sysv_signal so that every handler the
+//    program installs runs behind a thin async-signal-safe wrapper which records, per thread,
+//    the interrupted context of every handler in progress (nested frames);
+//  * keeps SIGTRAP and its fix-up signal deliverable: they are removed from every signal
+//    mask the program sets through sigprocmask/pthread_sigmask/sigaction (a blocked SIGTRAP at
+//    an int3 would kill the process).
+// move_pcs() moves every thread interrupted inside a range — live or in a nested frame — out
+// of it. The fix-up signal is SIGRTMAX-1 unless TRAMWAY_FIXUP_SIGNAL names another (a
+// number); the program cannot install a handler for it.
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "tramway/status.h"
+
+namespace tramway::text {
+
+// Idempotent. Runs at load; exposed for programs that load libtramway late.
+Status install_signal_router();
+
+// The real-time signal tramway uses to reach threads.
+int fixup_signal() noexcept;
+
+struct MoveReport {
+  int threads_seen = 0;       // threads of the process other than the caller
+  int threads_signalled = 0;  // running or runnable, or possibly in range: signalled
+  int threads_observed = 0;   // proven outside through /proc (blocked, stopped), not disturbed
+  int pcs_moved = 0;          // interrupted PCs (live or nested) that were moved
+};
+
+// Moves the interrupted PC of every thread of the process (every entry of /proc/self/task)
+// that lies in [begin, end) to `destination`, including PCs saved in nested signal frames.
+// Returns when every thread has answered or was proven outside the range. A thread that
+// does not answer within `timeout` (stopped or traced inside the range, or a handler that
+// never returns) yields an error naming it.
+Result<MoveReport> move_pcs(std::uintptr_t begin, std::uintptr_t end, std::uintptr_t destination,
+                            std::chrono::milliseconds timeout = std::chrono::milliseconds(2000));
+
+// The interrupted PCs of the signal handlers the calling thread is running, outermost first
+// (empty outside handlers). For tests and diagnostics; async-signal-safe.
+std::size_t interrupted_pcs(std::uintptr_t* out, std::size_t capacity) noexcept;
+
+}  // namespace tramway::text

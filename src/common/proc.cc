@@ -1,0 +1,89 @@
+#include "common/proc.h"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+
+namespace tramway::common {
+namespace {
+
+// Reads a small /proc file into buf (NUL-terminated); returns false if it cannot be read.
+bool read_small(const char* path, char* buf, std::size_t cap) {
+  const int fd = ::open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return false;
+  const ssize_t n = ::read(fd, buf, cap - 1);
+  ::close(fd);
+  if (n < 0) return false;
+  buf[n] = '\0';
+  return true;
+}
+
+}  // namespace
+
+pid_t current_tid() noexcept { return static_cast<pid_t>(::syscall(SYS_gettid)); }
+
+std::vector<pid_t> list_threads() {
+  std::vector<pid_t> out;
+  DIR* d = ::opendir("/proc/self/task");
+  if (!d) return out;
+  while (dirent* e = ::readdir(d)) {
+    if (e->d_name[0] < '0' || e->d_name[0] > '9') continue;
+    out.push_back(static_cast<pid_t>(std::atoi(e->d_name)));
+  }
+  ::closedir(d);
+  return out;
+}
+
+TaskProbe probe_task(pid_t tid) {
+  TaskProbe p;
+  char path[64], buf[512];
+  std::snprintf(path, sizeof path, "/proc/self/task/%d/stat", tid);
+  if (!read_small(path, buf, sizeof buf)) {
+    p.gone = true;
+    return p;
+  }
+  if (const char* close = std::strrchr(buf, ')'); close && close[1] == ' ') p.state = close[2];
+  if (p.state == 'Z' || p.state == 'X') {
+    p.gone = true;
+    return p;
+  }
+  std::snprintf(path, sizeof path, "/proc/self/task/%d/syscall", tid);
+  if (!read_small(path, buf, sizeof buf)) {
+    p.gone = true;
+    return p;
+  }
+  if (std::strncmp(buf, "running", 7) == 0) {
+    p.running = true;
+    return p;
+  }
+  // "NR arg1 .. arg6 SP PC" when in a system call, "-1 SP PC" when blocked outside one.
+  char* tokens[9];
+  int n = 0;
+  for (char* save = nullptr, *t = strtok_r(buf, " \n", &save); t && n < 9; t = strtok_r(nullptr, " \n", &save)) {
+    tokens[n++] = t;
+  }
+  if (n < 3) {
+    p.running = true;  // unknown format: treat as unobservable
+    return p;
+  }
+  p.syscall = std::strtol(tokens[0], nullptr, 0);
+  p.sp = std::strtoull(tokens[n - 2], nullptr, 0);
+  p.pc = std::strtoull(tokens[n - 1], nullptr, 0);
+  return p;
+}
+
+std::string thread_name(pid_t tid) {
+  char path[64], buf[64];
+  std::snprintf(path, sizeof path, "/proc/self/task/%d/comm", tid);
+  if (!read_small(path, buf, sizeof buf)) return "?";
+  std::string s(buf);
+  while (!s.empty() && s.back() == '\n') s.pop_back();
+  return s;
+}
+
+}  // namespace tramway::common

@@ -1,0 +1,30 @@
+// Reading threads of this process through /proc without disturbing them.
+#pragma once
+
+#include <sys/types.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace tramway::common {
+
+pid_t current_tid() noexcept;  // async-signal-safe
+
+// Every thread of the process (/proc/self/task), the caller included.
+std::vector<pid_t> list_threads();
+
+struct TaskProbe {
+  bool gone = false;     // the thread no longer exists
+  bool running = false;  // on a CPU or runnable: its user PC is not observable
+  char state = '?';      // from /proc/self/task/TID/stat: R, S, D, T (stopped), t (traced), ...
+  long syscall = -1;     // the system call it is blocked in, -1 if none
+  std::uintptr_t sp = 0, pc = 0;  // user SP and PC, valid when !running
+};
+// /proc/self/task/TID/syscall shows the user PC of a thread that is not running, without
+// stopping or signalling it.
+TaskProbe probe_task(pid_t tid);
+
+std::string thread_name(pid_t tid);
+
+}  // namespace tramway::common

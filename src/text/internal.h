@@ -1,0 +1,55 @@
+// Internals shared by the text layer's files. Not installed.
+#pragma once
+
+#include <ucontext.h>
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <map>
+
+#include "tramway/status.h"
+
+namespace tramway::text::detail {
+
+struct Counters {
+  std::atomic<std::uint64_t> batches{0};
+  std::atomic<std::uint64_t> serialisations{0};
+  std::atomic<std::uint64_t> page_writes{0};
+  std::atomic<std::uint64_t> traps_emulated{0};
+  std::atomic<std::uint64_t> traps_restarted{0};
+};
+Counters& counters() noexcept;
+
+// --- writer.cc: bytes into code, W^X ---------------------------------------------------
+// One write of `len` bytes at `address`: through the RW view for generated code, through
+// /proc/self/mem for program text.
+Status write_span(std::uintptr_t address, const std::uint8_t* bytes, std::size_t len);
+
+// Collects byte changes and writes them with one write per touched page.
+class PageWriter {
+ public:
+  void set(std::uintptr_t address, std::uint8_t byte) { bytes_[address] = byte; }
+  bool empty() const noexcept { return bytes_.empty(); }
+  Status flush();
+
+ private:
+  std::map<std::uintptr_t, std::uint8_t> bytes_;
+};
+
+void writer_after_fork_in_child() noexcept;
+
+// --- serialize.cc ---------------------------------------------------------------------
+// membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE); registers on first use.
+Status serialize_all_cores();
+void serialize_after_fork_in_child() noexcept;
+
+// --- patch.cc: the trap side --------------------------------------------------------------
+// Called by the SIGTRAP router for an int3 trap (si_code SI_KERNEL). Returns true when the
+// trap was ours (emulated, or its int3 is gone and the instruction is re-executed).
+bool handle_int3(ucontext_t* uc) noexcept;
+
+// --- signal_router.cc ------------------------------------------------------------------------
+Status ensure_router() noexcept;
+
+}  // namespace tramway::text::detail

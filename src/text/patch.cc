@@ -1,0 +1,300 @@
+// The batch poker: the kernel's text_poke_bp_batch in user space (DESIGN invariant 1).
+//
+// For a batch of sites, with the batch's trap table published first:
+//   1. write int3 on every head; serialize.  Other threads see old or int3 at each head; a
+//      thread that hits int3 is carried past the site as if it ran the new instruction.
+//   2. write every tail; serialize.          Tails are only reachable through the head,
+//      which is int3, so a half-written tail is never executed.
+//   3. write every head; serialize.          Threads see int3 or the new instruction; after
+//      this serialisation they see only the new one.
+// Then the table is unpublished and freed once no trap handler can still read it. A thread
+// whose int3 trap is delivered only after that finds the int3 gone and re-executes the site.
+#include "tramway/text/patch.h"
+
+#include <pthread.h>
+#include <sched.h>
+#include <time.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdio>
+#include <cstring>
+#include <memory>
+#include <string>
+
+#include "arch/x86_64/emulate.h"
+#include "arch/x86_64/insn.h"
+#include "text/internal.h"
+#include "tramway/text/code_memory.h"
+
+namespace tramway::text {
+namespace detail {
+
+Counters& counters() noexcept {
+  static Counters c;
+  return c;
+}
+
+namespace {
+
+struct TrapEntry {
+  std::uintptr_t address;
+  arch::Emulation emulation;
+};
+struct TrapTable {
+  std::size_t count;
+  TrapEntry entries[1];  // sorted by address; allocated with `count` entries
+};
+
+std::atomic<TrapTable*> g_table{nullptr};
+// Trap handlers reading g_table announce themselves here; the index lets the poker wait for
+// the readers that may hold the old table while new readers count on the other side.
+std::atomic<unsigned> g_reader_index{0};
+std::atomic<long> g_readers[2];
+
+TrapTable* make_table(std::size_t n) {
+  const std::size_t bytes = sizeof(TrapTable) + (n ? n - 1 : 0) * sizeof(TrapEntry);
+  auto* t = static_cast<TrapTable*>(::operator new(bytes));
+  t->count = n;
+  return t;
+}
+
+const TrapEntry* find(const TrapTable* t, std::uintptr_t address) noexcept {
+  std::size_t lo = 0, hi = t->count;
+  while (lo < hi) {
+    const std::size_t mid = lo + (hi - lo) / 2;
+    const std::uintptr_t a = t->entries[mid].address;
+    if (a == address) return &t->entries[mid];
+    if (a < address) lo = mid + 1; else hi = mid;
+  }
+  return nullptr;
+}
+
+// Unpublishes the current table and frees it once no handler can hold it. A handler held up
+// for long (its thread stopped inside our SIGTRAP handler) must not hang the poker: after a
+// second the table is leaked instead of freed.
+void retire_table() {
+  TrapTable* old = g_table.exchange(nullptr, std::memory_order_seq_cst);
+  if (!old) return;
+  const unsigned idx = g_reader_index.fetch_xor(1, std::memory_order_seq_cst) & 1;
+  timespec start;
+  clock_gettime(CLOCK_MONOTONIC, &start);
+  for (int spins = 0; g_readers[idx].load(std::memory_order_seq_cst) != 0; ++spins) {
+    if (spins < 100) { sched_yield(); continue; }
+    timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    if (now.tv_sec - start.tv_sec >= 2) return;  // leak: a reader is stuck
+    const timespec pause{0, 50'000};
+    nanosleep(&pause, nullptr);
+  }
+  ::operator delete(old);
+}
+
+}  // namespace
+
+bool handle_int3(ucontext_t* uc) noexcept {
+  const std::uintptr_t site = arch::context_pc(uc) - 1;
+  const unsigned idx = g_reader_index.load(std::memory_order_seq_cst) & 1;
+  g_readers[idx].fetch_add(1, std::memory_order_seq_cst);
+  bool ours = false;
+  const TrapTable* t = g_table.load(std::memory_order_seq_cst);
+  for (int attempt = 0; attempt < 4; ++attempt) {
+    if (t) {
+      if (const TrapEntry* e = find(t, site)) {
+        arch::emulate(e->emulation, site, uc);
+        counters().traps_emulated.fetch_add(1, std::memory_order_relaxed);
+        ours = true;
+        break;
+      }
+    }
+    const auto* p = reinterpret_cast<const volatile std::uint8_t*>(site);
+    const bool two_byte_int3 = p[-1] == 0xcd && p[0] == 0x03;  // `int $3` traps after 2 bytes
+    if (p[0] != arch::kInt3 && !two_byte_int3) {
+      // The int3 we trapped on has been replaced since: run whatever is there now.
+      arch::set_context_pc(uc, site);
+      counters().traps_restarted.fetch_add(1, std::memory_order_relaxed);
+      ours = true;
+      break;
+    }
+    // An int3 is there. If a batch published its table after our first look, this may be
+    // its int3 (the table is published before any int3 is written): look again.
+    const TrapTable* again = g_table.load(std::memory_order_seq_cst);
+    if (again == t) break;  // not ours
+    t = again;
+  }
+  g_readers[idx].fetch_sub(1, std::memory_order_seq_cst);
+  return ours;
+}
+
+}  // namespace detail
+
+// ------------------------------------------------------------------------------------------
+namespace {
+
+pthread_mutex_t g_patch_mutex = PTHREAD_MUTEX_INITIALIZER;
+pthread_once_t g_atfork_once = PTHREAD_ONCE_INIT;
+
+void install_atfork() {
+  pthread_atfork([] { pthread_mutex_lock(&g_patch_mutex); },
+                 [] { pthread_mutex_unlock(&g_patch_mutex); },
+                 [] {
+                   // The child has one thread and the lock (taken in prepare), so no batch is
+                   // half-applied here. Per-mm state must be rebuilt.
+                   detail::writer_after_fork_in_child();
+                   detail::serialize_after_fork_in_child();
+                   pthread_mutex_unlock(&g_patch_mutex);
+                 });
+}
+
+std::string address_text(std::uintptr_t a) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%#lx", static_cast<unsigned long>(a));
+  return buf;
+}
+
+struct Site {
+  std::uintptr_t address;
+  std::uint8_t length;
+  std::uint8_t old_bytes[kMaxPatchBytes];
+  std::uint8_t new_bytes[kMaxPatchBytes];
+  arch::Emulation emulation;
+};
+
+// The range must only ever be entered at its head (otherwise a thread could be inside it
+// while we rewrite it): the current first instruction covers it, or does not fall through.
+Status check_entered_only_at_head(const Site& s) {
+  auto first = arch::first_instruction(s.address, {s.old_bytes, s.length});
+  if (!first.ok()) return first.status();
+  if (first->length == s.length || (first->length < s.length && !first->falls_through)) return {};
+  return Status::error("cannot patch " + std::to_string(s.length) + " bytes at " + address_text(s.address) +
+                       ": the current instruction there (`" +
+                       arch::disassemble(s.address, {s.old_bytes, s.length}) + "`, " +
+                       std::to_string(first->length) +
+                       " bytes) does not cover the range, so a thread could be executing inside it");
+}
+
+Status write_phase(detail::PageWriter& w, bool serialize) {
+  if (w.empty()) return {};
+  if (Status s = w.flush(); !s.ok()) return s;
+  return serialize ? detail::serialize_all_cores() : Status();
+}
+
+// Puts the old bytes back after a failure in phase 2 or 3 (int3 still or again on the heads).
+Status roll_back(const std::vector<Site>& sites) {
+  detail::PageWriter w;
+  for (const Site& s : sites) w.set(s.address, arch::kInt3);
+  if (Status st = write_phase(w, true); !st.ok()) return st;
+  for (const Site& s : sites)
+    for (std::size_t i = 1; i < s.length; ++i) w.set(s.address + i, s.old_bytes[i]);
+  if (Status st = write_phase(w, true); !st.ok()) return st;
+  for (const Site& s : sites) w.set(s.address, s.old_bytes[0]);
+  return write_phase(w, true);
+}
+
+}  // namespace
+
+Status PatchBatch::add(void* address, std::span<const std::uint8_t> new_bytes) {
+  const auto a = reinterpret_cast<std::uintptr_t>(address);
+  if (new_bytes.empty() || new_bytes.size() > kMaxPatchBytes) {
+    return Status::error("a patch must have 1 to " + std::to_string(kMaxPatchBytes) + " bytes, got " +
+                         std::to_string(new_bytes.size()));
+  }
+  if (auto e = arch::emulation_for(a, new_bytes); !e.ok()) {
+    return Status::error("patch at " + address_text(a) + ": " + e.status().message());
+  }
+  Patch p{a, static_cast<std::uint8_t>(new_bytes.size()), {}};
+  std::memcpy(p.bytes, new_bytes.data(), new_bytes.size());
+  patches_.push_back(p);
+  return {};
+}
+
+PatchLock::PatchLock() {
+  pthread_once(&g_atfork_once, install_atfork);
+  pthread_mutex_lock(&g_patch_mutex);
+}
+PatchLock::~PatchLock() { pthread_mutex_unlock(&g_patch_mutex); }
+
+Status apply(const PatchBatch& batch) {
+  PatchLock lock;
+  return apply(batch, lock);
+}
+
+Status apply(const PatchBatch& batch, const PatchLock&) {
+  if (batch.empty()) return {};
+  std::vector<Site> sites;
+  sites.reserve(batch.size());
+  for (const auto& p : batch.patches()) {
+    Site s{p.address, p.length, {}, {}, {}};
+    std::memcpy(s.old_bytes, reinterpret_cast<const void*>(p.address), p.length);
+    std::memcpy(s.new_bytes, p.bytes, p.length);
+    if (std::memcmp(s.old_bytes, s.new_bytes, s.length) == 0) continue;  // already there
+    if (Status st = check_entered_only_at_head(s); !st.ok()) return st;
+    s.emulation = arch::emulation_for(s.address, {s.new_bytes, s.length}).value();
+    sites.push_back(s);
+  }
+  if (sites.empty()) return {};
+  std::sort(sites.begin(), sites.end(), [](const Site& x, const Site& y) { return x.address < y.address; });
+  for (std::size_t i = 1; i < sites.size(); ++i) {
+    if (sites[i - 1].address + sites[i - 1].length > sites[i].address) {
+      return Status::error("patches at " + address_text(sites[i - 1].address) + " and " +
+                           address_text(sites[i].address) + " overlap");
+    }
+  }
+  if (Status st = detail::ensure_router(); !st.ok()) return st;
+
+  detail::TrapTable* table = detail::make_table(sites.size());
+  for (std::size_t i = 0; i < sites.size(); ++i) table->entries[i] = {sites[i].address, sites[i].emulation};
+  // Published before the first int3 is written: a thread that sees our int3 finds the table.
+  detail::g_table.store(table, std::memory_order_seq_cst);
+
+  detail::PageWriter w;
+  for (const Site& s : sites) w.set(s.address, arch::kInt3);
+  if (Status st = write_phase(w, true); !st.ok()) {
+    // Phase 1 may have written some int3s: put every old head back.
+    for (const Site& s : sites) w.set(s.address, s.old_bytes[0]);
+    (void)write_phase(w, true);
+    detail::retire_table();
+    return st;
+  }
+  for (const Site& s : sites)
+    for (std::size_t i = 1; i < s.length; ++i)
+      if (s.new_bytes[i] != s.old_bytes[i]) w.set(s.address + i, s.new_bytes[i]);
+  Status st = write_phase(w, true);
+  if (st.ok()) {
+    for (const Site& s : sites) w.set(s.address, s.new_bytes[0]);
+    st = write_phase(w, true);
+  }
+  if (!st.ok()) {
+    if (Status rb = roll_back(sites); !rb.ok()) {
+      // The table stays published forever so that the int3s left behind keep being emulated.
+      return Status::error(st.message() + "; rolling back also failed (" + rb.message() +
+                           "); the sites keep trapping and being emulated");
+    }
+    detail::retire_table();
+    return st;
+  }
+  detail::retire_table();
+  detail::counters().batches.fetch_add(1, std::memory_order_relaxed);
+  return {};
+}
+
+Status write_unexecuted(void* address, std::span<const std::uint8_t> bytes) {
+  PatchLock lock;
+  detail::PageWriter w;
+  const auto a = reinterpret_cast<std::uintptr_t>(address);
+  for (std::size_t i = 0; i < bytes.size(); ++i) w.set(a + i, bytes[i]);
+  return w.flush();
+}
+
+PatchStats stats() noexcept {
+  auto& c = detail::counters();
+  PatchStats s;
+  s.batches = c.batches.load(std::memory_order_relaxed);
+  s.serialisations = c.serialisations.load(std::memory_order_relaxed);
+  s.page_writes = c.page_writes.load(std::memory_order_relaxed);
+  s.traps_emulated = c.traps_emulated.load(std::memory_order_relaxed);
+  s.traps_restarted = c.traps_restarted.load(std::memory_order_relaxed);
+  return s;
+}
+
+}  // namespace tramway::text
