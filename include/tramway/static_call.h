@@ -20,6 +20,8 @@
 //
 // Names are global assembler symbols (`tramway_sc_tramp_<name>`); a static call used in
 // another translation unit or object is declared there with TRAMWAY_DECLARE_STATIC_CALL.
+// Define static calls at global or named-namespace scope: inside an anonymous namespace the
+// trampoline's declaration would get internal linkage and not bind to the trampoline.
 #pragma once
 
 #include <atomic>

@@ -47,6 +47,8 @@ class [[nodiscard]] Result {
   T* operator->() { return &value(); }
   const T* operator->() const { return &value(); }
   T& operator*() & { return value(); }
+  const T& operator*() const& { return value(); }
+  T&& operator*() && { return std::move(*this).value(); }
 
   // The failure; a default (successful) Status when ok().
   Status status() const { return ok() ? Status() : std::get<1>(v_); }

@@ -86,37 +86,49 @@ ThreadSlot* self_slot() noexcept {
 
 ucontext_t* frame_context(std::uintptr_t f) noexcept { return reinterpret_cast<ucontext_t*>(f & ~kTrapFrameTag); }
 
-// Frames left behind by a handler that was left with siglongjmp (or a thread that swapped
-// stacks): a frame is dead once the interrupted stack pointer is above it on the same stack,
-// or it is on the alternate signal stack and the thread no longer is.
-std::uint32_t drop_dead_frames(ThreadSlot* s, std::uint32_t d, const ucontext_t* uc) noexcept {
-  stack_t ss;
-  const bool have_alt = ::syscall(SYS_sigaltstack, nullptr, &ss) == 0 && !(ss.ss_flags & SS_DISABLE);
+// Frames are never popped when a handler returns: between the pop and sigreturn the
+// handler's frame would still be on the stack, unrecorded. A frame is dead instead once the
+// thread's stack pointer is back above it on the same stack, or it lies on the alternate
+// signal stack and the thread no longer runs there. Dead frames are pruned (from the top)
+// before the record is used, by the thread itself.
+bool frame_is_dead(std::uintptr_t frame, std::uintptr_t sp, const stack_t& alt, bool have_alt) noexcept {
   auto on_alt = [&](std::uintptr_t p) {
-    const auto b = reinterpret_cast<std::uintptr_t>(ss.ss_sp);
-    return have_alt && p >= b && p < b + ss.ss_size;
+    const auto b = reinterpret_cast<std::uintptr_t>(alt.ss_sp);
+    return have_alt && p >= b && p < b + alt.ss_size;
   };
-  const std::uintptr_t sp = arch::context_sp(uc);
-  while (d > 0) {
-    const std::uintptr_t f = s->frames[d - 1].load(std::memory_order_relaxed) & ~kTrapFrameTag;
-    const bool f_alt = on_alt(f), sp_alt = on_alt(sp);
-    const bool dead = (f_alt && !sp_alt) || (f_alt == sp_alt && sp > f);
-    if (!dead) break;
+  const bool f_alt = on_alt(frame), sp_alt = on_alt(sp);
+  return (f_alt && !sp_alt) || (f_alt == sp_alt && sp > frame);
+}
+
+// `alt` is the thread's alternate signal stack; in a handler the kernel saved it in the new
+// frame's uc_stack, elsewhere (alt == nullptr) it is asked for.
+std::uint32_t prune_dead_frames(ThreadSlot* s, std::uintptr_t sp, const stack_t* alt_in = nullptr) noexcept {
+  std::uint32_t d = s->depth.load(std::memory_order_relaxed);
+  if (d == 0) return 0;
+  stack_t alt{};
+  if (alt_in) {
+    alt = *alt_in;
+  } else if (::syscall(SYS_sigaltstack, nullptr, &alt) != 0) {
+    alt.ss_flags = SS_DISABLE;
+  }
+  const bool have_alt = !(alt.ss_flags & SS_DISABLE) && alt.ss_size != 0;
+  while (d > 0 && frame_is_dead(s->frames[d - 1].load(std::memory_order_relaxed) & ~kTrapFrameTag, sp, alt, have_alt)) {
     --d;
   }
+  s->depth.store(d, std::memory_order_release);
   return d;
 }
 
+// Records the frame of the handler being entered. The kernel blocked the fix-up signal when
+// it delivered this one (it is in every sa_mask we register), so no fix-up can run before the
+// frame is recorded; the wrapper unblocks it right after.
 class FrameGuard {
  public:
   FrameGuard(ucontext_t* uc, bool trap) noexcept : slot_(self_slot()) {
     if (!slot_) return;
-    std::uint32_t d = slot_->depth.load(std::memory_order_relaxed);
-    if (d > 0) d = drop_dead_frames(slot_, d, uc);
-    index_ = d;
+    const std::uint32_t d = prune_dead_frames(slot_, arch::context_sp(uc), &uc->uc_stack);
     if (d >= kMaxNest) {
       slot_->overflow.store(true, std::memory_order_relaxed);
-      slot_->depth.store(d, std::memory_order_release);
       return;
     }
     slot_->frames[d].store(reinterpret_cast<std::uintptr_t>(uc) | (trap ? kTrapFrameTag : 0),
@@ -124,17 +136,13 @@ class FrameGuard {
     slot_->seq.fetch_add(1, std::memory_order_acq_rel);
     slot_->depth.store(d + 1, std::memory_order_release);
   }
-  ~FrameGuard() {
-    if (!slot_) return;
-    slot_->depth.store(index_, std::memory_order_release);
-    slot_->seq.fetch_add(1, std::memory_order_acq_rel);
-  }
   ThreadSlot* slot() const noexcept { return slot_; }
 
  private:
   ThreadSlot* slot_;
-  std::uint32_t index_ = 0;
 };
+
+std::uintptr_t current_sp() noexcept { return reinterpret_cast<std::uintptr_t>(__builtin_frame_address(0)); }
 
 // ---- the program's handlers -------------------------------------------------------------------
 struct UserAction {
@@ -185,6 +193,13 @@ void strip_protected(sigset_t* set) noexcept {
   if (const int f = g_fixup_signal.load(std::memory_order_relaxed)) sigdelset(set, f);
 }
 
+// The mask a wrapped handler is registered with: the program's, minus SIGTRAP, plus the
+// fix-up signal (see FrameGuard).
+void kernel_mask(sigset_t* set) noexcept {
+  strip_protected(set);
+  if (const int f = g_fixup_signal.load(std::memory_order_relaxed)) sigaddset(set, f);
+}
+
 void call_user(std::uintptr_t h, int sig, siginfo_t* si, void* uc) noexcept {
   // Calling a one-argument sa_handler with three arguments is harmless in the SysV ABI.
   reinterpret_cast<void (*)(int, siginfo_t*, void*)>(h)(sig, si, uc);
@@ -198,8 +213,13 @@ void reset_if_oneshot(int sig, int flags) noexcept {
   g_user[sig].full.sa_handler = SIG_DFL;
 }
 
+sigset_t g_fixup_set;  // {fixup signal}, filled at install
+
+void unblock_fixup() noexcept { raw_sigprocmask(SIG_UNBLOCK, &g_fixup_set, nullptr); }
+
 void wrapper(int sig, siginfo_t* si, void* uc) {
   FrameGuard frame(static_cast<ucontext_t*>(uc), false);
+  unblock_fixup();  // the frame is recorded: fix-ups may now move its PC
   const std::uintptr_t h = g_user[sig].handler.load(std::memory_order_acquire);
   reset_if_oneshot(sig, g_user[sig].flags.load(std::memory_order_relaxed));
   if (is_function(h)) call_user(h, sig, si, uc);
@@ -213,6 +233,7 @@ void chain_trap(int sig, siginfo_t* si, ucontext_t* uc) noexcept {
   const bool from_int3 = si->si_code == SI_KERNEL;
   if (is_function(h)) {
     reset_if_oneshot(SIGTRAP, flags);
+    unblock_fixup();
     call_user(h, sig, si, uc);
     return;
   }
@@ -310,6 +331,8 @@ bool is_ours(std::uintptr_t h) {
 
 Status install() {
   g_fixup_signal.store(choose_fixup_signal(), std::memory_order_relaxed);
+  sigemptyset(&g_fixup_set);
+  sigaddset(&g_fixup_set, g_fixup_signal.load());
   // Put the wrapper in front of every handler installed before us, and record what the
   // program sees.
   for (int sig = 1; sig < NSIG; ++sig) {
@@ -326,7 +349,7 @@ Status install() {
       struct sigaction k = cur;
       k.sa_sigaction = wrapper;
       k.sa_flags |= SA_SIGINFO;
-      strip_protected(&k.sa_mask);
+      kernel_mask(&k.sa_mask);
       __sigaction(sig, &k, nullptr);
     }
   }
@@ -335,7 +358,7 @@ Status install() {
   struct sigaction trap {};
   trap.sa_sigaction = trap_handler;
   trap.sa_flags = SA_SIGINFO | SA_NODEFER | SA_RESTART;
-  sigemptyset(&trap.sa_mask);
+  trap.sa_mask = g_fixup_set;
   if (__sigaction(SIGTRAP, &trap, nullptr) != 0) {
     return Status::error(std::string("installing the SIGTRAP router failed: ") + std::strerror(errno), errno);
   }
@@ -446,7 +469,7 @@ int fixup_signal() noexcept {
 std::size_t interrupted_pcs(std::uintptr_t* out, std::size_t capacity) noexcept {
   ThreadSlot* s = t_slot;
   if (!s) return 0;
-  const std::uint32_t depth = s->depth.load(std::memory_order_acquire);
+  const std::uint32_t depth = prune_dead_frames(s, current_sp());
   std::size_t n = 0;
   for (std::uint32_t i = 0; i < depth && i < kMaxNest && n < capacity; ++i) {
     out[n++] = arch::context_pc(frame_context(s->frames[i].load(std::memory_order_relaxed)));
@@ -473,7 +496,10 @@ Result<MoveReport> move_pcs(std::uintptr_t begin, std::uintptr_t end, std::uintp
   MoveReport report;
   const pid_t me = common::current_tid();
   const pid_t pid = ::getpid();
-  if (ThreadSlot* s = t_slot) report.pcs_moved += move_own_frames(s, begin, end, destination);
+  if (ThreadSlot* s = t_slot) {
+    prune_dead_frames(s, current_sp());  // their memory may now be our own live stack
+    report.pcs_moved += move_own_frames(s, begin, end, destination);
+  }
 
   // Slots of threads that have exited are reclaimed here, outside signal context.
   for (ThreadSlot& s : g_slots) {
@@ -572,8 +598,10 @@ __attribute__((visibility("default"))) int sigaction(int sig, const struct sigac
       if (is_function(h)) {
         k.sa_sigaction = wrapper;
         k.sa_flags |= SA_SIGINFO;
+        kernel_mask(&k.sa_mask);
+      } else {
+        strip_protected(&k.sa_mask);
       }
-      strip_protected(&k.sa_mask);
       // Record first: the wrapper may run as soon as the kernel has it.
       u.flags.store(act->sa_flags, std::memory_order_relaxed);
       u.handler.store(h, std::memory_order_release);

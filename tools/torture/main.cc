@@ -1,0 +1,36 @@
+// tramway-torture SUITE --seconds N: runs one torture suite and exits non-zero on any
+// violation. Suites: static (static keys and static calls under a SIGPROF storm, with PC
+// fix-ups of a thread spinning in generated code).
+#include <CLI/CLI.hpp>
+
+#include <cstdio>
+#include <map>
+#include <string>
+
+#include "suite.h"
+
+int main(int argc, char** argv) {
+  using namespace tramway::torture;
+  const std::map<std::string, int (*)(const Options&)> suites = {{"static", run_static}};
+
+  CLI::App app{"tramway-torture: many threads, a signal storm and a controller patching as fast as it can"};
+  std::string suite;
+  Options o;
+  std::string names;
+  for (const auto& [name, fn] : suites) names += (names.empty() ? "" : ", ") + name;
+  app.add_option("suite", suite, "Suite to run (" + names + ")")->required();
+  app.add_option("--seconds", o.seconds, "How long to run")->check(CLI::PositiveNumber)->capture_default_str();
+  app.add_option("--threads", o.threads, "Worker threads")->check(CLI::Range(1, 256))->capture_default_str();
+  app.add_option("--signal-us", o.signal_interval_us, "SIGPROF period per thread in microseconds (0: no storm)")
+      ->check(CLI::Range(0, 1'000'000))
+      ->capture_default_str();
+  app.add_option("--seed", o.seed, "Random seed")->capture_default_str();
+  CLI11_PARSE(app, argc, argv);
+
+  auto it = suites.find(suite);
+  if (it == suites.end()) {
+    std::fprintf(stderr, "tramway-torture: unknown suite '%s' (known: %s)\n", suite.c_str(), names.c_str());
+    return 2;
+  }
+  return it->second(o);
+}

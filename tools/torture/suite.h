@@ -1,0 +1,21 @@
+// Torture suites: each hammers one capability with many threads, a signal storm and a
+// controller changing things as fast as it can, then checks what it observed.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace tramway::torture {
+
+struct Options {
+  double seconds = 30;
+  int threads = 8;           // worker threads (more than cores, so they are preempted in sites)
+  int signal_interval_us = 20;  // per-thread SIGPROF period; 0 disables the storm
+  std::uint64_t seed = 1;
+};
+
+// Runs the suite; prints progress to stderr and one summary line to stdout. Returns the
+// process exit status: 0 when nothing was violated.
+int run_static(const Options& options);
+
+}  // namespace tramway::torture
