@@ -7,13 +7,12 @@
 //      which is int3, so a half-written tail is never executed.
 //   3. write every head; serialize.          Threads see int3 or the new instruction; after
 //      this serialisation they see only the new one.
-// Then the table is unpublished and freed once no trap handler can still read it. A thread
-// whose int3 trap is delivered only after that finds the int3 gone and re-executes the site.
+// Then the table is unpublished, and freed by a later batch once no trap handler can still be
+// reading it. A thread whose int3 trap is delivered only after the unpublish finds the int3
+// gone and re-executes the site.
 #include "tramway/text/patch.h"
 
 #include <pthread.h>
-#include <sched.h>
-#include <time.h>
 
 #include <algorithm>
 #include <atomic>
@@ -47,10 +46,16 @@ struct TrapTable {
 };
 
 std::atomic<TrapTable*> g_table{nullptr};
-// Trap handlers reading g_table announce themselves here; the index lets the poker wait for
-// the readers that may hold the old table while new readers count on the other side.
-std::atomic<unsigned> g_reader_index{0};
-std::atomic<long> g_readers[2];
+// Trap handlers announce themselves here before they load g_table and leave after their
+// last use of it. A handler that starts after a table was unpublished can only load a newer
+// table (or none), so a retired table is free once this count has been seen at zero.
+std::atomic<long> g_readers{0};
+// Tables unpublished but maybe still read by a handler (a thread preempted inside one).
+// Guarded by the patch lock. Freed by a later batch; the poker never waits for a reader.
+std::vector<TrapTable*>& retired_tables() {
+  static auto* v = new std::vector<TrapTable*>;
+  return *v;
+}
 
 TrapTable* make_table(std::size_t n) {
   const std::size_t bytes = sizeof(TrapTable) + (n ? n - 1 : 0) * sizeof(TrapEntry);
@@ -70,32 +75,23 @@ const TrapEntry* find(const TrapTable* t, std::uintptr_t address) noexcept {
   return nullptr;
 }
 
-// Unpublishes the current table and frees it once no handler can hold it. A handler held up
-// for long (its thread stopped inside our SIGTRAP handler) must not hang the poker: after a
-// second the table is leaked instead of freed.
+void free_retired_tables_if_unread() {
+  auto& retired = retired_tables();
+  if (retired.empty() || g_readers.load(std::memory_order_seq_cst) != 0) return;
+  for (TrapTable* t : retired) ::operator delete(t);
+  retired.clear();
+}
+
 void retire_table() {
-  TrapTable* old = g_table.exchange(nullptr, std::memory_order_seq_cst);
-  if (!old) return;
-  const unsigned idx = g_reader_index.fetch_xor(1, std::memory_order_seq_cst) & 1;
-  timespec start;
-  clock_gettime(CLOCK_MONOTONIC, &start);
-  for (int spins = 0; g_readers[idx].load(std::memory_order_seq_cst) != 0; ++spins) {
-    if (spins < 100) { sched_yield(); continue; }
-    timespec now;
-    clock_gettime(CLOCK_MONOTONIC, &now);
-    if (now.tv_sec - start.tv_sec >= 2) return;  // leak: a reader is stuck
-    const timespec pause{0, 50'000};
-    nanosleep(&pause, nullptr);
-  }
-  ::operator delete(old);
+  if (TrapTable* old = g_table.exchange(nullptr, std::memory_order_seq_cst)) retired_tables().push_back(old);
+  free_retired_tables_if_unread();
 }
 
 }  // namespace
 
 bool handle_int3(ucontext_t* uc) noexcept {
   const std::uintptr_t site = arch::context_pc(uc) - 1;
-  const unsigned idx = g_reader_index.load(std::memory_order_seq_cst) & 1;
-  g_readers[idx].fetch_add(1, std::memory_order_seq_cst);
+  g_readers.fetch_add(1, std::memory_order_seq_cst);
   bool ours = false;
   const TrapTable* t = g_table.load(std::memory_order_seq_cst);
   for (int attempt = 0; attempt < 4; ++attempt) {
@@ -122,7 +118,7 @@ bool handle_int3(ucontext_t* uc) noexcept {
     if (again == t) break;  // not ours
     t = again;
   }
-  g_readers[idx].fetch_sub(1, std::memory_order_seq_cst);
+  g_readers.fetch_sub(1, std::memory_order_seq_cst);
   return ours;
 }
 
@@ -241,6 +237,7 @@ Status apply(const PatchBatch& batch, const PatchLock&) {
     }
   }
   if (Status st = detail::ensure_router(); !st.ok()) return st;
+  detail::free_retired_tables_if_unread();
 
   detail::TrapTable* table = detail::make_table(sites.size());
   for (std::size_t i = 0; i < sites.size(); ++i) table->entries[i] = {sites[i].address, sites[i].emulation};

@@ -174,6 +174,7 @@ struct Spinner {
   std::uintptr_t begin = 0, exit = 0;
   std::atomic<std::uint8_t> flag{0};
   std::atomic<std::uint64_t> returns{0};
+  std::atomic<bool> exited{false};
 
   Status build() {
     auto b = text::allocate_code(32);
@@ -199,6 +200,7 @@ struct Spinner {
       flag.store(0);
       returns.fetch_add(1);
     }
+    exited.store(true);
   }
 };
 
@@ -209,15 +211,15 @@ void worker(const Options& o, Shared& s, ThreadCounters* counters, int index) {
   for (int x = 1 + index; !s.stop.load(std::memory_order_relaxed); x = x % 100000 + 1) exercise(x);
 }
 
-void controller(const Options& o, Shared& s, Spinner& spinner, ThreadCounters* counters) {
+// Flips keys and retargets static calls as fast as it can.
+void controller(const Options& o, Shared& s, ThreadCounters* counters) {
   t_counters = counters;
   StormTimer timer(o.signal_interval_us);
   std::mt19937_64 rng(o.seed);
   StaticKey* keys[] = {&torture_key_a, &torture_key_b, &torture_key_c};
-  auto next_fixup = std::chrono::steady_clock::now();
   while (!s.stop.load(std::memory_order_relaxed)) {
     Status st;
-    switch (rng() % 10) {
+    switch (rng() % 8) {
       case 0: case 1: case 2:
         st = toggle(*keys[rng() % 3]);
         break;
@@ -231,31 +233,39 @@ void controller(const Options& o, Shared& s, Spinner& spinner, ThreadCounters* c
                                 : static_call_update(torture_call, &::abs);
         break;
       }
-      case 7:
-        st = torture_notify.update(rng() & 1 ? &notify_target : nullptr);
-        break;
       default:
+        st = torture_notify.update(rng() & 1 ? &notify_target : nullptr);
         break;
     }
     if (!st.ok()) s.error("update failed: " + st.message());
     s.flips.fetch_add(1, std::memory_order_relaxed);
+  }
+}
 
-    // About every 2 ms: get the spinner out of its loop with a PC fix-up.
-    const auto now = std::chrono::steady_clock::now();
-    if (now < next_fixup || spinner.flag.load() == 0) continue;
-    next_fixup = now + std::chrono::milliseconds(2);
+// Gets the spinner out of its loop with PC fix-ups, concurrently with the controller's
+// batches. Each round must get it out: it raised its flag from inside the range.
+void fixer(const Options& o, Shared& s, Spinner& spinner, ThreadCounters* counters) {
+  t_counters = counters;
+  StormTimer timer(o.signal_interval_us);
+  while (!s.stop.load(std::memory_order_relaxed)) {
+    if (spinner.flag.load() == 0) {
+      std::this_thread::yield();
+      continue;
+    }
     const std::uint64_t before = spinner.returns.load();
     auto moved = text::move_pcs(spinner.begin, spinner.exit, spinner.exit, std::chrono::milliseconds(5000));
     if (!moved.ok()) {
       s.error("move_pcs failed: " + moved.status().message());
-      continue;
+      return;
     }
     s.fixups.fetch_add(1);
     s.pcs_moved.fetch_add(static_cast<std::uint64_t>(moved->pcs_moved));
-    // It was inside (it raised its flag from inside the range): it must come out.
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
     while (spinner.returns.load() == before && std::chrono::steady_clock::now() < deadline) std::this_thread::yield();
-    if (spinner.returns.load() == before) s.error("the spinner was still inside the range 5 s after move_pcs returned");
+    if (spinner.returns.load() == before) {
+      s.error("the spinner was still inside the range 5 s after move_pcs returned");
+      return;
+    }
   }
 }
 
@@ -294,15 +304,16 @@ int run_static(const Options& o) {
     std::fprintf(stderr, "static: %s\n", st.message().c_str());
     return 1;
   }
-  // Workers, controller, spinner, and main's own (unused) slot.
-  std::vector<ThreadCounters> counters(static_cast<std::size_t>(o.threads) + 2);
+  // Workers, then the spinner, the controller and the fixer.
+  std::vector<ThreadCounters> counters(static_cast<std::size_t>(o.threads) + 3);
   const auto start_stats = text::stats();
   const auto start = std::chrono::steady_clock::now();
 
   std::vector<std::thread> threads;
   for (int i = 0; i < o.threads; ++i) threads.emplace_back(worker, std::cref(o), std::ref(shared), &counters[i], i);
   std::thread spin_thread([&] { spinner.run(o, shared, &counters[o.threads]); });
-  std::thread control_thread(controller, std::cref(o), std::ref(shared), std::ref(spinner), &counters[o.threads + 1]);
+  std::thread control_thread(controller, std::cref(o), std::ref(shared), &counters[o.threads + 1]);
+  std::thread fix_thread(fixer, std::cref(o), std::ref(shared), std::ref(spinner), &counters[o.threads + 2]);
 
   std::string rwx;
   bool saw_rwx = false;
@@ -321,11 +332,19 @@ int run_static(const Options& o) {
   shared.stop.store(true);
   for (auto& t : threads) t.join();
   control_thread.join();
-  // The spinner is in its loop (or about to be): fetch it out for good.
-  while (true) {
+  fix_thread.join();
+  // The spinner may be in its loop, or about to enter it: fetch it out until it has left.
+  while (!spinner.exited.load()) {
+    if (spinner.flag.load() == 0) {
+      std::this_thread::yield();
+      continue;
+    }
     auto moved = text::move_pcs(spinner.begin, spinner.exit, spinner.exit);
-    if (!moved.ok()) shared.error("final move_pcs failed: " + moved.status().message());
-    if (!moved.ok() || spinner.returns.load() > 0 || spinner.flag.load() == 0) break;
+    if (!moved.ok()) {
+      shared.error("final move_pcs failed: " + moved.status().message());
+      std::fprintf(stderr, "static: %s\n", shared.first_error.c_str());
+      std::_Exit(1);  // it cannot be joined
+    }
   }
   spin_thread.join();
   const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
