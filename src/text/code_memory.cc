@@ -3,6 +3,8 @@
 // hole closest to the target and maps there with MAP_FIXED_NOREPLACE.
 #include "tramway/text/code_memory.h"
 
+#include "text/internal.h"
+
 #include <pthread.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -39,27 +41,7 @@ struct State {
   std::vector<Arena*> arenas;  // never shrinks; arenas are not unmapped while the process runs
 };
 State& state() {
-  static State* s = [] {
-    auto* st = new State;  // leaked on purpose: used until the last thread exits
-    pthread_atfork([] { pthread_mutex_lock(&state().mu); }, [] { pthread_mutex_unlock(&state().mu); },
-                   [] {
-                     // MAP_SHARED views would let parent and child write each other's code:
-                     // give the child private copies at the same addresses.
-                     for (Arena* a : state().arenas) {
-                       const int fd = memfd_create("tramway-code", MFD_CLOEXEC);
-                       if (fd < 0 || ftruncate(fd, static_cast<off_t>(a->size)) != 0 ||
-                           pwrite(fd, a->rx, a->size, 0) != static_cast<ssize_t>(a->size)) {
-                         continue;  // keep sharing rather than lose the code
-                       }
-                       mmap(a->rx, a->size, PROT_READ | PROT_EXEC, MAP_SHARED | MAP_FIXED, fd, 0);
-                       mmap(a->rw, a->size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, 0);
-                       close(a->fd);
-                       a->fd = fd;
-                     }
-                     pthread_mutex_unlock(&state().mu);
-                   });
-    return st;
-  }();
+  static State* s = new State;  // leaked on purpose: used until the last thread exits
   return *s;
 }
 
@@ -194,6 +176,28 @@ Result<CodeBlock> allocate(std::size_t size, const void* near_ptr) {
 }
 
 }  // namespace
+
+namespace detail {
+void code_memory_before_fork() noexcept { pthread_mutex_lock(&state().mu); }
+void code_memory_after_fork_in_parent() noexcept { pthread_mutex_unlock(&state().mu); }
+void code_memory_after_fork_in_child() noexcept {
+  // MAP_SHARED views would let parent and child write each other's code: give the child
+  // private copies at the same addresses.
+  for (Arena* a : state().arenas) {
+    const int fd = memfd_create("tramway-code", MFD_CLOEXEC);
+    if (fd < 0 || ftruncate(fd, static_cast<off_t>(a->size)) != 0 ||
+        pwrite(fd, a->rx, a->size, 0) != static_cast<ssize_t>(a->size)) {
+      if (fd >= 0) close(fd);
+      continue;  // keep sharing rather than lose the code
+    }
+    mmap(a->rx, a->size, PROT_READ | PROT_EXEC, MAP_SHARED | MAP_FIXED, fd, 0);
+    mmap(a->rw, a->size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, 0);
+    close(a->fd);
+    a->fd = fd;
+  }
+  pthread_mutex_unlock(&state().mu);
+}
+}  // namespace detail
 
 Result<CodeBlock> allocate_code(std::size_t size) { return allocate(size, nullptr); }
 

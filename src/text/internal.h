@@ -52,4 +52,16 @@ bool handle_int3(ucontext_t* uc) noexcept;
 // --- signal_router.cc ------------------------------------------------------------------------
 Status ensure_router() noexcept;
 
+// --- fork(): one registration, one lock order ---------------------------------------------
+// Lock order in the text layer: patch lock -> fix-up lock -> handler table -> code memory.
+// register_fork_handlers() (patch.cc) installs one pthread_atfork triple that takes them in
+// that order, so a child never inherits one of them held.
+void register_fork_handlers() noexcept;
+void router_before_fork() noexcept;
+void router_after_fork_in_parent() noexcept;
+void router_after_fork_in_child() noexcept;
+void code_memory_before_fork() noexcept;
+void code_memory_after_fork_in_parent() noexcept;
+void code_memory_after_fork_in_child() noexcept;
+
 }  // namespace tramway::text::detail

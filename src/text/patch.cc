@@ -104,7 +104,9 @@ bool handle_int3(ucontext_t* uc) noexcept {
       }
     }
     const auto* p = reinterpret_cast<const volatile std::uint8_t*>(site);
-    const bool two_byte_int3 = p[-1] == 0xcd && p[0] == 0x03;  // `int $3` traps after 2 bytes
+    // `int $3` (cd 03) traps after 2 bytes; its first byte is in the same page unless the
+    // trap address starts one (then it cannot be that form of ours either).
+    const bool two_byte_int3 = (site & 0xfff) != 0 && p[-1] == 0xcd && p[0] == 0x03;
     if (p[0] != arch::kInt3 && !two_byte_int3) {
       // The int3 we trapped on has been replaced since: run whatever is there now.
       arch::set_context_pc(uc, site);
@@ -131,15 +133,26 @@ pthread_mutex_t g_patch_mutex = PTHREAD_MUTEX_INITIALIZER;
 pthread_once_t g_atfork_once = PTHREAD_ONCE_INIT;
 
 void install_atfork() {
-  pthread_atfork([] { pthread_mutex_lock(&g_patch_mutex); },
-                 [] { pthread_mutex_unlock(&g_patch_mutex); },
-                 [] {
-                   // The child has one thread and the lock (taken in prepare), so no batch is
-                   // half-applied here. Per-mm state must be rebuilt.
-                   detail::writer_after_fork_in_child();
-                   detail::serialize_after_fork_in_child();
-                   pthread_mutex_unlock(&g_patch_mutex);
-                 });
+  pthread_atfork(
+      [] {
+        pthread_mutex_lock(&g_patch_mutex);
+        detail::router_before_fork();
+        detail::code_memory_before_fork();
+      },
+      [] {
+        detail::code_memory_after_fork_in_parent();
+        detail::router_after_fork_in_parent();
+        pthread_mutex_unlock(&g_patch_mutex);
+      },
+      [] {
+        // The child has one thread and every lock (taken in prepare), so no batch is
+        // half-applied here. Per-mm state must be rebuilt.
+        detail::code_memory_after_fork_in_child();
+        detail::router_after_fork_in_child();
+        detail::writer_after_fork_in_child();
+        detail::serialize_after_fork_in_child();
+        pthread_mutex_unlock(&g_patch_mutex);
+      });
 }
 
 std::string address_text(std::uintptr_t a) {
@@ -189,6 +202,8 @@ Status roll_back(const std::vector<Site>& sites) {
 
 }  // namespace
 
+void detail::register_fork_handlers() noexcept { pthread_once(&g_atfork_once, install_atfork); }
+
 Status PatchBatch::add(void* address, std::span<const std::uint8_t> new_bytes) {
   const auto a = reinterpret_cast<std::uintptr_t>(address);
   if (new_bytes.empty() || new_bytes.size() > kMaxPatchBytes) {
@@ -205,7 +220,7 @@ Status PatchBatch::add(void* address, std::span<const std::uint8_t> new_bytes) {
 }
 
 PatchLock::PatchLock() {
-  pthread_once(&g_atfork_once, install_atfork);
+  detail::register_fork_handlers();
   pthread_mutex_lock(&g_patch_mutex);
 }
 PatchLock::~PatchLock() { pthread_mutex_unlock(&g_patch_mutex); }

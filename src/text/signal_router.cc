@@ -59,6 +59,20 @@ ThreadSlot* find_slot(pid_t tid) noexcept {
   return nullptr;
 }
 
+// Frees the slots of threads that no longer exist. Async-signal-safe (tgkill with signal 0).
+void reclaim_dead_slots(pid_t me) noexcept {
+  const int saved_errno = errno;
+  const pid_t pid = static_cast<pid_t>(::syscall(SYS_getpid));
+  for (ThreadSlot& s : g_slots) {
+    pid_t t = s.tid.load(std::memory_order_acquire);
+    if (t != 0 && t != me && ::syscall(SYS_tgkill, pid, t, 0) != 0 && errno == ESRCH) {
+      s.depth.store(0, std::memory_order_relaxed);
+      s.tid.compare_exchange_strong(t, 0);
+    }
+  }
+  errno = saved_errno;
+}
+
 ThreadSlot* self_slot() noexcept {
   if (ThreadSlot* s = t_slot) return s;
   const pid_t me = common::current_tid();
@@ -69,16 +83,19 @@ ThreadSlot* self_slot() noexcept {
       s.tid.store(0, std::memory_order_release);
     }
   }
-  for (ThreadSlot& s : g_slots) {
-    pid_t expected = 0;
-    if (s.tid.load(std::memory_order_relaxed) == 0 &&
-        s.tid.compare_exchange_strong(expected, me, std::memory_order_acq_rel)) {
-      s.depth.store(0, std::memory_order_relaxed);
-      s.overflow.store(false, std::memory_order_relaxed);
-      s.seq.fetch_add(1, std::memory_order_release);
-      t_slot = &s;
-      return &s;
+  for (int attempt = 0; attempt < 2; ++attempt) {
+    for (ThreadSlot& s : g_slots) {
+      pid_t expected = 0;
+      if (s.tid.load(std::memory_order_relaxed) == 0 &&
+          s.tid.compare_exchange_strong(expected, me, std::memory_order_acq_rel)) {
+        s.depth.store(0, std::memory_order_relaxed);
+        s.overflow.store(false, std::memory_order_relaxed);
+        s.seq.fetch_add(1, std::memory_order_release);
+        t_slot = &s;
+        return &s;
+      }
     }
+    reclaim_dead_slots(me);  // full: free the slots of threads that have exited, once
   }
   g_slots_exhausted.store(true, std::memory_order_relaxed);
   return nullptr;
@@ -244,7 +261,8 @@ void chain_trap(int sig, siginfo_t* si, ucontext_t* uc) noexcept {
   if (from_int3) {
     const std::uintptr_t pc = arch::context_pc(uc);
     const auto* p = reinterpret_cast<const std::uint8_t*>(pc);
-    arch::set_context_pc(uc, p[-2] == 0xcd && p[-1] == 0x03 ? pc - 2 : pc - 1);  // trap again, for real
+    const bool two_byte = ((pc - 1) & 0xfff) != 0 && p[-2] == 0xcd && p[-1] == 0x03;
+    arch::set_context_pc(uc, two_byte ? pc - 2 : pc - 1);  // trap again, for real
     return;
   }
   ::syscall(SYS_tgkill, ::getpid(), common::current_tid(), SIGTRAP);
@@ -378,7 +396,31 @@ Status install() {
   return {};
 }
 
-void after_fork_in_child() {
+pthread_mutex_t g_move_mutex = PTHREAD_MUTEX_INITIALIZER;
+thread_local sigset_t t_mask_before_fork;
+
+}  // namespace
+
+// fork() takes the fix-up and handler-table locks (see register_fork_handlers).
+void detail::router_before_fork() noexcept {
+  pthread_mutex_lock(&g_move_mutex);
+  sigset_t all;
+  sigfillset(&all);
+  raw_sigprocmask(SIG_BLOCK, &all, &t_mask_before_fork);
+  while (g_user_lock.test_and_set(std::memory_order_acquire)) sched_yield();
+}
+void detail::router_after_fork_in_parent() noexcept {
+  g_user_lock.clear(std::memory_order_release);
+  raw_sigprocmask(SIG_SETMASK, &t_mask_before_fork, nullptr);
+  pthread_mutex_unlock(&g_move_mutex);
+}
+void detail::router_after_fork_in_child() noexcept {
+  g_user_lock.clear(std::memory_order_release);
+  raw_sigprocmask(SIG_SETMASK, &t_mask_before_fork, nullptr);
+  // No request is in flight in the child.
+  const std::uint64_t gen = g_request.generation.load(std::memory_order_relaxed);
+  g_request.generation.store(gen + (gen & 1), std::memory_order_relaxed);
+  pthread_mutex_unlock(&g_move_mutex);
   // Only the forking thread survives; its slot keeps its frames under its new tid.
   ThreadSlot* mine = t_slot;
   for (ThreadSlot& s : g_slots) {
@@ -388,6 +430,8 @@ void after_fork_in_child() {
   }
   if (mine) mine->tid.store(common::current_tid(), std::memory_order_release);
 }
+
+namespace {
 
 __attribute__((constructor(101))) void install_at_load() {
   if (Status s = detail::ensure_router(); !s.ok()) std::fprintf(stderr, "tramway: %s\n", s.message().c_str());
@@ -439,8 +483,6 @@ bool answered(pid_t tid, std::uint64_t gen, int* anonymous_budget) {
   return false;
 }
 
-pthread_mutex_t g_move_mutex = PTHREAD_MUTEX_INITIALIZER;
-
 }  // namespace
 
 namespace detail {
@@ -449,7 +491,7 @@ Status ensure_router() noexcept {
   if (state == 2) return {};
   if (state == 0 && g_router_state.compare_exchange_strong(state, 1)) {
     Status s = install();
-    if (s.ok()) pthread_atfork(nullptr, nullptr, after_fork_in_child);
+    if (s.ok()) register_fork_handlers();
     g_router_state.store(s.ok() ? 2 : 3, std::memory_order_release);
     return s;
   }
@@ -501,15 +543,7 @@ Result<MoveReport> move_pcs(std::uintptr_t begin, std::uintptr_t end, std::uintp
     report.pcs_moved += move_own_frames(s, begin, end, destination);
   }
 
-  // Slots of threads that have exited are reclaimed here, outside signal context.
-  for (ThreadSlot& s : g_slots) {
-    const pid_t t = s.tid.load(std::memory_order_acquire);
-    if (t != 0 && t != me && ::syscall(SYS_tgkill, pid, t, 0) != 0 && errno == ESRCH) {
-      pid_t expected = t;
-      s.depth.store(0, std::memory_order_relaxed);
-      s.tid.compare_exchange_strong(expected, 0);
-    }
-  }
+  reclaim_dead_slots(me);
 
   std::vector<pid_t> waiting;
   for (pid_t tid : common::list_threads()) {
