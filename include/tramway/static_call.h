@@ -144,7 +144,7 @@ Status static_call_update(StaticCall<F>& call, std::type_identity_t<F>* target) 
 
 // Declares a static call defined in another translation unit or object.
 #define TRAMWAY_DECLARE_STATIC_CALL(name, type)                                            \
-  type tramway_sc_call_##name __asm__(TRAMWAY_DETAIL_SC_TRAMP(name));                      \
+  std::type_identity_t<type> tramway_sc_call_##name __asm__(TRAMWAY_DETAIL_SC_TRAMP(name)); \
   extern ::tramway::StaticCall<type> name
 
 // The callable: TRAMWAY_STATIC_CALL(name)(args...).

@@ -138,24 +138,22 @@ struct TramwayJumpTableRegistration {
   ".quad 771b, %l[tramway_l_jump], " TRAMWAY_DETAIL_KEY_SYMBOL(name) " + " #likely_ \
   "\n\t.popsection\n\t"
 
-#define TRAMWAY_DETAIL_BRANCH(name, likely_)                                               \
-  (__extension__({                                                                         \
-    __label__ tramway_l_jump, tramway_l_done;                                              \
-    bool tramway_jumped;                                                                   \
-    if constexpr (std::remove_cvref_t<decltype(name)>::kInitial != bool(likely_)) {        \
-      asm goto("771: .byte 0xe9\n\t.long %l[tramway_l_jump] - 771b - 5\n\t"               \
-               TRAMWAY_DETAIL_SITE_ENTRY(name, likely_) : : : : tramway_l_jump);           \
-    } else {                                                                               \
-      asm goto("771: .byte 0x0f, 0x1f, 0x44, 0x00, 0x00\n\t"                               \
-               TRAMWAY_DETAIL_SITE_ENTRY(name, likely_) : : : : tramway_l_jump);           \
-    }                                                                                      \
-    tramway_jumped = false;                                                                \
-    goto tramway_l_done;                                                                   \
-  tramway_l_jump:                                                                          \
-    tramway_jumped = true;                                                                 \
-  tramway_l_done:                                                                          \
-    tramway_jumped;                                                                        \
-  }))
+// Each branch lives in its own always-inline lambda so its asm goto labels are scoped to it
+// (Clang 14 otherwise assumes any asm goto of a function may reach any of its labels, and
+// rejects a declaration with an initialiser between two branches).
+#define TRAMWAY_DETAIL_BRANCH(name, likely_)                                                 \
+  ([]() __attribute__((always_inline)) -> bool {                                             \
+    if constexpr (std::remove_cvref_t<decltype(name)>::kInitial != bool(likely_)) {          \
+      asm goto("771: .byte 0xe9\n\t.long %l[tramway_l_jump] - 771b - 5\n\t"                \
+               TRAMWAY_DETAIL_SITE_ENTRY(name, likely_) : : : : tramway_l_jump);             \
+    } else {                                                                                 \
+      asm goto("771: .byte 0x0f, 0x1f, 0x44, 0x00, 0x00\n\t"                                \
+               TRAMWAY_DETAIL_SITE_ENTRY(name, likely_) : : : : tramway_l_jump);             \
+    }                                                                                        \
+    return false;                                                                            \
+  tramway_l_jump:                                                                            \
+    return true;                                                                             \
+  }())
 
 // True when the key is enabled; the false path is the straight line.
 #define TRAMWAY_STATIC_BRANCH_UNLIKELY(name) __builtin_expect(TRAMWAY_DETAIL_BRANCH(name, 0), 0)

@@ -59,6 +59,11 @@ Status KeyBatch::commit() {
   std::vector<std::pair<StaticKey*, bool>> previous;
   text::PatchBatch batch;
   Registry& reg = registry();
+  std::size_t sites = 0;
+  for (StaticKey* key : order) {
+    if (auto it = reg.by_key.find(key); it != reg.by_key.end()) sites += it->second.size();
+  }
+  batch.reserve(sites);
   for (StaticKey* key : order) {
     const bool value = final_value[key];
     if (key->enabled() == value) continue;
@@ -123,11 +128,15 @@ void unregister_jump_table(const JumpEntry* begin) noexcept {
   Registry& reg = registry();
   for (auto t = reg.tables.begin(); t != reg.tables.end(); ++t) {
     if (t->begin != begin || --t->references > 0) continue;
-    for (const JumpEntry* e = t->begin; e != t->end; ++e) {
-      auto it = reg.by_key.find(key_of(*e));
+    // One pass per key, not per entry: a key with many branches would otherwise cost
+    // quadratic time at dlclose and exit.
+    const JumpEntry* const b = t->begin;
+    const JumpEntry* const e = t->end;
+    auto in_table = [&](const JumpEntry* p) { return p >= b && p < e; };
+    for (const JumpEntry* p = b; p != e; ++p) {
+      auto it = reg.by_key.find(key_of(*p));
       if (it == reg.by_key.end()) continue;
-      std::erase(it->second, e);
-      if (it->second.empty()) reg.by_key.erase(it);
+      if (std::erase_if(it->second, in_table) && it->second.empty()) reg.by_key.erase(it);
     }
     reg.tables.erase(t);
     return;

@@ -6,7 +6,7 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
-#include <map>
+#include <vector>
 
 #include "tramway/status.h"
 
@@ -26,21 +26,26 @@ Counters& counters() noexcept;
 // /proc/self/mem for program text.
 Status write_span(std::uintptr_t address, const std::uint8_t* bytes, std::size_t len);
 
-// Collects byte changes and writes them with one write per touched page.
+// Collects byte changes and writes them with one write per touched page. Changes arrive in
+// address order from a sorted batch, so they are appended and only sorted if they are not.
+// The buffer keeps its capacity: reused batch after batch, it does not fault pages in again.
 class PageWriter {
  public:
-  void set(std::uintptr_t address, std::uint8_t byte) { bytes_[address] = byte; }
+  void set(std::uintptr_t address, std::uint8_t byte) { bytes_.emplace_back(address, byte); }
   bool empty() const noexcept { return bytes_.empty(); }
   Status flush();
 
  private:
-  std::map<std::uintptr_t, std::uint8_t> bytes_;
+  std::vector<std::pair<std::uintptr_t, std::uint8_t>> bytes_;
 };
 
 void writer_after_fork_in_child() noexcept;
 
 // --- serialize.cc ---------------------------------------------------------------------
-// membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE); registers on first use.
+// Registers the process for membarrier SYNC_CORE (once per mm; slow, a few ms, so done before
+// a batch writes anything) and fails clearly on kernels without it.
+Status prepare_serialization();
+// membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE).
 Status serialize_all_cores();
 void serialize_after_fork_in_child() noexcept;
 

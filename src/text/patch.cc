@@ -75,11 +75,35 @@ const TrapEntry* find(const TrapTable* t, std::uintptr_t address) noexcept {
   return nullptr;
 }
 
+// The largest freed table is kept for the next batch: fresh memory would fault its pages in
+// again every batch (about 1 us each here).
+TrapTable* g_spare_table = nullptr;
+std::size_t g_spare_capacity = 0;
+
 void free_retired_tables_if_unread() {
   auto& retired = retired_tables();
   if (retired.empty() || g_readers.load(std::memory_order_seq_cst) != 0) return;
-  for (TrapTable* t : retired) ::operator delete(t);
+  for (TrapTable* t : retired) {
+    if (t->count >= g_spare_capacity) {
+      ::operator delete(g_spare_table);
+      g_spare_table = t;
+      g_spare_capacity = t->count;
+    } else {
+      ::operator delete(t);
+    }
+  }
   retired.clear();
+}
+
+TrapTable* take_table(std::size_t n) {
+  if (g_spare_table && g_spare_capacity >= n) {
+    TrapTable* t = g_spare_table;
+    g_spare_table = nullptr;
+    g_spare_capacity = 0;
+    t->count = n;
+    return t;
+  }
+  return make_table(n);
 }
 
 void retire_table() {
@@ -230,9 +254,21 @@ Status apply(const PatchBatch& batch) {
   return apply(batch, lock);
 }
 
+// Scratch space reused by every batch (guarded by the patch lock), for the same reason as the
+// spare trap table.
+std::vector<Site>& scratch_sites() {
+  static auto* v = new std::vector<Site>;
+  return *v;
+}
+detail::PageWriter& scratch_writer() {
+  static auto* w = new detail::PageWriter;
+  return *w;
+}
+
 Status apply(const PatchBatch& batch, const PatchLock&) {
   if (batch.empty()) return {};
-  std::vector<Site> sites;
+  std::vector<Site>& sites = scratch_sites();
+  sites.clear();
   sites.reserve(batch.size());
   for (const auto& p : batch.patches()) {
     Site s{p.address, p.length, {}, {}, {}};
@@ -252,14 +288,15 @@ Status apply(const PatchBatch& batch, const PatchLock&) {
     }
   }
   if (Status st = detail::ensure_router(); !st.ok()) return st;
+  if (Status st = detail::prepare_serialization(); !st.ok()) return st;  // before any int3 exists
   detail::free_retired_tables_if_unread();
 
-  detail::TrapTable* table = detail::make_table(sites.size());
+  detail::TrapTable* table = detail::take_table(sites.size());
   for (std::size_t i = 0; i < sites.size(); ++i) table->entries[i] = {sites[i].address, sites[i].emulation};
   // Published before the first int3 is written: a thread that sees our int3 finds the table.
   detail::g_table.store(table, std::memory_order_seq_cst);
 
-  detail::PageWriter w;
+  detail::PageWriter& w = scratch_writer();
   for (const Site& s : sites) w.set(s.address, arch::kInt3);
   if (Status st = write_phase(w, true); !st.ok()) {
     // Phase 1 may have written some int3s: put every old head back.

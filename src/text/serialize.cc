@@ -38,10 +38,13 @@ Status register_sync_core() {
 
 }  // namespace
 
+Status prepare_serialization() {
+  if (g_registered.load(std::memory_order_acquire)) return {};
+  return register_sync_core();
+}
+
 Status serialize_all_cores() {
-  if (!g_registered.load(std::memory_order_acquire)) {
-    if (Status s = register_sync_core(); !s.ok()) return s;
-  }
+  if (Status s = prepare_serialization(); !s.ok()) return s;
   if (membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE) != 0) {
     const int e = errno;
     return Status::error(std::string("membarrier(PRIVATE_EXPEDITED_SYNC_CORE) failed: ") + std::strerror(e), e);

@@ -8,6 +8,7 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <string>
@@ -69,9 +70,13 @@ Status write_span(std::uintptr_t address, const std::uint8_t* bytes, std::size_t
 }
 
 Status PageWriter::flush() {
-  // bytes_ is ordered by address: walk it page by page, one write per page covering the
-  // span from its first to its last changed byte. Bytes in between are rewritten with their
-  // current value, which no concurrent fetch can tell apart.
+  // Walk the changes page by page, one write per page covering the span from its first to
+  // its last changed byte. Bytes in between are rewritten with their current value, which no
+  // concurrent fetch can tell apart. A stable sort keeps the last change to a byte last.
+  auto by_address = [](const auto& x, const auto& y) { return x.first < y.first; };
+  if (!std::is_sorted(bytes_.begin(), bytes_.end(), by_address)) {
+    std::stable_sort(bytes_.begin(), bytes_.end(), by_address);
+  }
   auto it = bytes_.begin();
   while (it != bytes_.end()) {
     const std::uintptr_t page = it->first & ~(kPageSize - 1);

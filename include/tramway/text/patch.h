@@ -36,6 +36,7 @@ class PatchBatch {
   // Checked now against the current bytes; an error says which rule was broken.
   Status add(void* address, std::span<const std::uint8_t> new_bytes);
 
+  void reserve(std::size_t n) { patches_.reserve(n); }
   std::size_t size() const noexcept { return patches_.size(); }
   bool empty() const noexcept { return patches_.empty(); }
   void clear() noexcept { patches_.clear(); }

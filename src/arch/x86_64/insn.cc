@@ -25,6 +25,17 @@ std::string hex(std::span<const std::uint8_t> bytes) {
   return s;
 }
 
+// The forms tramway writes itself are recognised without Zydis: batches of 10,000 static-key
+// branches decode every site twice, and Zydis' full decode dominated that.
+bool is_nop5(std::span<const std::uint8_t> b) {
+  return b.size() >= 5 && std::memcmp(b.data(), kNop5.data(), 5) == 0;
+}
+std::int32_t rel32_at(std::span<const std::uint8_t> b) {
+  std::int32_t rel;
+  std::memcpy(&rel, b.data() + 1, 4);
+  return rel;
+}
+
 }  // namespace
 
 bool rel32_reaches(std::uintptr_t from, std::uintptr_t to) noexcept {
@@ -62,6 +73,11 @@ std::string disassemble(std::uintptr_t address, std::span<const std::uint8_t> by
 }
 
 Result<FirstInsn> first_instruction(std::uintptr_t address, std::span<const std::uint8_t> bytes) {
+  if (is_nop5(bytes)) return FirstInsn{5, true};
+  if (bytes.size() >= 5 && (bytes[0] == kJmpRel32 || bytes[0] == kCallRel32)) {
+    return FirstInsn{5, bytes[0] == kCallRel32};
+  }
+  if (!bytes.empty() && (bytes[0] == kRet || bytes[0] == kInt3)) return FirstInsn{1, false};
   ZydisDecodedInstruction insn;
   ZydisDecodedOperand ops[ZYDIS_MAX_OPERAND_COUNT];
   if (!decode(address, bytes, insn, ops)) {
@@ -83,6 +99,12 @@ Result<FirstInsn> first_instruction(std::uintptr_t address, std::span<const std:
 }
 
 Result<Emulation> emulation_for(std::uintptr_t address, std::span<const std::uint8_t> bytes) {
+  if (is_nop5(bytes)) return Emulation{Emulation::kNop, 5, 0};
+  if (bytes.size() >= 5 && (bytes[0] == kJmpRel32 || bytes[0] == kCallRel32)) {
+    return Emulation{bytes[0] == kJmpRel32 ? Emulation::kJmp : Emulation::kCall, 5,
+                     address + 5 + static_cast<std::uintptr_t>(static_cast<std::intptr_t>(rel32_at(bytes)))};
+  }
+  if (!bytes.empty() && bytes[0] == kRet) return Emulation{Emulation::kRet, 1, 0};
   ZydisDecodedInstruction insn;
   ZydisDecodedOperand ops[ZYDIS_MAX_OPERAND_COUNT];
   if (!decode(address, bytes, insn, ops)) {
