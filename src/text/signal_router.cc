@@ -217,9 +217,15 @@ void kernel_mask(sigset_t* set) noexcept {
   if (const int f = g_fixup_signal.load(std::memory_order_relaxed)) sigaddset(set, f);
 }
 
-void call_user(std::uintptr_t h, int sig, siginfo_t* si, void* uc) noexcept {
-  // Calling a one-argument sa_handler with three arguments is harmless in the SysV ABI.
-  reinterpret_cast<void (*)(int, siginfo_t*, void*)>(h)(sig, si, uc);
+// Calls the program's handler through its own type: sa_sigaction with SA_SIGINFO, sa_handler
+// without (a mismatch would be harmless in the SysV ABI, but UBSan's -fsanitize=function
+// rightly rejects it).
+void call_user(std::uintptr_t h, int flags, int sig, siginfo_t* si, void* uc) noexcept {
+  if (flags & SA_SIGINFO) {
+    reinterpret_cast<void (*)(int, siginfo_t*, void*)>(h)(sig, si, uc);
+  } else {
+    reinterpret_cast<void (*)(int)>(h)(sig);
+  }
 }
 
 void reset_if_oneshot(int sig, int flags) noexcept {
@@ -238,8 +244,9 @@ void wrapper(int sig, siginfo_t* si, void* uc) {
   FrameGuard frame(static_cast<ucontext_t*>(uc), false);
   unblock_fixup();  // the frame is recorded: fix-ups may now move its PC
   const std::uintptr_t h = g_user[sig].handler.load(std::memory_order_acquire);
-  reset_if_oneshot(sig, g_user[sig].flags.load(std::memory_order_relaxed));
-  if (is_function(h)) call_user(h, sig, si, uc);
+  const int flags = g_user[sig].flags.load(std::memory_order_relaxed);
+  reset_if_oneshot(sig, flags);
+  if (is_function(h)) call_user(h, flags, sig, si, uc);
 }
 
 // A SIGTRAP that is not ours: the program's handler, or the default action (terminate with a
@@ -251,7 +258,7 @@ void chain_trap(int sig, siginfo_t* si, ucontext_t* uc) noexcept {
   if (is_function(h)) {
     reset_if_oneshot(SIGTRAP, flags);
     unblock_fixup();
-    call_user(h, sig, si, uc);
+    call_user(h, flags, sig, si, uc);
     return;
   }
   if (h == reinterpret_cast<std::uintptr_t>(SIG_IGN) && !from_int3) return;
@@ -561,8 +568,12 @@ Result<MoveReport> move_pcs(std::uintptr_t begin, std::uintptr_t end, std::uintp
     waiting.push_back(tid);
   }
 
-  timespec start;
-  clock_gettime(CLOCK_MONOTONIC, &start);
+  auto now_ns = [] {
+    timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return static_cast<long long>(t.tv_sec) * 1'000'000'000LL + t.tv_nsec;
+  };
+  const long long start_ns = now_ns();
   long pause_ns = 0;
   for (int round = 0; !waiting.empty(); ++round) {
     int anonymous = g_request.anonymous_acks.load(std::memory_order_acquire);
@@ -570,10 +581,7 @@ Result<MoveReport> move_pcs(std::uintptr_t begin, std::uintptr_t end, std::uintp
       return answered(tid, gen, &anonymous) || ::syscall(SYS_tgkill, pid, tid, 0) != 0;
     });
     if (waiting.empty()) break;
-    timespec now;
-    clock_gettime(CLOCK_MONOTONIC, &now);
-    const long elapsed_ms = (now.tv_sec - start.tv_sec) * 1000 + (now.tv_nsec - start.tv_nsec) / 1'000'000;
-    if (elapsed_ms >= timeout.count()) {
+    if (now_ns() - start_ns >= static_cast<long long>(timeout.count()) * 1'000'000LL) {
       // Last chance: a thread that cannot run our handler (stopped, traced, signal blocked
       // by a raw system call) may still be provably outside.
       std::erase_if(waiting, [&](pid_t tid) { return proven_outside(tid, begin, end); });

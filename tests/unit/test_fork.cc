@@ -1,0 +1,151 @@
+// fork() is safe (DESIGN invariant 9): a child never inherits a half-patched site, and it
+// can patch its own code (membarrier re-registered, /proc/self/mem reopened for its own mm)
+// without touching the parent's.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#include "tramway/static_key.h"
+#include "tramway/text/patch.h"
+
+#if defined(__clang__)
+#define TEST_NOINLINE __attribute__((noinline))
+#else
+#define TEST_NOINLINE __attribute__((noinline, noclone))
+#endif
+
+TRAMWAY_STATIC_KEY_FALSE(fork_flipped_key);
+TRAMWAY_STATIC_KEY_FALSE(fork_quiet_key);
+
+TEST_NOINLINE int flipped_unlikely() { return TRAMWAY_STATIC_BRANCH_UNLIKELY(fork_flipped_key) ? 1 : 0; }
+TEST_NOINLINE int flipped_likely() { return TRAMWAY_STATIC_BRANCH_LIKELY(fork_flipped_key) ? 1 : 0; }
+static inline __attribute__((always_inline)) bool flipped_inline() {
+  return TRAMWAY_STATIC_BRANCH_UNLIKELY(fork_flipped_key);
+}
+TEST_NOINLINE int flipped_inline_1() { return flipped_inline() ? 1 : 0; }
+TEST_NOINLINE int flipped_inline_2() { return flipped_inline() ? 1 : 0; }
+TEST_NOINLINE int quiet_branch() { return TRAMWAY_STATIC_BRANCH_UNLIKELY(fork_quiet_key) ? 1 : 0; }
+
+namespace {
+
+using tramway::detail::JumpEntry;
+
+// Child exit codes, so the parent can say what went wrong.
+enum ChildFailure {
+  kOk = 0,
+  kSiteHalfPatched = 10,  // a site holds neither the nop nor the jmp its key calls for
+  kBranchDisagrees = 11,  // a branch's value differs from key.enabled()
+  kEnableFailed = 12,
+  kEnableIneffective = 13,
+  kDisableFailed = 14,
+  kDisableIneffective = 15,
+  kWrongCost = 16,
+};
+
+// Every site of `key` in this executable holds exactly what `key.enabled()` calls for.
+bool sites_consistent(const tramway::StaticKey& key) {
+  for (const JumpEntry* e = __start___tramway_jump_table; e != __stop___tramway_jump_table; ++e) {
+    if ((e->key & ~std::uintptr_t{1}) != reinterpret_cast<std::uintptr_t>(&key)) continue;
+    const bool jump = key.enabled() != bool(e->key & 1);
+    std::uint8_t want[5] = {0x0f, 0x1f, 0x44, 0x00, 0x00};
+    if (jump) {
+      const auto rel = static_cast<std::int32_t>(static_cast<std::intptr_t>(e->target - (e->code + 5)));
+      want[0] = 0xe9;
+      std::memcpy(&want[1], &rel, 4);
+    }
+    if (std::memcmp(reinterpret_cast<const void*>(e->code), want, 5) != 0) return false;
+  }
+  return true;
+}
+
+int flipped_branches_agree(bool value) {
+  const int v = value ? 1 : 0;
+  return flipped_unlikely() == v && flipped_likely() == v && flipped_inline_1() == v && flipped_inline_2() == v;
+}
+
+int child_checks() {
+  if (!sites_consistent(fork_flipped_key)) return kSiteHalfPatched;
+  if (!flipped_branches_agree(fork_flipped_key.enabled())) return kBranchDisagrees;
+  // The child patches its own code: one batch, 3 serialisations (membarrier registered again
+  // for the child's mm), written through a /proc/self/mem of its own.
+  const bool was = fork_flipped_key.enabled();
+  const auto before = tramway::text::stats();
+  if (!tramway::set(fork_flipped_key, !was).ok()) return kEnableFailed;
+  if (tramway::text::stats().serialisations - before.serialisations != 3) return kWrongCost;
+  if (!flipped_branches_agree(!was) || !sites_consistent(fork_flipped_key)) return kEnableIneffective;
+  if (!tramway::set(fork_flipped_key, was).ok()) return kDisableFailed;
+  if (!flipped_branches_agree(was) || !sites_consistent(fork_flipped_key)) return kDisableIneffective;
+  return kOk;
+}
+
+TEST(Fork, ChildrenNeverInheritAHalfPatchedSite) {
+  std::atomic<bool> stop{false};
+  std::atomic<long> flips{0};
+  std::thread flipper([&] {
+    while (!stop.load(std::memory_order_relaxed)) {
+      if (!tramway::toggle(fork_flipped_key).ok()) return;
+      flips.fetch_add(1, std::memory_order_relaxed);
+    }
+  });
+  while (flips.load() < 10) std::this_thread::yield();
+  std::vector<int> codes;
+  for (int i = 0; i < 50; ++i) {
+    const pid_t pid = fork();
+    ASSERT_GE(pid, 0);
+    if (pid == 0) _exit(child_checks());
+    int status = 0;
+    ASSERT_EQ(waitpid(pid, &status, 0), pid);
+    codes.push_back(WIFEXITED(status) ? WEXITSTATUS(status) : 1000 + WTERMSIG(status));
+  }
+  stop = true;
+  flipper.join();
+  for (std::size_t i = 0; i < codes.size(); ++i) EXPECT_EQ(codes[i], kOk) << "child " << i;
+  EXPECT_GT(flips.load(), 10);
+  std::printf("%ld flips during 50 forks\n", flips.load());
+  // The parent's sites are consistent too once the flipper has stopped.
+  EXPECT_TRUE(sites_consistent(fork_flipped_key));
+  EXPECT_TRUE(flipped_branches_agree(fork_flipped_key.enabled()));
+}
+
+TEST(Fork, ChildPatchesOnlyItsOwnCode) {
+  // Patch once in the parent first, so /proc/self/mem is open and membarrier registered
+  // before the fork: the child must not reuse either.
+  ASSERT_TRUE(tramway::enable(fork_quiet_key).ok());
+  ASSERT_TRUE(tramway::disable(fork_quiet_key).ok());
+  int to_parent[2], to_child[2];
+  ASSERT_EQ(pipe(to_parent), 0);
+  ASSERT_EQ(pipe(to_child), 0);
+  const pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    int code = 0;
+    if (!tramway::enable(fork_quiet_key).ok()) code = 2;
+    else if (quiet_branch() != 1) code = 3;
+    char c = 'e';
+    if (write(to_parent[1], &c, 1) != 1) _exit(4);
+    if (read(to_child[0], &c, 1) != 1) _exit(5);  // the parent has enabled and disabled meanwhile
+    if (quiet_branch() != 1 || !fork_quiet_key.enabled()) code = 6;
+    _exit(code);
+  }
+  char c;
+  ASSERT_EQ(read(to_parent[0], &c, 1), 1);
+  EXPECT_EQ(quiet_branch(), 0) << "the child's patch reached the parent's text";
+  EXPECT_FALSE(fork_quiet_key.enabled());
+  ASSERT_TRUE(tramway::enable(fork_quiet_key).ok());
+  ASSERT_TRUE(tramway::disable(fork_quiet_key).ok());
+  EXPECT_EQ(quiet_branch(), 0);
+  ASSERT_EQ(write(to_child[1], &c, 1), 1);
+  int status = 0;
+  ASSERT_EQ(waitpid(pid, &status, 0), pid);
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 0);
+  for (int fd : {to_parent[0], to_parent[1], to_child[0], to_child[1]}) close(fd);
+}
+
+}  // namespace
