@@ -1,0 +1,106 @@
+// tramway/grace.h — grace periods: when retired code and data can be reused.
+//
+// Readers mark the regions in which they may use something that can be retired:
+//   { tramway::grace::ReadGuard g;  ... use ops, literal lists, callback data ... }
+// A writer unpublishes something, then waits for a grace period before reusing it:
+//   unpublish(p); tramway::grace::synchronize(); delete p;          // or:
+//   unpublish(p); tramway::grace::call([p] { delete p; });           // later, on a helper thread
+// When synchronize() returns, every read-side region that was running when it was called has
+// ended (DESIGN invariant 3). Regions that begin later do not delay it: a thread that enters
+// regions back to back does not stall a grace period (invariant 5).
+//
+// Flavor trace (this header's): the read side is a per-thread marker — initial-exec TLS, a
+// nesting counter with a phase snapshot, no atomic read-modify-write and no fence; the grace
+// period pays instead with membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED) and a two-phase scan
+// of the registered markers (the algorithm of liburcu's memb flavor). Threads register on
+// their first read-side region; a thread may exit at any time, even inside a region.
+// Concurrent synchronize() callers share grace periods.
+//
+// Not allowed inside a read-side region: synchronize() and barrier() (they would wait for
+// themselves) — they fail with an error instead of deadlocking. Async-signal-safe: ReadGuard
+// (after the thread's first region), never synchronize/call/barrier.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+
+#include "tramway/status.h"
+
+namespace tramway::grace {
+
+namespace detail {
+// A marker: 0 when outside any region; otherwise the nesting depth in the low bits and the
+// grace-period phase observed when the outermost region began.
+inline constexpr std::uint64_t kNestMask = (std::uint64_t{1} << 32) - 1;
+inline constexpr std::uint64_t kPhaseBit = std::uint64_t{1} << 32;
+
+struct alignas(64) Marker {
+  std::atomic<std::uint64_t> value{0};
+};
+
+// kNestMask-count 1 plus the current phase; read by the outermost raise.
+extern std::atomic<std::uint64_t> g_phase_and_one;
+// -1 while a grace period sleeps waiting for readers: the last unlock of a region wakes it.
+extern std::atomic<int> g_waiting_futex;
+extern thread_local Marker* t_marker __attribute__((tls_model("initial-exec")));
+Marker* register_thread() noexcept;  // first region of a thread
+void wake_grace_period() noexcept;
+}  // namespace detail
+
+inline void read_lock() noexcept {
+  detail::Marker* m = detail::t_marker;
+  if (__builtin_expect(m == nullptr, 0)) m = detail::register_thread();
+  const std::uint64_t v = m->value.load(std::memory_order_relaxed);
+  m->value.store((v & detail::kNestMask) == 0 ? detail::g_phase_and_one.load(std::memory_order_relaxed) : v + 1,
+                 std::memory_order_relaxed);
+  // The grace period's membarrier orders this store against the region's loads on the
+  // reader's CPU; the compiler must not move them either.
+  std::atomic_signal_fence(std::memory_order_seq_cst);
+}
+
+inline void read_unlock() noexcept {
+  std::atomic_signal_fence(std::memory_order_seq_cst);
+  detail::Marker* m = detail::t_marker;
+  const std::uint64_t v = m->value.load(std::memory_order_relaxed) - 1;
+  m->value.store(v, std::memory_order_relaxed);
+  std::atomic_signal_fence(std::memory_order_seq_cst);
+  if (__builtin_expect((v & detail::kNestMask) == 0 && detail::g_waiting_futex.load(std::memory_order_relaxed) == -1, 0)) {
+    detail::wake_grace_period();
+  }
+}
+
+// True while the calling thread is inside a read-side region.
+inline bool in_read_section() noexcept {
+  const detail::Marker* m = detail::t_marker;
+  return m && (m->value.load(std::memory_order_relaxed) & detail::kNestMask) != 0;
+}
+
+class ReadGuard {
+ public:
+  ReadGuard() noexcept { read_lock(); }
+  ~ReadGuard() { read_unlock(); }
+  ReadGuard(const ReadGuard&) = delete;
+  ReadGuard& operator=(const ReadGuard&) = delete;
+};
+
+// Waits for a grace period. Fails (without waiting) inside a read-side region, or if the
+// kernel lacks membarrier(PRIVATE_EXPEDITED).
+Status synchronize();
+
+// Runs `fn` on tramway's callback thread after a grace period. Callbacks run in the order
+// they were queued; many share one grace period. The thread starts on first use.
+Status call(std::function<void()> fn);
+
+// Waits until every callback queued before it has run. Fails inside a read-side region.
+Status barrier();
+
+struct Stats {
+  std::uint64_t grace_periods = 0;      // grace periods run
+  std::uint64_t synchronize_calls = 0;  // synchronize() calls (shared ones included)
+  std::uint64_t callbacks_run = 0;
+  std::uint64_t threads_registered = 0;  // registered now
+};
+Stats stats() noexcept;
+
+}  // namespace tramway::grace

@@ -1,0 +1,315 @@
+// Flavor trace: markers, the thread registry and grace periods (liburcu's memb algorithm).
+//
+// A grace period, with prior unpublishing stores done by the caller:
+//   membarrier   every CPU running one of our threads executes a full barrier: a reader whose
+//                marker store is still buffered has it drained, so the scans below see it;
+//                a reader that loads after this point sees the unpublished state.
+//   wait 1       for readers still active in the phase before the current one;
+//   flip         the phase: regions that begin from now on carry the new phase;
+//   wait 2       for readers active in the old phase;
+//   membarrier   orders the caller's frees after every reader's last access.
+// Readers that begin after the flip are never waited for, so readers entering regions back to
+// back cannot stall a grace period.
+#include <linux/futex.h>
+#include <linux/membarrier.h>
+#include <pthread.h>
+#include <sched.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <deque>
+#include <string>
+#include <vector>
+
+#include "tramway/grace.h"
+
+namespace tramway::grace {
+namespace detail {
+std::atomic<std::uint64_t> g_phase_and_one{1};
+std::atomic<int> g_waiting_futex{0};
+thread_local Marker* t_marker __attribute__((tls_model("initial-exec"))) = nullptr;
+}  // namespace detail
+
+namespace {
+
+using detail::kNestMask;
+using detail::kPhaseBit;
+using detail::Marker;
+
+long futex(std::atomic<int>* addr, int op, int value, const timespec* timeout = nullptr) {
+  return ::syscall(SYS_futex, reinterpret_cast<int*>(addr), op, value, timeout, nullptr, 0);
+}
+
+// ---- registry -------------------------------------------------------------------------------
+// The grace period holds `mu` while it scans and releases it while it waits, so a thread can
+// register or exit between two scans but never during one: a scan never reads a freed marker.
+struct Registry {
+  pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+  std::vector<Marker*> markers;
+};
+Registry& registry() {
+  static auto* r = new Registry;  // leaked: threads may exit after static destructors ran
+  return *r;
+}
+
+pthread_key_t g_exit_key;
+pthread_once_t g_exit_key_once = PTHREAD_ONCE_INIT;
+
+void unregister_thread(void* p) {
+  auto* m = static_cast<Marker*>(p);
+  Registry& r = registry();
+  pthread_mutex_lock(&r.mu);
+  std::erase(r.markers, m);
+  pthread_mutex_unlock(&r.mu);
+  detail::t_marker = nullptr;
+  delete m;  // a thread that exits inside a region simply stops being waited for
+}
+
+// ---- grace periods ----------------------------------------------------------------------------
+pthread_mutex_t g_gp_mu = PTHREAD_MUTEX_INITIALIZER;
+std::atomic<std::uint64_t> g_started{0}, g_completed{0};
+std::atomic<std::uint64_t> g_synchronize_calls{0}, g_callbacks_run{0};
+std::atomic<bool> g_membarrier_ready{false};
+
+Status membarrier_expedited() {
+  if (!g_membarrier_ready.load(std::memory_order_acquire)) {
+    const long mask = ::syscall(SYS_membarrier, MEMBARRIER_CMD_QUERY, 0, 0);
+    if (mask < 0 || !(mask & MEMBARRIER_CMD_PRIVATE_EXPEDITED)) {
+      return Status::error("this kernel lacks membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED) (Linux >= 4.14); "
+                           "tramway's grace periods need it", mask < 0 ? errno : ENOSYS);
+    }
+    if (::syscall(SYS_membarrier, MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED, 0, 0) != 0) {
+      return Status::error(std::string("membarrier registration failed: ") + std::strerror(errno), errno);
+    }
+    g_membarrier_ready.store(true, std::memory_order_release);
+  }
+  if (::syscall(SYS_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED, 0, 0) != 0) {
+    return Status::error(std::string("membarrier(PRIVATE_EXPEDITED) failed: ") + std::strerror(errno), errno);
+  }
+  return {};
+}
+
+// True when the marker shows a region that began in a phase other than `phase`.
+bool active_in_other_phase(std::uint64_t marker, std::uint64_t phase) {
+  return (marker & kNestMask) != 0 && ((marker ^ phase) & kPhaseBit) != 0;
+}
+
+// Waits until no registered thread is inside a region begun in a phase other than the
+// current one: spin briefly (regions are short), then sleep on the futex the last unlock of
+// such a region wakes.
+Status wait_for_readers(std::uint64_t phase) {
+  Registry& r = registry();
+  for (int attempt = 0;; ++attempt) {
+    pthread_mutex_lock(&r.mu);
+    const bool any = std::any_of(r.markers.begin(), r.markers.end(), [&](const Marker* m) {
+      return active_in_other_phase(m->value.load(std::memory_order_relaxed), phase);
+    });
+    pthread_mutex_unlock(&r.mu);
+    if (!any) return {};
+    if (attempt < 100) {
+      for (int i = 0; i < 64; ++i) __builtin_ia32_pause();
+      continue;
+    }
+    if (attempt < 110) {
+      sched_yield();
+      continue;
+    }
+    // Announce that we sleep, make the announcement and the readers' markers visible to each
+    // other (membarrier), look once more, then sleep until an unlock wakes us.
+    detail::g_waiting_futex.store(-1, std::memory_order_seq_cst);
+    if (Status s = membarrier_expedited(); !s.ok()) return s;
+    pthread_mutex_lock(&r.mu);
+    const bool still = std::any_of(r.markers.begin(), r.markers.end(), [&](const Marker* m) {
+      return active_in_other_phase(m->value.load(std::memory_order_relaxed), phase);
+    });
+    pthread_mutex_unlock(&r.mu);
+    if (still) {
+      const timespec bound{0, 10'000'000};  // a wake-up is never lost for long
+      futex(&detail::g_waiting_futex, FUTEX_WAIT_PRIVATE, -1, &bound);
+    }
+    detail::g_waiting_futex.store(0, std::memory_order_relaxed);
+  }
+}
+
+Status run_grace_period() {
+  if (Status s = membarrier_expedited(); !s.ok()) return s;
+  const std::uint64_t before = detail::g_phase_and_one.load(std::memory_order_relaxed);
+  if (Status s = wait_for_readers(before); !s.ok()) return s;
+  detail::g_phase_and_one.store(before ^ kPhaseBit, std::memory_order_seq_cst);
+  if (Status s = wait_for_readers(before ^ kPhaseBit); !s.ok()) return s;
+  return membarrier_expedited();
+}
+
+// ---- callbacks ------------------------------------------------------------------------------------
+struct Callbacks {
+  pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+  pthread_cond_t queued_cv = PTHREAD_COND_INITIALIZER;
+  pthread_cond_t done_cv = PTHREAD_COND_INITIALIZER;
+  std::deque<std::function<void()>> queue;
+  std::uint64_t queued = 0, done = 0;
+  bool thread_running = false;
+};
+Callbacks& callbacks() {
+  static auto* c = new Callbacks;
+  return *c;
+}
+
+void* callback_thread(void*) {
+  pthread_setname_np(pthread_self(), "tramway-grace");
+  Callbacks& c = callbacks();
+  std::vector<std::function<void()>> batch;
+  for (;;) {
+    pthread_mutex_lock(&c.mu);
+    while (c.queue.empty()) pthread_cond_wait(&c.queued_cv, &c.mu);
+    batch.assign(std::make_move_iterator(c.queue.begin()), std::make_move_iterator(c.queue.end()));
+    c.queue.clear();
+    pthread_mutex_unlock(&c.mu);
+    // Every callback of the batch was queued before this grace period began.
+    while (!synchronize().ok()) {
+      const timespec pause{0, 1'000'000};
+      nanosleep(&pause, nullptr);
+    }
+    for (auto& fn : batch) fn();
+    g_callbacks_run.fetch_add(batch.size(), std::memory_order_relaxed);
+    pthread_mutex_lock(&c.mu);
+    c.done += batch.size();
+    pthread_cond_broadcast(&c.done_cv);
+    pthread_mutex_unlock(&c.mu);
+    batch.clear();
+  }
+  return nullptr;
+}
+
+// ---- fork ------------------------------------------------------------------------------------------
+void before_fork() {
+  pthread_mutex_lock(&g_gp_mu);
+  pthread_mutex_lock(&registry().mu);
+  pthread_mutex_lock(&callbacks().mu);
+}
+void after_fork_in_parent() {
+  pthread_mutex_unlock(&callbacks().mu);
+  pthread_mutex_unlock(&registry().mu);
+  pthread_mutex_unlock(&g_gp_mu);
+}
+void after_fork_in_child() {
+  // Only the forking thread exists: keep its marker, forget the others (their memory is
+  // leaked: their threads' exit handlers will never run here). The callback thread is gone
+  // and starts again on demand; queued callbacks stay queued.
+  Registry& r = registry();
+  r.markers.clear();
+  if (detail::t_marker) r.markers.push_back(detail::t_marker);
+  callbacks().thread_running = false;
+  detail::g_waiting_futex.store(0, std::memory_order_relaxed);
+  g_completed.store(g_started.load());
+  pthread_mutex_unlock(&callbacks().mu);
+  pthread_mutex_unlock(&r.mu);
+  pthread_mutex_unlock(&g_gp_mu);
+}
+
+void init_once() {
+  pthread_key_create(&g_exit_key, unregister_thread);
+  pthread_atfork(before_fork, after_fork_in_parent, after_fork_in_child);
+}
+
+}  // namespace
+
+namespace detail {
+
+Marker* register_thread() noexcept {
+  pthread_once(&g_exit_key_once, init_once);
+  auto* m = new Marker;
+  Registry& r = registry();
+  pthread_mutex_lock(&r.mu);
+  r.markers.push_back(m);
+  pthread_mutex_unlock(&r.mu);
+  pthread_setspecific(g_exit_key, m);
+  t_marker = m;
+  return m;
+}
+
+void wake_grace_period() noexcept {
+  int expected = -1;
+  if (g_waiting_futex.compare_exchange_strong(expected, 0)) futex(&g_waiting_futex, FUTEX_WAKE_PRIVATE, 1);
+}
+
+}  // namespace detail
+
+Status synchronize() {
+  if (in_read_section()) {
+    return Status::error("synchronize() called inside a read-side region: it would wait for itself");
+  }
+  pthread_once(&g_exit_key_once, init_once);
+  g_synchronize_calls.fetch_add(1, std::memory_order_relaxed);
+  // Any grace period that starts after this point covers the caller's earlier unpublishing;
+  // one already running may not.
+  const std::uint64_t target = g_started.load(std::memory_order_seq_cst) + 1;
+  pthread_mutex_lock(&g_gp_mu);
+  if (g_completed.load(std::memory_order_acquire) >= target) {
+    pthread_mutex_unlock(&g_gp_mu);
+    return {};  // shared with a concurrent caller
+  }
+  const std::uint64_t mine = g_started.fetch_add(1, std::memory_order_seq_cst) + 1;
+  Status s = run_grace_period();
+  if (s.ok()) {
+    g_completed.store(mine, std::memory_order_release);
+  } else {
+    g_started.fetch_sub(1, std::memory_order_relaxed);
+  }
+  pthread_mutex_unlock(&g_gp_mu);
+  return s;
+}
+
+Status call(std::function<void()> fn) {
+  if (!fn) return Status::error("grace::call needs a callback");
+  pthread_once(&g_exit_key_once, init_once);
+  Callbacks& c = callbacks();
+  pthread_mutex_lock(&c.mu);
+  if (!c.thread_running) {
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    pthread_t t;
+    const int e = pthread_create(&t, &attr, callback_thread, nullptr);
+    pthread_attr_destroy(&attr);
+    if (e != 0) {
+      pthread_mutex_unlock(&c.mu);
+      return Status::error(std::string("starting the grace-period callback thread failed: ") + std::strerror(e), e);
+    }
+    c.thread_running = true;
+  }
+  c.queue.push_back(std::move(fn));
+  ++c.queued;
+  pthread_cond_signal(&c.queued_cv);
+  pthread_mutex_unlock(&c.mu);
+  return {};
+}
+
+Status barrier() {
+  if (in_read_section()) {
+    return Status::error("barrier() called inside a read-side region: callbacks wait for that region");
+  }
+  Callbacks& c = callbacks();
+  pthread_mutex_lock(&c.mu);
+  const std::uint64_t target = c.queued;
+  while (c.done < target) pthread_cond_wait(&c.done_cv, &c.mu);
+  pthread_mutex_unlock(&c.mu);
+  return {};
+}
+
+Stats stats() noexcept {
+  Stats s;
+  s.grace_periods = g_completed.load(std::memory_order_relaxed);
+  s.synchronize_calls = g_synchronize_calls.load(std::memory_order_relaxed);
+  s.callbacks_run = g_callbacks_run.load(std::memory_order_relaxed);
+  Registry& r = registry();
+  pthread_mutex_lock(&r.mu);
+  s.threads_registered = r.markers.size();
+  pthread_mutex_unlock(&r.mu);
+  return s;
+}
+
+}  // namespace tramway::grace
