@@ -1,6 +1,7 @@
 // tramway-torture SUITE --seconds N: runs one torture suite and exits non-zero on any
 // violation. Suites: static (static keys and static calls under a SIGPROF storm, with PC
-// fix-ups of a thread spinning in generated code).
+// fix-ups of a thread spinning in generated code); grace (readers, writers retiring and
+// poisoning, a pipe histogram: the trace flavor of grace periods).
 #include <CLI/CLI.hpp>
 
 #include <cstdio>
@@ -11,7 +12,7 @@
 
 int main(int argc, char** argv) {
   using namespace tramway::torture;
-  const std::map<std::string, int (*)(const Options&)> suites = {{"static", run_static}};
+  const std::map<std::string, int (*)(const Options&)> suites = {{"static", run_static}, {"grace", run_grace}};
 
   CLI::App app{"tramway-torture: many threads, a signal storm and a controller patching as fast as it can"};
   std::string suite;

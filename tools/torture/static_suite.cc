@@ -26,6 +26,7 @@
 #include <thread>
 #include <vector>
 
+#include "storm.h"
 #include "suite.h"
 #include "tramway/static_call.h"
 #include "tramway/static_key.h"
@@ -130,26 +131,6 @@ void on_sigprof(int, siginfo_t*, void*) {
   }
   t_in_handler = 0;
 }
-
-// A per-thread SIGPROF timer on CLOCK_MONOTONIC (CPU-time timers only fire at ticks).
-struct StormTimer {
-  timer_t id{};
-  bool armed = false;
-  explicit StormTimer(int interval_us) {
-    if (interval_us <= 0) return;
-    sigevent ev{};
-    ev.sigev_notify = SIGEV_THREAD_ID;
-    ev.sigev_signo = SIGPROF;
-    ev._sigev_un._tid = static_cast<pid_t>(syscall(SYS_gettid));
-    if (timer_create(CLOCK_MONOTONIC, &ev, &id) != 0) return;
-    itimerspec its{};
-    its.it_interval.tv_nsec = its.it_value.tv_nsec = interval_us * 1000L;
-    armed = timer_settime(id, 0, &its, nullptr) == 0;
-  }
-  ~StormTimer() {
-    if (armed) timer_delete(id);
-  }
-};
 
 // Workers and the spinner never block; at normal priority they would leave the controller
 // (which blocks in membarrier and /proc writes every batch) a tenth of the CPU.

@@ -17,5 +17,6 @@ struct Options {
 // Runs the suite; prints progress to stderr and one summary line to stdout. Returns the
 // process exit status: 0 when nothing was violated.
 int run_static(const Options& options);
+int run_grace(const Options& options);
 
 }  // namespace tramway::torture
