@@ -21,9 +21,13 @@
 // (after the thread's first region), never synchronize/call/barrier.
 #pragma once
 
+#include <sys/types.h>
+
 #include <atomic>
 #include <cstdint>
 #include <functional>
+#include <string>
+#include <vector>
 
 #include "tramway/status.h"
 
@@ -37,6 +41,7 @@ inline constexpr std::uint64_t kPhaseBit = std::uint64_t{1} << 32;
 
 struct alignas(64) Marker {
   std::atomic<std::uint64_t> value{0};
+  pid_t tid = 0;  // the owning thread, for stall reports
 };
 
 // kNestMask-count 1 plus the current phase; read by the outermost raise.
@@ -95,11 +100,24 @@ Status call(std::function<void()> fn);
 // Waits until every callback queued before it has run. Fails inside a read-side region.
 Status barrier();
 
+// A thread the running grace period is waiting for.
+struct Holdout {
+  pid_t tid;
+  std::string name;            // /proc/self/task/TID/comm
+  std::uint32_t depth;         // region nesting depth
+  std::string where;           // "running", or the PC (with symbol) of a blocked/stopped thread
+};
+// The holdouts of the grace period in progress (empty when none is).
+std::vector<Holdout> holdouts();
+// A grace period waiting longer than this prints its holdouts once to stderr (like an RCU stall
+// warning) and keeps waiting. Default 10 s; TRAMWAY_GRACE_STALL_SECONDS changes it.
+
 struct Stats {
   std::uint64_t grace_periods = 0;      // grace periods run
   std::uint64_t synchronize_calls = 0;  // synchronize() calls (shared ones included)
   std::uint64_t callbacks_run = 0;
   std::uint64_t threads_registered = 0;  // registered now
+  std::uint64_t stall_reports = 0;
 };
 Stats stats() noexcept;
 

@@ -25,6 +25,12 @@
 #include <string>
 #include <vector>
 
+#include <dlfcn.h>
+
+#include <cstdio>
+#include <cstdlib>
+
+#include "common/proc.h"
 #include "tramway/grace.h"
 
 namespace tramway::grace {
@@ -98,18 +104,90 @@ bool active_in_other_phase(std::uint64_t marker, std::uint64_t phase) {
   return (marker & kNestMask) != 0 && ((marker ^ phase) & kPhaseBit) != 0;
 }
 
+// The phase the grace period in progress waits out, or ~0 when none is waiting.
+std::atomic<std::uint64_t> g_waiting_phase{~std::uint64_t{0}};
+std::atomic<std::uint64_t> g_stall_reports{0};
+
+std::int64_t monotonic_ns() {
+  timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return static_cast<std::int64_t>(t.tv_sec) * 1'000'000'000 + t.tv_nsec;
+}
+
+std::int64_t stall_threshold_ns() {
+  if (const char* env = std::getenv("TRAMWAY_GRACE_STALL_SECONDS")) {
+    char* end = nullptr;
+    const double s = std::strtod(env, &end);
+    if (end != env && s > 0) return static_cast<std::int64_t>(s * 1e9);
+  }
+  return 10'000'000'000;
+}
+
+std::string describe_location(pid_t tid) {
+  const common::TaskProbe p = common::probe_task(tid);
+  if (p.gone) return "exited";
+  if (p.running) return "running";
+  char buf[256];
+  Dl_info info{};
+  if (dladdr(reinterpret_cast<void*>(p.pc), &info) && info.dli_sname) {
+    std::snprintf(buf, sizeof buf, "pc %#lx (%s+%#lx), state %c", static_cast<unsigned long>(p.pc), info.dli_sname,
+                  static_cast<unsigned long>(p.pc - reinterpret_cast<std::uintptr_t>(info.dli_saddr)), p.state);
+  } else {
+    std::snprintf(buf, sizeof buf, "pc %#lx, state %c", static_cast<unsigned long>(p.pc), p.state);
+  }
+  return buf;
+}
+
+std::vector<Holdout> holdouts_for(std::uint64_t phase) {
+  std::vector<std::pair<pid_t, std::uint32_t>> found;
+  Registry& r = registry();
+  pthread_mutex_lock(&r.mu);
+  for (const Marker* m : r.markers) {
+    const std::uint64_t v = m->value.load(std::memory_order_relaxed);
+    if (active_in_other_phase(v, phase)) found.emplace_back(m->tid, static_cast<std::uint32_t>(v & kNestMask));
+  }
+  pthread_mutex_unlock(&r.mu);
+  std::vector<Holdout> out;
+  for (auto [tid, depth] : found) out.push_back({tid, common::thread_name(tid), depth, describe_location(tid)});
+  return out;
+}
+
+void report_stall(std::uint64_t phase, std::int64_t waited_ns) {
+  g_stall_reports.fetch_add(1, std::memory_order_relaxed);
+  const auto holdouts = holdouts_for(phase);
+  std::string text = "tramway: grace period stalled for " + std::to_string(waited_ns / 1'000'000) +
+                     " ms waiting for " + std::to_string(holdouts.size()) + " thread(s) in read-side regions:\n";
+  for (const Holdout& h : holdouts) {
+    text += "  thread " + std::to_string(h.tid) + " (" + h.name + "), region depth " + std::to_string(h.depth) + ", " +
+            h.where + "\n";
+  }
+  text += "  (still waiting; TRAMWAY_GRACE_STALL_SECONDS sets when this is reported)\n";
+  std::fputs(text.c_str(), stderr);
+}
+
 // Waits until no registered thread is inside a region begun in a phase other than the
 // current one: spin briefly (regions are short), then sleep on the futex the last unlock of
 // such a region wakes.
-Status wait_for_readers(std::uint64_t phase) {
+Status wait_for_readers(std::uint64_t phase, std::int64_t gp_start_ns, bool& reported) {
   Registry& r = registry();
+  g_waiting_phase.store(phase, std::memory_order_relaxed);
   for (int attempt = 0;; ++attempt) {
     pthread_mutex_lock(&r.mu);
     const bool any = std::any_of(r.markers.begin(), r.markers.end(), [&](const Marker* m) {
       return active_in_other_phase(m->value.load(std::memory_order_relaxed), phase);
     });
     pthread_mutex_unlock(&r.mu);
-    if (!any) return {};
+    if (!any) {
+      g_waiting_phase.store(~std::uint64_t{0}, std::memory_order_relaxed);
+      return {};
+    }
+    if (!reported) {
+      const std::int64_t waited = monotonic_ns() - gp_start_ns;
+      if (waited >= stall_threshold_ns()) {
+        reported = true;  // once per grace period
+        report_stall(phase, waited);
+      }
+    }
     if (attempt < 100) {
       for (int i = 0; i < 64; ++i) __builtin_ia32_pause();
       continue;
@@ -136,11 +214,13 @@ Status wait_for_readers(std::uint64_t phase) {
 }
 
 Status run_grace_period() {
+  const std::int64_t start = monotonic_ns();
+  bool reported = false;
   if (Status s = membarrier_expedited(); !s.ok()) return s;
   const std::uint64_t before = detail::g_phase_and_one.load(std::memory_order_relaxed);
-  if (Status s = wait_for_readers(before); !s.ok()) return s;
+  if (Status s = wait_for_readers(before, start, reported); !s.ok()) return s;
   detail::g_phase_and_one.store(before ^ kPhaseBit, std::memory_order_seq_cst);
-  if (Status s = wait_for_readers(before ^ kPhaseBit); !s.ok()) return s;
+  if (Status s = wait_for_readers(before ^ kPhaseBit, start, reported); !s.ok()) return s;
   return membarrier_expedited();
 }
 
@@ -222,6 +302,7 @@ namespace detail {
 Marker* register_thread() noexcept {
   pthread_once(&g_exit_key_once, init_once);
   auto* m = new Marker;
+  m->tid = common::current_tid();
   Registry& r = registry();
   pthread_mutex_lock(&r.mu);
   r.markers.push_back(m);
@@ -300,8 +381,15 @@ Status barrier() {
   return {};
 }
 
+std::vector<Holdout> holdouts() {
+  const std::uint64_t phase = g_waiting_phase.load(std::memory_order_relaxed);
+  if (phase == ~std::uint64_t{0}) return {};
+  return holdouts_for(phase);
+}
+
 Stats stats() noexcept {
   Stats s;
+  s.stall_reports = g_stall_reports.load(std::memory_order_relaxed);
   s.grace_periods = g_completed.load(std::memory_order_relaxed);
   s.synchronize_calls = g_synchronize_calls.load(std::memory_order_relaxed);
   s.callbacks_run = g_callbacks_run.load(std::memory_order_relaxed);

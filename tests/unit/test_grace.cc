@@ -2,6 +2,7 @@
 // called and for nothing else; callbacks run after a grace period, in order; threads register
 // and exit freely; fork leaves a working engine in the child.
 #include <gtest/gtest.h>
+#include <pthread.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -192,4 +193,40 @@ TEST(Grace, WorksInAForkedChild) {
   reader.join();
   ASSERT_TRUE(WIFEXITED(status));
   EXPECT_EQ(WEXITSTATUS(status), 0);
+}
+
+TEST(Grace, StallReportNamesTheHoldoutOnce) {
+  setenv("TRAMWAY_GRACE_STALL_SECONDS", "0.2", 1);
+  std::atomic<pid_t> tid{0};
+  std::atomic<bool> release{false};
+  std::thread reader([&] {
+    pthread_setname_np(pthread_self(), "holdout-reader");
+    grace::ReadGuard g;
+    tid = static_cast<pid_t>(gettid());
+    while (!release) std::this_thread::sleep_for(1ms);
+  });
+  while (tid == 0) std::this_thread::yield();
+  EXPECT_TRUE(grace::holdouts().empty()) << "no grace period is running yet";
+  const auto reports_before = grace::stats().stall_reports;
+  testing::internal::CaptureStderr();
+  std::thread writer([] { ASSERT_TRUE(grace::synchronize().ok()); });
+  std::vector<grace::Holdout> seen;
+  for (int i = 0; i < 200 && seen.empty(); ++i) {
+    std::this_thread::sleep_for(5ms);
+    seen = grace::holdouts();
+  }
+  ASSERT_EQ(seen.size(), 1u);
+  EXPECT_EQ(seen[0].tid, tid.load());
+  EXPECT_EQ(seen[0].name, "holdout-reader");
+  EXPECT_EQ(seen[0].depth, 1u);
+  std::this_thread::sleep_for(600ms);  // three thresholds: still one report
+  release = true;
+  writer.join();
+  reader.join();
+  const std::string err = testing::internal::GetCapturedStderr();
+  EXPECT_NE(err.find("grace period stalled"), std::string::npos) << err;
+  EXPECT_NE(err.find("thread " + std::to_string(tid.load()) + " (holdout-reader)"), std::string::npos) << err;
+  EXPECT_EQ(err.find("grace period stalled"), err.rfind("grace period stalled")) << "reported more than once:\n" << err;
+  EXPECT_EQ(grace::stats().stall_reports - reports_before, 1u);
+  EXPECT_TRUE(grace::holdouts().empty());
 }
