@@ -7,6 +7,7 @@
 #include <iostream>
 #include <map>
 #include <regex>
+#include <set>
 #include <string_view>
 
 namespace tramway_bench {
@@ -81,6 +82,7 @@ class FigureReporter : public benchmark::BenchmarkReporter {
       const Entry* entry = find(name);
       if (!entry) continue;
       for (const Figure& f : entry->figures) {
+        if (f.source == Figure::kRatio) continue;  // computed from medians in Finalize()
         double value;
         if (f.source == Figure::kCounter) {
           auto it = run.counters.find(f.counter);
@@ -104,10 +106,23 @@ class FigureReporter : public benchmark::BenchmarkReporter {
   void Finalize() override {
     for (const Entry& e : registry()) {
       for (const Figure& f : e.figures) {
-        auto it = values_.find(f.name);
-        if (it == values_.end() || !std::regex_search(f.name, select_)) continue;
+        if (!std::regex_search(f.name, select_)) continue;
+        double value;
+        if (f.source == Figure::kRatio) {
+          auto num = values_.find(f.counter), den = values_.find(f.denominator);
+          if (num == values_.end() || den == values_.end()) {
+            std::cerr << f.name << ": no value for " << (num == values_.end() ? f.counter : f.denominator) << "\n";
+            failed_ = true;
+            continue;
+          }
+          value = median(num->second) / median(den->second);
+        } else {
+          auto it = values_.find(f.name);
+          if (it == values_.end()) continue;
+          value = median(it->second);
+        }
         std::printf("{\"name\": %s, \"value\": %s, \"unit\": %s}\n", json_string(f.name).c_str(),
-                    number(median(it->second)).c_str(), json_string(f.unit).c_str());
+                    number(value).c_str(), json_string(f.unit).c_str());
       }
     }
     std::fflush(stdout);
@@ -172,11 +187,19 @@ int run(int argc, char** argv) {
     return 2;
   }
 
-  // Run only the benchmarks with at least one selected figure.
+  // Run only the benchmarks with at least one selected figure, or a figure a selected ratio
+  // is computed from.
+  std::set<std::string> needed;
+  for (const Entry& e : registry()) {
+    for (const Figure& f : e.figures) {
+      if (!std::regex_search(f.name, select)) continue;
+      needed.insert(f.name);
+      if (f.source == Figure::kRatio) needed.insert({f.counter, f.denominator});
+    }
+  }
   std::string spec;
   for (const Entry& e : registry()) {
-    if (std::none_of(e.figures.begin(), e.figures.end(),
-                     [&](const Figure& f) { return std::regex_search(f.name, select); }))
+    if (std::none_of(e.figures.begin(), e.figures.end(), [&](const Figure& f) { return needed.count(f.name); }))
       continue;
     spec += (spec.empty() ? "" : "|") + e.name;
   }

@@ -22,19 +22,27 @@
 namespace tramway_bench {
 
 struct Figure {
-  enum Source { kRealTime, kCpuTime, kCounter };
+  // kRatio: no value of its own; the median of figure `counter` over the median of figure
+  // `denominator` (both of this run, registered with any benchmark). Selecting a ratio runs
+  // the benchmarks of both its figures.
+  enum Source { kRealTime, kCpuTime, kCounter, kRatio };
   std::string name;     // as printed, e.g. "batch/10000/time"
   Source source;
   std::string unit;     // times: "ns", "us", "ms" or "s" (converted); counters: printed as is
-  std::string counter;  // kCounter: the key in state.counters
+  std::string counter;  // kCounter: the key in state.counters; kRatio: the numerator figure
+  std::string denominator = {};  // kRatio: the denominator figure
 };
 
 // A figure that is the benchmark's time per iteration.
 inline Figure time_figure(std::string name, Figure::Source source, std::string unit) {
-  return {std::move(name), source, std::move(unit), {}};
+  return {std::move(name), source, std::move(unit), {}, {}};
 }
 inline Figure counter_figure(std::string name, std::string counter, std::string unit) {
-  return {std::move(name), Figure::kCounter, std::move(unit), std::move(counter)};
+  return {std::move(name), Figure::kCounter, std::move(unit), std::move(counter), {}};
+}
+// A figure that is one figure's median over another's, e.g. a time relative to a peer's.
+inline Figure ratio_figure(std::string name, std::string numerator, std::string denominator) {
+  return {std::move(name), Figure::kRatio, "ratio", std::move(numerator), std::move(denominator)};
 }
 
 // Registers benchmark `name` (which must contain no regex metacharacters other than '/').

@@ -48,7 +48,8 @@ struct alignas(64) Marker {
 extern std::atomic<std::uint64_t> g_phase_and_one;
 // -1 while a grace period sleeps waiting for readers: the last unlock of a region wakes it.
 extern std::atomic<int> g_waiting_futex;
-extern thread_local Marker* t_marker __attribute__((tls_model("initial-exec")));
+// constinit: no dynamic initialisation, so no TLS wrapper call guards each access.
+extern thread_local constinit Marker* t_marker __attribute__((tls_model("initial-exec")));
 Marker* register_thread() noexcept;  // first region of a thread
 void wake_grace_period() noexcept;
 }  // namespace detail

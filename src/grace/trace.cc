@@ -37,7 +37,7 @@ namespace tramway::grace {
 namespace detail {
 std::atomic<std::uint64_t> g_phase_and_one{1};
 std::atomic<int> g_waiting_futex{0};
-thread_local Marker* t_marker __attribute__((tls_model("initial-exec"))) = nullptr;
+constinit thread_local Marker* t_marker __attribute__((tls_model("initial-exec"))) = nullptr;
 }  // namespace detail
 
 namespace {
