@@ -40,18 +40,21 @@ inline constexpr std::uint64_t kNestMask = (std::uint64_t{1} << 32) - 1;
 inline constexpr std::uint64_t kPhaseBit = std::uint64_t{1} << 32;
 
 struct alignas(64) Marker {
-  std::atomic<std::uint64_t> value{0};
-  pid_t tid = 0;  // the owning thread, for stall reports
+  std::atomic<std::uint64_t> value{0};  // offset 0: assembly reads and writes it there
+  pid_t tid = 0;                         // the owning thread, for stall reports
 };
+static_assert(sizeof(std::atomic<std::uint64_t>) == 8, "the marker is one 64-bit word");
 
+// The assembler names are a stable interface for .S stubs: see tramway/asm/grace_marker.h.
 // kNestMask-count 1 plus the current phase; read by the outermost raise.
-extern std::atomic<std::uint64_t> g_phase_and_one;
+extern std::atomic<std::uint64_t> g_phase_and_one __asm__("tramway_grace_phase");
 // -1 while a grace period sleeps waiting for readers: the last unlock of a region wakes it.
-extern std::atomic<int> g_waiting_futex;
+extern std::atomic<int> g_waiting_futex __asm__("tramway_grace_waiting");
 // constinit: no dynamic initialisation, so no TLS wrapper call guards each access.
-extern thread_local constinit Marker* t_marker __attribute__((tls_model("initial-exec")));
-Marker* register_thread() noexcept;  // first region of a thread
-void wake_grace_period() noexcept;
+extern thread_local constinit Marker* t_marker __asm__("tramway_grace_marker")
+    __attribute__((tls_model("initial-exec")));
+Marker* register_thread() noexcept __asm__("tramway_grace_register_thread");  // first region
+void wake_grace_period() noexcept __asm__("tramway_grace_wake");
 }  // namespace detail
 
 inline void read_lock() noexcept {

@@ -35,9 +35,10 @@
 
 namespace tramway::grace {
 namespace detail {
-std::atomic<std::uint64_t> g_phase_and_one{1};
-std::atomic<int> g_waiting_futex{0};
-constinit thread_local Marker* t_marker __attribute__((tls_model("initial-exec"))) = nullptr;
+std::atomic<std::uint64_t> g_phase_and_one __asm__("tramway_grace_phase"){1};
+std::atomic<int> g_waiting_futex __asm__("tramway_grace_waiting"){0};
+constinit thread_local Marker* t_marker __asm__("tramway_grace_marker")
+    __attribute__((tls_model("initial-exec"))) = nullptr;
 }  // namespace detail
 
 namespace {

@@ -230,3 +230,52 @@ TEST(Grace, StallReportNamesTheHoldoutOnce) {
   EXPECT_EQ(grace::stats().stall_reports - reports_before, 1u);
   EXPECT_TRUE(grace::holdouts().empty());
 }
+
+extern "C" void tramway_test_asm_region(void (*fn)(void*), void* arg);
+
+TEST(Grace, AssemblyMacrosRaiseAndLowerTheSameMarker) {
+  // On a fresh thread, so the assembly path registers it.
+  std::thread([] {
+    bool inside = false;
+    tramway_test_asm_region([](void* p) { *static_cast<bool*>(p) = grace::in_read_section(); }, &inside);
+    EXPECT_TRUE(inside);
+    EXPECT_FALSE(grace::in_read_section());
+    // Nested inside a C++ region: depth 2 inside, 1 after.
+    grace::ReadGuard outer;
+    std::uint64_t depth = 0;
+    tramway_test_asm_region(
+        [](void* p) {
+          *static_cast<std::uint64_t*>(p) = grace::detail::t_marker->value.load() & grace::detail::kNestMask;
+        },
+        &depth);
+    EXPECT_EQ(depth, 2u);
+    EXPECT_TRUE(grace::in_read_section());
+  }).join();
+}
+
+TEST(Grace, AnAssemblyRegionHoldsTheGracePeriod) {
+  struct Shared {
+    std::atomic<bool> inside{false}, release{false};
+  } sh;
+  std::thread reader([&] {
+    tramway_test_asm_region(
+        [](void* p) {
+          auto* s = static_cast<Shared*>(p);
+          s->inside = true;
+          while (!s->release) std::this_thread::sleep_for(1ms);
+        },
+        &sh);
+  });
+  while (!sh.inside) std::this_thread::yield();
+  std::atomic<bool> done{false};
+  std::thread writer([&] {
+    ASSERT_TRUE(grace::synchronize().ok());
+    done = true;
+  });
+  std::this_thread::sleep_for(100ms);
+  EXPECT_FALSE(done) << "the grace period ignored a region raised from assembly";
+  sh.release = true;  // its lower must also wake the sleeping grace period
+  writer.join();
+  reader.join();
+  EXPECT_TRUE(done);
+}

@@ -1,0 +1,65 @@
+/* tramway/asm/grace_marker.h — raise and lower the grace-period marker from assembly.
+ *
+ * For .S stubs (preprocessed assembly) that must enter a read-side region of the trace flavor
+ * (tramway/grace.h) before touching anything that can be retired, exactly as
+ * tramway::grace::read_lock()/read_unlock() do:
+ *
+ *     #include "tramway/asm/grace_marker.h"
+ *     TRAMWAY_MARKER_RAISE %rax, %rcx
+ *     ...                                  ; the region
+ *     TRAMWAY_MARKER_LOWER %rax
+ *
+ * Stable interface (assembler names exported by libtramway):
+ *   tramway_grace_marker           initial-exec TLS: pointer to this thread's marker, or 0
+ *   tramway_grace_register_thread  returns the marker (rax), registering the thread
+ *   tramway_grace_phase            64-bit word: what an outermost raise stores
+ *   tramway_grace_waiting          32-bit word: -1 while a grace period sleeps on it
+ *   tramway_grace_wake             wakes it
+ * The marker is one 64-bit word at offset 0: the nesting depth in its low 32 bits.
+ *
+ * Clobbers: the scratch registers named, and flags. On a thread's first region RAISE calls
+ * tramway_grace_register_thread, and LOWER calls tramway_grace_wake when a grace period waits:
+ * both may then clobber every caller-saved register (rax, rcx, rdx, rsi, rdi, r8-r11, and
+ * vector registers), so save what must survive, and keep the stack 16-byte aligned at the
+ * macro as for a call. Only this thread writes its marker, so no lock prefix is needed; the
+ * grace period's membarrier supplies the ordering.
+ */
+#ifndef TRAMWAY_ASM_GRACE_MARKER_H
+#define TRAMWAY_ASM_GRACE_MARKER_H
+
+#ifdef __ASSEMBLER__
+
+.macro TRAMWAY_MARKER_RAISE marker, scratch
+	movq	tramway_grace_marker@gottpoff(%rip), \marker
+	movq	%fs:(\marker), \marker
+	testq	\marker, \marker
+	jnz	.Ltramway_raise_have\@
+	call	tramway_grace_register_thread@PLT
+	movq	%rax, \marker
+.Ltramway_raise_have\@:
+	cmpl	$0, (\marker)                 /* outermost region? */
+	jne	.Ltramway_raise_nested\@
+	movq	tramway_grace_phase@GOTPCREL(%rip), \scratch
+	movq	(\scratch), \scratch          /* depth 1 and the current phase */
+	movq	\scratch, (\marker)
+	jmp	.Ltramway_raise_done\@
+.Ltramway_raise_nested\@:
+	addq	$1, (\marker)
+.Ltramway_raise_done\@:
+.endm
+
+.macro TRAMWAY_MARKER_LOWER marker
+	movq	tramway_grace_marker@gottpoff(%rip), \marker
+	movq	%fs:(\marker), \marker
+	subq	$1, (\marker)
+	cmpl	$0, (\marker)                 /* left the outermost region? */
+	jne	.Ltramway_lower_done\@
+	movq	tramway_grace_waiting@GOTPCREL(%rip), \marker
+	cmpl	$-1, (\marker)
+	jne	.Ltramway_lower_done\@
+	call	tramway_grace_wake@PLT
+.Ltramway_lower_done\@:
+.endm
+
+#endif /* __ASSEMBLER__ */
+#endif /* TRAMWAY_ASM_GRACE_MARKER_H */
