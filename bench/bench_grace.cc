@@ -10,6 +10,8 @@
 //                                           quiescent state after each region
 //   gp/trace/blocked/T/{median,p99}         us a synchronize(), T registered readers blocked in
 //                                           read() on a pipe
+//   signal_round/busy/T/{median,p99}        us one move_pcs() signal round trip to T busy
+//                                           threads (the tasks flavor's floor)
 //   call/throughput                         callbacks/s: 100,000 call()s, then barrier()
 // for T in 1, 2, 8, 32.
 //
@@ -50,6 +52,7 @@
 
 #include "report.h"
 #include "tramway/grace.h"
+#include "tramway/text/signal_router.h"
 
 #if defined(__clang__)
 #define BENCH_NOINLINE __attribute__((noinline))
@@ -564,6 +567,47 @@ void bm_read_pairs(State& state) {
   state.counters["urcu_memb_ns"] = median_of(ns[kModeMemb]);
 }
 
+// ---- signal round trip ------------------------------------------------------------------------------
+// The physical floor of the tasks flavor with busy threads: a preempted thread must run before
+// it can be seen. One move_pcs() over a range no thread is in signals every running thread
+// and waits for each to answer; that is one round trip to all of them.
+void bm_signal_round(State& state, int threads) {
+  const Watchdog::Scope watch{g_watchdog};
+  const std::string figure = "signal_round/busy/" + std::to_string(threads);
+  std::atomic<bool> stop{false};
+  std::atomic<int> running{0};
+  std::vector<std::thread> busy;
+  for (int i = 0; i < threads; ++i) {
+    busy.emplace_back([&] {
+      running.fetch_add(1);
+      while (!stop.load(std::memory_order_relaxed)) __builtin_ia32_pause();
+    });
+  }
+  while (running.load() < threads) std::this_thread::yield();
+  std::vector<double> samples;
+  samples.reserve(kMaxSamples);
+  std::string error;
+  int signalled_min = threads;
+  for (auto _ : state) {
+    g_watchdog->enter(figure + ": move_pcs()");
+    const auto start = Clock::now();
+    while (error.empty()) {
+      const auto t0 = Clock::now();
+      auto r = tramway::text::move_pcs(1, 2, 1);  // [1, 2): no thread is ever there
+      samples.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count());
+      if (!r.ok()) error = r.status().message();
+      else signalled_min = std::min(signalled_min, r->threads_signalled);
+      if (enough(samples.size(), Clock::now() - start, 1)) break;
+    }
+  }
+  stop = true;
+  for (auto& t : busy) t.join();
+  if (!error.empty()) return fail(state, figure + ": " + error);
+  set_figures(state, "", samples);
+  std::fprintf(stderr, "%s: %zu rounds, at least %d threads signalled each\n", figure.c_str(), samples.size(),
+               signalled_min);
+}
+
 // ---- callbacks --------------------------------------------------------------------------------------
 std::atomic<std::uint64_t> g_callbacks_run{0};
 
@@ -635,6 +679,8 @@ int main(int argc, char** argv) {
         ->Iterations(1);
     add("gp/trace/blocked/" + n, [t](State& s) { bm_gp<Trace>(s, Kind::kBlocked, t); },
         gp_figures("gp/trace/blocked/" + n))
+        ->Iterations(1);
+    add("signal_round/busy/" + n, [t](State& s) { bm_signal_round(s, t); }, gp_figures("signal_round/busy/" + n))
         ->Iterations(1);
   }
 
