@@ -11,7 +11,6 @@
 // Readers that begin after the flip are never waited for, so readers entering regions back to
 // back cannot stall a grace period.
 #include <linux/futex.h>
-#include <linux/membarrier.h>
 #include <pthread.h>
 #include <sched.h>
 #include <sys/syscall.h>
@@ -30,6 +29,8 @@
 #include <cstdio>
 #include <cstdlib>
 
+#include "common/format.h"
+#include "common/membarrier.h"
 #include "common/proc.h"
 #include "tramway/grace.h"
 
@@ -80,25 +81,10 @@ void unregister_thread(void* p) {
 pthread_mutex_t g_gp_mu = PTHREAD_MUTEX_INITIALIZER;
 std::atomic<std::uint64_t> g_started{0}, g_completed{0};
 std::atomic<std::uint64_t> g_synchronize_calls{0}, g_callbacks_run{0};
-std::atomic<bool> g_membarrier_ready{false};
+common::Membarrier g_expedited{MEMBARRIER_CMD_PRIVATE_EXPEDITED, MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED,
+                                "PRIVATE_EXPEDITED", "Linux >= 4.14 has it; tramway's grace periods need it"};
 
-Status membarrier_expedited() {
-  if (!g_membarrier_ready.load(std::memory_order_acquire)) {
-    const long mask = ::syscall(SYS_membarrier, MEMBARRIER_CMD_QUERY, 0, 0);
-    if (mask < 0 || !(mask & MEMBARRIER_CMD_PRIVATE_EXPEDITED)) {
-      return Status::error("this kernel lacks membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED) (Linux >= 4.14); "
-                           "tramway's grace periods need it", mask < 0 ? errno : ENOSYS);
-    }
-    if (::syscall(SYS_membarrier, MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED, 0, 0) != 0) {
-      return Status::error(std::string("membarrier registration failed: ") + std::strerror(errno), errno);
-    }
-    g_membarrier_ready.store(true, std::memory_order_release);
-  }
-  if (::syscall(SYS_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED, 0, 0) != 0) {
-    return Status::error(std::string("membarrier(PRIVATE_EXPEDITED) failed: ") + std::strerror(errno), errno);
-  }
-  return {};
-}
+Status membarrier_expedited() { return g_expedited.run(); }
 
 // True when the marker shows a region that began in a phase other than `phase`.
 bool active_in_other_phase(std::uint64_t marker, std::uint64_t phase) {
@@ -108,12 +94,6 @@ bool active_in_other_phase(std::uint64_t marker, std::uint64_t phase) {
 // The phase the grace period in progress waits out, or ~0 when none is waiting.
 std::atomic<std::uint64_t> g_waiting_phase{~std::uint64_t{0}};
 std::atomic<std::uint64_t> g_stall_reports{0};
-
-std::int64_t monotonic_ns() {
-  timespec t;
-  clock_gettime(CLOCK_MONOTONIC, &t);
-  return static_cast<std::int64_t>(t.tv_sec) * 1'000'000'000 + t.tv_nsec;
-}
 
 std::int64_t stall_threshold_ns() {
   if (const char* env = std::getenv("TRAMWAY_GRACE_STALL_SECONDS")) {
@@ -183,7 +163,7 @@ Status wait_for_readers(std::uint64_t phase, std::int64_t gp_start_ns, bool& rep
       return {};
     }
     if (!reported) {
-      const std::int64_t waited = monotonic_ns() - gp_start_ns;
+      const std::int64_t waited = common::monotonic_ns() - gp_start_ns;
       if (waited >= stall_threshold_ns()) {
         reported = true;  // once per grace period
         report_stall(phase, waited);
@@ -215,7 +195,7 @@ Status wait_for_readers(std::uint64_t phase, std::int64_t gp_start_ns, bool& rep
 }
 
 Status run_grace_period() {
-  const std::int64_t start = monotonic_ns();
+  const std::int64_t start = common::monotonic_ns();
   bool reported = false;
   if (Status s = membarrier_expedited(); !s.ok()) return s;
   const std::uint64_t before = detail::g_phase_and_one.load(std::memory_order_relaxed);

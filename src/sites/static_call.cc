@@ -3,6 +3,7 @@
 #include <string>
 
 #include "arch/x86_64/insn.h"
+#include "common/format.h"
 #include "tramway/static_call.h"
 #include "tramway/text/patch.h"
 
@@ -21,7 +22,7 @@ bool has_bytes(std::uintptr_t at, std::initializer_list<std::uint8_t> bytes) {
 Status update_static_call(void* trampoline, void* literal, void* target, EmptyCall when_null) {
   const auto t = reinterpret_cast<std::uintptr_t>(trampoline);
   if (!has_bytes(t + kFallbackOffset, {0xff, 0x25}) || !has_bytes(t + kReturnZeroOffset, {0x31, 0xc0, 0xc3})) {
-    return Status::error("static call trampoline at " + std::to_string(t) +
+    return Status::error("static call trampoline at " + common::hex_address(t) +
                          " does not have the layout of TRAMWAY_DEFINE_STATIC_CALL");
   }
   text::PatchLock lock;

@@ -3,6 +3,7 @@
 // hole closest to the target and maps there with MAP_FIXED_NOREPLACE.
 #include "tramway/text/code_memory.h"
 
+#include "common/format.h"
 #include "text/internal.h"
 
 #include <pthread.h>
@@ -43,12 +44,6 @@ struct State {
 State& state() {
   static State* s = new State;  // leaked on purpose: used until the last thread exits
   return *s;
-}
-
-std::string hex(std::uintptr_t v) {
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "%#" PRIxPTR, v);
-  return buf;
 }
 
 bool in_reach(std::uintptr_t near, std::uintptr_t begin, std::size_t size) {
@@ -161,7 +156,7 @@ Result<CodeBlock> allocate(std::size_t size, const void* near_ptr) {
   } else {
     const auto candidates = candidate_addresses(near, arena_size);
     if (candidates.empty()) {
-      return Status::error("no free address space within +-2 GiB of " + hex(near) + " for " +
+      return Status::error("no free address space within +-2 GiB of " + common::hex_address(near) + " for " +
                            std::to_string(arena_size) + " bytes of code: that window is fully mapped");
     }
     for (std::uintptr_t c : candidates) {

@@ -23,6 +23,7 @@
 
 #include "arch/x86_64/emulate.h"
 #include "arch/x86_64/insn.h"
+#include "common/format.h"
 #include "text/internal.h"
 #include "tramway/text/code_memory.h"
 
@@ -179,12 +180,6 @@ void install_atfork() {
       });
 }
 
-std::string address_text(std::uintptr_t a) {
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "%#lx", static_cast<unsigned long>(a));
-  return buf;
-}
-
 struct Site {
   std::uintptr_t address;
   std::uint8_t length;
@@ -199,7 +194,7 @@ Status check_entered_only_at_head(const Site& s) {
   auto first = arch::first_instruction(s.address, {s.old_bytes, s.length});
   if (!first.ok()) return first.status();
   if (first->length == s.length || (first->length < s.length && !first->falls_through)) return {};
-  return Status::error("cannot patch " + std::to_string(s.length) + " bytes at " + address_text(s.address) +
+  return Status::error("cannot patch " + std::to_string(s.length) + " bytes at " + common::hex_address(s.address) +
                        ": the current instruction there (`" +
                        arch::disassemble(s.address, {s.old_bytes, s.length}) + "`, " +
                        std::to_string(first->length) +
@@ -235,7 +230,7 @@ Status PatchBatch::add(void* address, std::span<const std::uint8_t> new_bytes) {
                          std::to_string(new_bytes.size()));
   }
   if (auto e = arch::emulation_for(a, new_bytes); !e.ok()) {
-    return Status::error("patch at " + address_text(a) + ": " + e.status().message());
+    return Status::error("patch at " + common::hex_address(a) + ": " + e.status().message());
   }
   Patch p{a, static_cast<std::uint8_t>(new_bytes.size()), {}};
   std::memcpy(p.bytes, new_bytes.data(), new_bytes.size());
@@ -283,8 +278,8 @@ Status apply(const PatchBatch& batch, const PatchLock&) {
   std::sort(sites.begin(), sites.end(), [](const Site& x, const Site& y) { return x.address < y.address; });
   for (std::size_t i = 1; i < sites.size(); ++i) {
     if (sites[i - 1].address + sites[i - 1].length > sites[i].address) {
-      return Status::error("patches at " + address_text(sites[i - 1].address) + " and " +
-                           address_text(sites[i].address) + " overlap");
+      return Status::error("patches at " + common::hex_address(sites[i - 1].address) + " and " +
+                           common::hex_address(sites[i].address) + " overlap");
     }
   }
   if (Status st = detail::ensure_router(); !st.ok()) return st;

@@ -26,6 +26,7 @@
 #include <string>
 
 #include "arch/x86_64/emulate.h"
+#include "common/format.h"
 #include "common/proc.h"
 #include "text/internal.h"
 
@@ -444,12 +445,6 @@ __attribute__((constructor(101))) void install_at_load() {
   if (Status s = detail::ensure_router(); !s.ok()) std::fprintf(stderr, "tramway: %s\n", s.message().c_str());
 }
 
-std::string hex(std::uintptr_t v) {
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "%#lx", static_cast<unsigned long>(v));
-  return buf;
-}
-
 // Reads a word of this process without faulting if it has been unmapped meanwhile.
 bool read_word(std::uintptr_t address, std::uintptr_t* out) {
   iovec local{out, sizeof *out};
@@ -529,7 +524,7 @@ std::size_t interrupted_pcs(std::uintptr_t* out, std::size_t capacity) noexcept 
 Result<MoveReport> move_pcs(std::uintptr_t begin, std::uintptr_t end, std::uintptr_t destination,
                             std::chrono::milliseconds timeout) {
   if (Status s = detail::ensure_router(); !s.ok()) return s;
-  if (begin >= end) return Status::error("move_pcs: empty range [" + hex(begin) + ", " + hex(end) + ")");
+  if (begin >= end) return Status::error("move_pcs: empty range [" + common::hex_address(begin) + ", " + common::hex_address(end) + ")");
   pthread_mutex_lock(&g_move_mutex);
   struct Unlock { ~Unlock() { pthread_mutex_unlock(&g_move_mutex); } } unlock;
 
@@ -568,12 +563,7 @@ Result<MoveReport> move_pcs(std::uintptr_t begin, std::uintptr_t end, std::uintp
     waiting.push_back(tid);
   }
 
-  auto now_ns = [] {
-    timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return static_cast<long long>(t.tv_sec) * 1'000'000'000LL + t.tv_nsec;
-  };
-  const long long start_ns = now_ns();
+  const std::int64_t start_ns = common::monotonic_ns();
   long pause_ns = 0;
   for (int round = 0; !waiting.empty(); ++round) {
     int anonymous = g_request.anonymous_acks.load(std::memory_order_acquire);
@@ -581,7 +571,7 @@ Result<MoveReport> move_pcs(std::uintptr_t begin, std::uintptr_t end, std::uintp
       return answered(tid, gen, &anonymous) || ::syscall(SYS_tgkill, pid, tid, 0) != 0;
     });
     if (waiting.empty()) break;
-    if (now_ns() - start_ns >= static_cast<long long>(timeout.count()) * 1'000'000LL) {
+    if (common::monotonic_ns() - start_ns >= static_cast<std::int64_t>(timeout.count()) * 1'000'000) {
       // Last chance: a thread that cannot run our handler (stopped, traced, signal blocked
       // by a raw system call) may still be provably outside.
       std::erase_if(waiting, [&](pid_t tid) { return proven_outside(tid, begin, end); });
@@ -591,9 +581,9 @@ Result<MoveReport> move_pcs(std::uintptr_t begin, std::uintptr_t end, std::uintp
         const common::TaskProbe p = common::probe_task(tid);
         who += (who.empty() ? "" : "; ") + std::string("thread ") + std::to_string(tid) + " (" +
                common::thread_name(tid) + ", state " + p.state +
-               (p.running ? ", running" : ", pc " + hex(p.pc)) + ")";
+               (p.running ? ", running" : ", pc " + common::hex_address(p.pc)) + ")";
       }
-      return Status::error("PC fix-up for [" + hex(begin) + ", " + hex(end) + "): no answer within " +
+      return Status::error("PC fix-up for [" + common::hex_address(begin) + ", " + common::hex_address(end) + "): no answer within " +
                            std::to_string(timeout.count()) + " ms from " + who +
                            ". A stopped or traced thread cannot run the fix-up handler; resume it (SIGCONT, "
                            "or detach the debugger) and retry");

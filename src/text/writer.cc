@@ -13,6 +13,7 @@
 #include <cstring>
 #include <string>
 
+#include "common/format.h"
 #include "text/internal.h"
 #include "tramway/text/code_memory.h"
 
@@ -58,9 +59,7 @@ Status write_span(std::uintptr_t address, const std::uint8_t* bytes, std::size_t
     if (n < 0 && errno == EINTR) continue;
     if (n <= 0) {
       const int e = n < 0 ? errno : EIO;
-      char where[32];
-      std::snprintf(where, sizeof where, "%#lx", static_cast<unsigned long>(address + done));
-      return Status::error(std::string("writing code at ") + where + " through /proc/self/mem failed: " +
+      return Status::error("writing code at " + common::hex_address(address + done) + " through /proc/self/mem failed: " +
                                std::strerror(e) + " (is the address mapped?)",
                            e);
     }

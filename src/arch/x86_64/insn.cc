@@ -5,6 +5,8 @@
 #include <cstring>
 #include <string>
 
+#include "common/format.h"
+
 namespace tramway::arch {
 namespace {
 
@@ -81,7 +83,7 @@ Result<FirstInsn> first_instruction(std::uintptr_t address, std::span<const std:
   ZydisDecodedInstruction insn;
   ZydisDecodedOperand ops[ZYDIS_MAX_OPERAND_COUNT];
   if (!decode(address, bytes, insn, ops)) {
-    return Status::error("bytes at " + std::to_string(address) + " do not decode: " + hex(bytes));
+    return Status::error("bytes at " + common::hex_address(address) + " do not decode: " + hex(bytes));
   }
   bool falls_through = true;
   switch (insn.mnemonic) {
