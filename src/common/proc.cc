@@ -86,4 +86,20 @@ std::string thread_name(pid_t tid) {
   return s;
 }
 
+SignalSets signal_sets(pid_t tid) {
+  SignalSets out;
+  char path[64], buf[4096];
+  std::snprintf(path, sizeof path, "/proc/self/task/%d/status", tid);
+  if (!read_small(path, buf, sizeof buf)) return out;
+  auto field = [&](const char* name, std::uint64_t* v) {
+    const char* at = std::strstr(buf, name);
+    if (!at) return false;
+    *v = std::strtoull(at + std::strlen(name), nullptr, 16);
+    return true;
+  };
+  out.known = field("\nSigPnd:", &out.pending) && field("\nShdPnd:", &out.shared_pending) &&
+              field("\nSigBlk:", &out.blocked);
+  return out;
+}
+
 }  // namespace tramway::common

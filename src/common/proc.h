@@ -27,4 +27,12 @@ TaskProbe probe_task(pid_t tid);
 
 std::string thread_name(pid_t tid);
 
+// Signal sets of a thread from /proc/self/task/TID/status (bit n-1 is signal n), for
+// diagnostics: why a thread did not run a handler.
+struct SignalSets {
+  bool known = false;
+  std::uint64_t pending = 0, shared_pending = 0, blocked = 0;
+};
+SignalSets signal_sets(pid_t tid);
+
 }  // namespace tramway::common

@@ -1,7 +1,8 @@
 // The signal router (DESIGN invariants 2 and 4).
 //
 // Every handler the program installs runs behind `wrapper`, which pushes the interrupted
-// context onto the thread's frame record and pops it on return. The record lives in a
+// context onto the thread's frame record (frames die when the stack unwinds past them, see
+// frame_is_dead). The record lives in a
 // process-wide slot array (claimed lock-free on a thread's first signal), so that
 //  * the fix-up handler can move the PC of every nested frame of its own thread, and
 //  * move_pcs() can prove a blocked thread outside a range without signalling it, by reading
@@ -42,21 +43,37 @@ constexpr std::uintptr_t kTrapFrameTag = 1;  // low bit of a frame: pushed by th
 constexpr int kGlibcInternalFirst = 32, kGlibcInternalLast = 33;
 
 // ---- per-thread frame records --------------------------------------------------------------
+// A slot's owner word is (claim number << 32 | tid), 0 when free. The claim number makes a
+// reclaimer's compare-and-swap fail when the slot was freed and claimed again (by a thread that
+// reused the tid) between its liveness check and the swap.
+constexpr std::uint64_t kTidMask = 0xffff'ffffu;
+std::atomic<std::uint32_t> g_claims{0};
+
 struct ThreadSlot {
-  std::atomic<pid_t> tid{0};
+  std::atomic<std::uint64_t> owner{0};
   std::atomic<std::uint32_t> seq{0};    // changes on every push and pop
   std::atomic<std::uint32_t> depth{0};  // frames[0, depth) are live, outermost first
   std::atomic<bool> overflow{false};    // nesting deeper than kMaxNest was seen
   std::atomic<std::uint64_t> acked{0};  // last fix-up generation this thread answered
   std::atomic<std::uintptr_t> frames[kMaxNest] = {};  // ucontext_t* | kTrapFrameTag
+
+  pid_t tid() const noexcept { return static_cast<pid_t>(owner.load(std::memory_order_acquire) & kTidMask); }
 };
 ThreadSlot g_slots[kMaxSlots];
 std::atomic<bool> g_slots_exhausted{false};
 __thread ThreadSlot* t_slot __attribute__((tls_model("initial-exec")));
 
+std::uint64_t owner_word(pid_t tid) noexcept {
+  return (std::uint64_t{g_claims.fetch_add(1, std::memory_order_relaxed) + 1} << 32) | static_cast<std::uint32_t>(tid);
+}
+
+long raw_sigprocmask(int how, const sigset_t* set, sigset_t* old) noexcept {
+  return ::syscall(SYS_rt_sigprocmask, how, set, old, _NSIG / 8);
+}
+
 ThreadSlot* find_slot(pid_t tid) noexcept {
   for (ThreadSlot& s : g_slots)
-    if (s.tid.load(std::memory_order_acquire) == tid) return &s;
+    if (s.tid() == tid) return &s;
   return nullptr;
 }
 
@@ -65,32 +82,30 @@ void reclaim_dead_slots(pid_t me) noexcept {
   const int saved_errno = errno;
   const pid_t pid = static_cast<pid_t>(::syscall(SYS_getpid));
   for (ThreadSlot& s : g_slots) {
-    pid_t t = s.tid.load(std::memory_order_acquire);
+    std::uint64_t o = s.owner.load(std::memory_order_acquire);
+    const auto t = static_cast<pid_t>(o & kTidMask);
     if (t != 0 && t != me && ::syscall(SYS_tgkill, pid, t, 0) != 0 && errno == ESRCH) {
-      s.depth.store(0, std::memory_order_relaxed);
-      s.tid.compare_exchange_strong(t, 0);
+      s.owner.compare_exchange_strong(o, 0, std::memory_order_acq_rel);  // the claimer resets the rest
     }
   }
   errno = saved_errno;
 }
 
-ThreadSlot* self_slot() noexcept {
-  if (ThreadSlot* s = t_slot) return s;
+ThreadSlot* claim_slot() noexcept {
   const pid_t me = common::current_tid();
   // A slot still carrying our tid belongs to a dead thread whose tid was reused.
   for (ThreadSlot& s : g_slots) {
-    if (s.tid.load(std::memory_order_relaxed) == me) {
-      s.depth.store(0, std::memory_order_relaxed);
-      s.tid.store(0, std::memory_order_release);
-    }
+    std::uint64_t o = s.owner.load(std::memory_order_relaxed);
+    if (o != 0 && static_cast<pid_t>(o & kTidMask) == me) s.owner.compare_exchange_strong(o, 0);
   }
   for (int attempt = 0; attempt < 2; ++attempt) {
     for (ThreadSlot& s : g_slots) {
-      pid_t expected = 0;
-      if (s.tid.load(std::memory_order_relaxed) == 0 &&
-          s.tid.compare_exchange_strong(expected, me, std::memory_order_acq_rel)) {
+      std::uint64_t expected = 0;
+      if (s.owner.load(std::memory_order_relaxed) == 0 &&
+          s.owner.compare_exchange_strong(expected, owner_word(me), std::memory_order_acq_rel)) {
         s.depth.store(0, std::memory_order_relaxed);
         s.overflow.store(false, std::memory_order_relaxed);
+        s.acked.store(0, std::memory_order_relaxed);  // a previous owner's answer is not ours
         s.seq.fetch_add(1, std::memory_order_release);
         t_slot = &s;
         return &s;
@@ -100,6 +115,19 @@ ThreadSlot* self_slot() noexcept {
   }
   g_slots_exhausted.store(true, std::memory_order_relaxed);
   return nullptr;
+}
+
+// The claim runs with every signal blocked: a handler nesting into it (SIGTRAP's handler is
+// SA_NODEFER, the fix-up handler lets the program's signals in) would claim a second slot,
+// and the thread would answer fix-ups in one slot while move_pcs looks in the other.
+ThreadSlot* self_slot() noexcept {
+  if (ThreadSlot* s = t_slot) return s;
+  sigset_t all, saved;
+  sigfillset(&all);
+  raw_sigprocmask(SIG_BLOCK, &all, &saved);
+  ThreadSlot* s = t_slot ? t_slot : claim_slot();  // a handler that ran before the block may have claimed
+  raw_sigprocmask(SIG_SETMASK, &saved, nullptr);
+  return s;
 }
 
 ucontext_t* frame_context(std::uintptr_t f) noexcept { return reinterpret_cast<ucontext_t*>(f & ~kTrapFrameTag); }
@@ -170,10 +198,6 @@ struct UserAction {
 };
 UserAction g_user[NSIG];
 std::atomic_flag g_user_lock = ATOMIC_FLAG_INIT;
-
-long raw_sigprocmask(int how, const sigset_t* set, sigset_t* old) noexcept {
-  return ::syscall(SYS_rt_sigprocmask, how, set, old, _NSIG / 8);
-}
 
 // Updates of g_user run with every signal blocked, so a handler on the same thread cannot
 // deadlock on the spin lock.
@@ -434,9 +458,9 @@ void detail::router_after_fork_in_child() noexcept {
   for (ThreadSlot& s : g_slots) {
     if (&s == mine) continue;
     s.depth.store(0, std::memory_order_relaxed);
-    s.tid.store(0, std::memory_order_relaxed);
+    s.owner.store(0, std::memory_order_relaxed);
   }
-  if (mine) mine->tid.store(common::current_tid(), std::memory_order_release);
+  if (mine) mine->owner.store(owner_word(common::current_tid()), std::memory_order_release);
 }
 
 namespace {
@@ -471,9 +495,28 @@ bool proven_outside(pid_t tid, std::uintptr_t b, std::uintptr_t e) {
     const auto rip = reinterpret_cast<std::uintptr_t>(&frame_context(f)->uc_mcontext.gregs[REG_RIP]);
     if (!read_word(rip, &pc) || (pc >= b && pc < e)) return false;
   }
-  if (s->seq.load(std::memory_order_acquire) != seq || s->tid.load() != tid) return false;
+  if (s->seq.load(std::memory_order_acquire) != seq || s->tid() != tid) return false;
   const common::TaskProbe after = common::probe_task(tid);
   return after.gone || (!after.running && after.pc == before.pc && after.sp == before.sp);
+}
+
+// "thread 42 (worker, state R, running, fix-up signal pending and blocked)": enough to tell a
+// stopped thread from one that masks the signal or one that ran the handler without answering.
+std::string describe_holdout(pid_t tid, std::uint64_t gen) {
+  const common::TaskProbe p = common::probe_task(tid);
+  std::string d = "thread " + std::to_string(tid) + " (" + common::thread_name(tid) + ", state " + p.state +
+                  (p.running ? ", running" : ", pc " + common::hex_address(p.pc));
+  const common::SignalSets sets = common::signal_sets(tid);
+  const std::uint64_t bit = std::uint64_t{1} << (g_fixup_signal.load(std::memory_order_relaxed) - 1);
+  if (sets.known) {
+    d += (sets.pending & bit) ? ", fix-up signal pending" : ", fix-up signal not pending";
+    if (sets.blocked & bit) d += " and blocked";
+  }
+  if (const ThreadSlot* s = find_slot(tid)) {
+    const std::uint64_t acked = s->acked.load(std::memory_order_acquire);
+    if (acked != 0) d += ", last answered request " + std::to_string((gen - acked) / 2) + " before this one";
+  }
+  return d + ")";
 }
 
 bool answered(pid_t tid, std::uint64_t gen, int* anonymous_budget) {
@@ -577,12 +620,7 @@ Result<MoveReport> move_pcs(std::uintptr_t begin, std::uintptr_t end, std::uintp
       std::erase_if(waiting, [&](pid_t tid) { return proven_outside(tid, begin, end); });
       if (waiting.empty()) break;
       std::string who;
-      for (pid_t tid : waiting) {
-        const common::TaskProbe p = common::probe_task(tid);
-        who += (who.empty() ? "" : "; ") + std::string("thread ") + std::to_string(tid) + " (" +
-               common::thread_name(tid) + ", state " + p.state +
-               (p.running ? ", running" : ", pc " + common::hex_address(p.pc)) + ")";
-      }
+      for (pid_t tid : waiting) who += (who.empty() ? "" : "; ") + describe_holdout(tid, gen);
       return Status::error("PC fix-up for [" + common::hex_address(begin) + ", " + common::hex_address(end) + "): no answer within " +
                            std::to_string(timeout.count()) + " ms from " + who +
                            ". A stopped or traced thread cannot run the fix-up handler; resume it (SIGCONT, "
