@@ -9,16 +9,27 @@
 // ended (DESIGN invariant 3). Regions that begin later do not delay it: a thread that enters
 // regions back to back does not stall a grace period (invariant 5).
 //
-// Flavor trace (this header's): the read side is a per-thread marker — initial-exec TLS, a
-// nesting counter with a phase snapshot, no atomic read-modify-write and no fence; the grace
-// period pays instead with membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED) and a two-phase scan
-// of the registered markers (the algorithm of liburcu's memb flavor). Threads register on
-// their first read-side region; a thread may exit at any time, even inside a region.
-// Concurrent synchronize() callers share grace periods.
+// Flavor trace: the read side is a per-thread marker — initial-exec TLS, a nesting counter
+// with a phase snapshot, no atomic read-modify-write and no fence; the grace period pays
+// instead with membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED) and a two-phase scan of the
+// registered markers (the algorithm of liburcu's memb flavor). Threads register on their first
+// read-side region; a thread may exit at any time, even inside a region. Concurrent
+// synchronize() callers share grace periods.
+//
+// Flavor tasks: for code that threads enter without raising a marker (generated code called
+// directly from a patched site). Unpublish it, retire(begin, end), then wait:
+//   unpatch(site); retire(code, code + n); synchronize(Flavor::tasks); reuse(code);
+// A tasks grace period is a trace one plus observation of every thread of the process (all
+// of /proc/self/task) against the ranges retired before it began: it returns once each thread
+// was seen with its live PC, every PC of its nested signal frames and any int3 it is having
+// emulated outside them. Blocked and stopped threads are read through /proc, undisturbed;
+// running ones are sent one signal. Code in a retired range must not call out to code that
+// can block without raising the marker first: a return address into the range on a thread's
+// stack is not a PC, and is not seen.
 //
 // Not allowed inside a read-side region: synchronize() and barrier() (they would wait for
 // themselves) — they fail with an error instead of deadlocking. Async-signal-safe: ReadGuard
-// (after the thread's first region), never synchronize/call/barrier.
+// (after the thread's first region), never synchronize/call/barrier/retire.
 #pragma once
 
 #include <sys/types.h>
@@ -93,13 +104,25 @@ class ReadGuard {
   ReadGuard& operator=(const ReadGuard&) = delete;
 };
 
+enum class Flavor { trace, tasks };
+// expedited: poll holdouts without ever sleeping (lower latency, one CPU kept busy meanwhile).
+enum class Wait { normal, expedited };
+
 // Waits for a grace period. Fails (without waiting) inside a read-side region, or if the
 // kernel lacks membarrier(PRIVATE_EXPEDITED).
-Status synchronize();
+Status synchronize();  // Flavor::trace
+Status synchronize(Flavor flavor, Wait wait = Wait::normal);
 
-// Runs `fn` on tramway's callback thread after a grace period. Callbacks run in the order
-// they were queued; many share one grace period. The thread starts on first use.
+// Tasks flavor: [begin, end) is code that is no longer published (no new thread can enter it).
+// The next tasks grace period to begin waits until no thread is inside it; ranges retired while
+// one runs wait for the next. Fails on an empty range.
+Status retire(const void* begin, const void* end);
+
+// Runs `fn` on tramway's callback thread after a grace period of `flavor` (trace if not
+// given). Callbacks run in the order they were queued; many share one grace period. The
+// thread starts on first use.
 Status call(std::function<void()> fn);
+Status call(Flavor flavor, std::function<void()> fn);
 
 // Waits until every callback queued before it has run. Fails inside a read-side region.
 Status barrier();
@@ -110,6 +133,7 @@ struct Holdout {
   std::string name;            // /proc/self/task/TID/comm
   std::uint32_t depth;         // region nesting depth
   std::string where;           // "running", or the PC (with symbol) of a blocked/stopped thread
+  std::string range;           // tasks flavor: the retired range holding it ("[0x.., 0x..)"), else empty
 };
 // The holdouts of the grace period in progress (empty when none is).
 std::vector<Holdout> holdouts();
@@ -117,7 +141,10 @@ std::vector<Holdout> holdouts();
 // warning) and keeps waiting. Default 10 s; TRAMWAY_GRACE_STALL_SECONDS changes it.
 
 struct Stats {
-  std::uint64_t grace_periods = 0;      // grace periods run
+  std::uint64_t grace_periods = 0;      // trace grace periods run (tasks ones included)
+  std::uint64_t tasks_grace_periods = 0;
+  std::uint64_t threads_signalled = 0;   // by tasks grace periods: running threads asked for their PCs
+  std::uint64_t threads_observed = 0;    // by tasks grace periods: seen outside without a signal
   std::uint64_t synchronize_calls = 0;  // synchronize() calls (shared ones included)
   std::uint64_t callbacks_run = 0;
   std::uint64_t threads_registered = 0;  // registered now

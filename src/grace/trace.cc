@@ -32,6 +32,7 @@
 #include "common/format.h"
 #include "common/membarrier.h"
 #include "common/proc.h"
+#include "grace/internal.h"
 #include "tramway/grace.h"
 
 namespace tramway::grace {
@@ -95,28 +96,11 @@ bool active_in_other_phase(std::uint64_t marker, std::uint64_t phase) {
 std::atomic<std::uint64_t> g_waiting_phase{~std::uint64_t{0}};
 std::atomic<std::uint64_t> g_stall_reports{0};
 
-std::int64_t stall_threshold_ns() {
-  if (const char* env = std::getenv("TRAMWAY_GRACE_STALL_SECONDS")) {
-    char* end = nullptr;
-    const double s = std::strtod(env, &end);
-    if (end != env && s > 0) return static_cast<std::int64_t>(s * 1e9);
-  }
-  return 10'000'000'000;
-}
-
 std::string describe_location(pid_t tid) {
   const common::TaskProbe p = common::probe_task(tid);
   if (p.gone) return "exited";
   if (p.running) return "running";
-  char buf[256];
-  Dl_info info{};
-  if (dladdr(reinterpret_cast<void*>(p.pc), &info) && info.dli_sname) {
-    std::snprintf(buf, sizeof buf, "pc %#lx (%s+%#lx), state %c", static_cast<unsigned long>(p.pc), info.dli_sname,
-                  static_cast<unsigned long>(p.pc - reinterpret_cast<std::uintptr_t>(info.dli_saddr)), p.state);
-  } else {
-    std::snprintf(buf, sizeof buf, "pc %#lx, state %c", static_cast<unsigned long>(p.pc), p.state);
-  }
-  return buf;
+  return detail::describe_pc(p.pc) + ", state " + p.state;
 }
 
 std::vector<Holdout> holdouts_for(std::uint64_t phase) {
@@ -129,12 +113,12 @@ std::vector<Holdout> holdouts_for(std::uint64_t phase) {
   }
   pthread_mutex_unlock(&r.mu);
   std::vector<Holdout> out;
-  for (auto [tid, depth] : found) out.push_back({tid, common::thread_name(tid), depth, describe_location(tid)});
+  for (auto [tid, depth] : found) out.push_back({tid, common::thread_name(tid), depth, describe_location(tid), {}});
   return out;
 }
 
 void report_stall(std::uint64_t phase, std::int64_t waited_ns) {
-  g_stall_reports.fetch_add(1, std::memory_order_relaxed);
+  detail::count_stall_report();
   const auto holdouts = holdouts_for(phase);
   std::string text = "tramway: grace period stalled for " + std::to_string(waited_ns / 1'000'000) +
                      " ms waiting for " + std::to_string(holdouts.size()) + " thread(s) in read-side regions:\n";
@@ -149,7 +133,7 @@ void report_stall(std::uint64_t phase, std::int64_t waited_ns) {
 // Waits until no registered thread is inside a region begun in a phase other than the
 // current one: spin briefly (regions are short), then sleep on the futex the last unlock of
 // such a region wakes.
-Status wait_for_readers(std::uint64_t phase, std::int64_t gp_start_ns, bool& reported) {
+Status wait_for_readers(std::uint64_t phase, std::int64_t gp_start_ns, bool& reported, Wait wait) {
   Registry& r = registry();
   g_waiting_phase.store(phase, std::memory_order_relaxed);
   for (int attempt = 0;; ++attempt) {
@@ -164,7 +148,7 @@ Status wait_for_readers(std::uint64_t phase, std::int64_t gp_start_ns, bool& rep
     }
     if (!reported) {
       const std::int64_t waited = common::monotonic_ns() - gp_start_ns;
-      if (waited >= stall_threshold_ns()) {
+      if (waited >= detail::stall_threshold_ns()) {
         reported = true;  // once per grace period
         report_stall(phase, waited);
       }
@@ -173,7 +157,7 @@ Status wait_for_readers(std::uint64_t phase, std::int64_t gp_start_ns, bool& rep
       for (int i = 0; i < 64; ++i) __builtin_ia32_pause();
       continue;
     }
-    if (attempt < 110) {
+    if (attempt < 110 || wait == Wait::expedited) {
       sched_yield();
       continue;
     }
@@ -194,14 +178,14 @@ Status wait_for_readers(std::uint64_t phase, std::int64_t gp_start_ns, bool& rep
   }
 }
 
-Status run_grace_period() {
+Status run_grace_period(Wait wait) {
   const std::int64_t start = common::monotonic_ns();
   bool reported = false;
   if (Status s = membarrier_expedited(); !s.ok()) return s;
   const std::uint64_t before = detail::g_phase_and_one.load(std::memory_order_relaxed);
-  if (Status s = wait_for_readers(before, start, reported); !s.ok()) return s;
+  if (Status s = wait_for_readers(before, start, reported, wait); !s.ok()) return s;
   detail::g_phase_and_one.store(before ^ kPhaseBit, std::memory_order_seq_cst);
-  if (Status s = wait_for_readers(before ^ kPhaseBit, start, reported); !s.ok()) return s;
+  if (Status s = wait_for_readers(before ^ kPhaseBit, start, reported, wait); !s.ok()) return s;
   return membarrier_expedited();
 }
 
@@ -210,7 +194,11 @@ struct Callbacks {
   pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
   pthread_cond_t queued_cv = PTHREAD_COND_INITIALIZER;
   pthread_cond_t done_cv = PTHREAD_COND_INITIALIZER;
-  std::deque<std::function<void()>> queue;
+  struct Pending {
+    Flavor flavor;
+    std::function<void()> fn;
+  };
+  std::deque<Pending> queue;
   std::uint64_t queued = 0, done = 0;
   bool thread_running = false;
 };
@@ -222,19 +210,21 @@ Callbacks& callbacks() {
 void* callback_thread(void*) {
   pthread_setname_np(pthread_self(), "tramway-grace");
   Callbacks& c = callbacks();
-  std::vector<std::function<void()>> batch;
+  std::vector<Callbacks::Pending> batch;
   for (;;) {
     pthread_mutex_lock(&c.mu);
     while (c.queue.empty()) pthread_cond_wait(&c.queued_cv, &c.mu);
     batch.assign(std::make_move_iterator(c.queue.begin()), std::make_move_iterator(c.queue.end()));
     c.queue.clear();
     pthread_mutex_unlock(&c.mu);
-    // Every callback of the batch was queued before this grace period began.
-    while (!synchronize().ok()) {
+    // Every callback of the batch was queued (and its ranges retired) before this grace
+    // period began. A tasks grace period includes a trace one.
+    const bool tasks = std::any_of(batch.begin(), batch.end(), [](const auto& p) { return p.flavor == Flavor::tasks; });
+    while (!synchronize(tasks ? Flavor::tasks : Flavor::trace).ok()) {
       const timespec pause{0, 1'000'000};
       nanosleep(&pause, nullptr);
     }
-    for (auto& fn : batch) fn();
+    for (auto& p : batch) p.fn();
     g_callbacks_run.fetch_add(batch.size(), std::memory_order_relaxed);
     pthread_mutex_lock(&c.mu);
     c.done += batch.size();
@@ -247,6 +237,7 @@ void* callback_thread(void*) {
 
 // ---- fork ------------------------------------------------------------------------------------------
 void before_fork() {
+  detail::tasks_before_fork();
   pthread_mutex_lock(&g_gp_mu);
   pthread_mutex_lock(&registry().mu);
   pthread_mutex_lock(&callbacks().mu);
@@ -255,6 +246,7 @@ void after_fork_in_parent() {
   pthread_mutex_unlock(&callbacks().mu);
   pthread_mutex_unlock(&registry().mu);
   pthread_mutex_unlock(&g_gp_mu);
+  detail::tasks_after_fork_in_parent();
 }
 void after_fork_in_child() {
   // Only the forking thread exists: keep its marker, forget the others (their memory is
@@ -269,6 +261,7 @@ void after_fork_in_child() {
   pthread_mutex_unlock(&callbacks().mu);
   pthread_mutex_unlock(&r.mu);
   pthread_mutex_unlock(&g_gp_mu);
+  detail::tasks_after_fork_in_child();
 }
 
 void init_once() {
@@ -279,6 +272,40 @@ void init_once() {
 }  // namespace
 
 namespace detail {
+
+std::int64_t stall_threshold_ns() {
+  if (const char* env = std::getenv("TRAMWAY_GRACE_STALL_SECONDS")) {
+    char* end = nullptr;
+    const double s = std::strtod(env, &end);
+    if (end != env && s > 0) return static_cast<std::int64_t>(s * 1e9);
+  }
+  return 10'000'000'000;
+}
+
+void count_stall_report() noexcept { g_stall_reports.fetch_add(1, std::memory_order_relaxed); }
+
+std::string describe_pc(std::uintptr_t pc) {
+  char buf[256];
+  Dl_info info{};
+  if (dladdr(reinterpret_cast<void*>(pc), &info) && info.dli_sname) {
+    std::snprintf(buf, sizeof buf, "pc %#lx (%s+%#lx)", static_cast<unsigned long>(pc), info.dli_sname,
+                  static_cast<unsigned long>(pc - reinterpret_cast<std::uintptr_t>(info.dli_saddr)));
+  } else {
+    std::snprintf(buf, sizeof buf, "pc %#lx", static_cast<unsigned long>(pc));
+  }
+  return buf;
+}
+
+std::uint32_t marker_depth(pid_t tid) {
+  Registry& r = registry();
+  std::uint32_t depth = 0;
+  pthread_mutex_lock(&r.mu);
+  for (const Marker* m : r.markers) {
+    if (m->tid == tid) depth = static_cast<std::uint32_t>(m->value.load(std::memory_order_relaxed) & kNestMask);
+  }
+  pthread_mutex_unlock(&r.mu);
+  return depth;
+}
 
 Marker* register_thread() noexcept {
   pthread_once(&g_exit_key_once, init_once);
@@ -300,7 +327,10 @@ void wake_grace_period() noexcept {
 
 }  // namespace detail
 
-Status synchronize() {
+Status synchronize() { return synchronize(Flavor::trace); }
+
+Status synchronize(Flavor flavor, Wait wait) {
+  if (flavor == Flavor::tasks) return detail::synchronize_tasks(wait);
   if (in_read_section()) {
     return Status::error("synchronize() called inside a read-side region: it would wait for itself");
   }
@@ -315,7 +345,7 @@ Status synchronize() {
     return {};  // shared with a concurrent caller
   }
   const std::uint64_t mine = g_started.fetch_add(1, std::memory_order_seq_cst) + 1;
-  Status s = run_grace_period();
+  Status s = run_grace_period(wait);
   if (s.ok()) {
     g_completed.store(mine, std::memory_order_release);
   } else {
@@ -325,7 +355,9 @@ Status synchronize() {
   return s;
 }
 
-Status call(std::function<void()> fn) {
+Status call(std::function<void()> fn) { return call(Flavor::trace, std::move(fn)); }
+
+Status call(Flavor flavor, std::function<void()> fn) {
   if (!fn) return Status::error("grace::call needs a callback");
   pthread_once(&g_exit_key_once, init_once);
   Callbacks& c = callbacks();
@@ -343,7 +375,7 @@ Status call(std::function<void()> fn) {
     }
     c.thread_running = true;
   }
-  c.queue.push_back(std::move(fn));
+  c.queue.push_back({flavor, std::move(fn)});
   ++c.queued;
   pthread_cond_signal(&c.queued_cv);
   pthread_mutex_unlock(&c.mu);
@@ -363,14 +395,18 @@ Status barrier() {
 }
 
 std::vector<Holdout> holdouts() {
+  std::vector<Holdout> out = detail::tasks_holdouts();
   const std::uint64_t phase = g_waiting_phase.load(std::memory_order_relaxed);
-  if (phase == ~std::uint64_t{0}) return {};
-  return holdouts_for(phase);
+  if (phase != ~std::uint64_t{0}) {
+    for (Holdout& h : holdouts_for(phase)) out.push_back(std::move(h));
+  }
+  return out;
 }
 
 Stats stats() noexcept {
   Stats s;
   s.stall_reports = g_stall_reports.load(std::memory_order_relaxed);
+  detail::tasks_stats(s);
   s.grace_periods = g_completed.load(std::memory_order_relaxed);
   s.synchronize_calls = g_synchronize_calls.load(std::memory_order_relaxed);
   s.callbacks_run = g_callbacks_run.load(std::memory_order_relaxed);

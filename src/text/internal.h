@@ -57,6 +57,12 @@ bool handle_int3(ucontext_t* uc) noexcept;
 // --- signal_router.cc ------------------------------------------------------------------------
 Status ensure_router() noexcept;
 
+// --- range_watch.cc ---------------------------------------------------------------------------
+struct ThreadSlot;
+// Samples the calling thread (in the fix-up handler) against the published watch, if any.
+void sample_for_watch(ThreadSlot* s, const ucontext_t* uc) noexcept;
+void watch_after_fork_in_child() noexcept;
+
 // --- fork(): one registration, one lock order ---------------------------------------------
 // Lock order in the text layer: patch lock -> fix-up lock -> handler table -> code memory.
 // register_fork_handlers() (patch.cc) installs one pthread_atfork triple that takes them in

@@ -15,7 +15,6 @@
 #include <sched.h>
 #include <signal.h>
 #include <sys/syscall.h>
-#include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -30,165 +29,25 @@
 #include "common/format.h"
 #include "common/proc.h"
 #include "text/internal.h"
+#include "text/thread_slots.h"
 
 extern "C" int __sigaction(int, const struct sigaction*, struct sigaction*) noexcept;
 
 namespace tramway::text {
 namespace {
 
-constexpr int kMaxNest = 32;
-constexpr int kMaxSlots = 4096;
-constexpr std::uintptr_t kTrapFrameTag = 1;  // low bit of a frame: pushed by the SIGTRAP router
+using detail::FrameGuard;
+using detail::kMaxNest;
+using detail::kTrapFrameTag;
+using detail::ThreadSlot;
+using detail::find_slot;
+using detail::frame_context;
+using detail::prune_dead_frames;
+using detail::raw_sigprocmask;
+using detail::t_slot;
+
 // glibc's internal signals (SIGCANCEL, SIGSETXID): never touched, as glibc itself does.
 constexpr int kGlibcInternalFirst = 32, kGlibcInternalLast = 33;
-
-// ---- per-thread frame records --------------------------------------------------------------
-// A slot's owner word is (claim number << 32 | tid), 0 when free. The claim number makes a
-// reclaimer's compare-and-swap fail when the slot was freed and claimed again (by a thread that
-// reused the tid) between its liveness check and the swap.
-constexpr std::uint64_t kTidMask = 0xffff'ffffu;
-std::atomic<std::uint32_t> g_claims{0};
-
-struct ThreadSlot {
-  std::atomic<std::uint64_t> owner{0};
-  std::atomic<std::uint32_t> seq{0};    // changes on every push and pop
-  std::atomic<std::uint32_t> depth{0};  // frames[0, depth) are live, outermost first
-  std::atomic<bool> overflow{false};    // nesting deeper than kMaxNest was seen
-  std::atomic<std::uint64_t> acked{0};  // last fix-up generation this thread answered
-  std::atomic<std::uintptr_t> frames[kMaxNest] = {};  // ucontext_t* | kTrapFrameTag
-
-  pid_t tid() const noexcept { return static_cast<pid_t>(owner.load(std::memory_order_acquire) & kTidMask); }
-};
-ThreadSlot g_slots[kMaxSlots];
-std::atomic<bool> g_slots_exhausted{false};
-__thread ThreadSlot* t_slot __attribute__((tls_model("initial-exec")));
-
-std::uint64_t owner_word(pid_t tid) noexcept {
-  return (std::uint64_t{g_claims.fetch_add(1, std::memory_order_relaxed) + 1} << 32) | static_cast<std::uint32_t>(tid);
-}
-
-long raw_sigprocmask(int how, const sigset_t* set, sigset_t* old) noexcept {
-  return ::syscall(SYS_rt_sigprocmask, how, set, old, _NSIG / 8);
-}
-
-ThreadSlot* find_slot(pid_t tid) noexcept {
-  for (ThreadSlot& s : g_slots)
-    if (s.tid() == tid) return &s;
-  return nullptr;
-}
-
-// Frees the slots of threads that no longer exist. Async-signal-safe (tgkill with signal 0).
-void reclaim_dead_slots(pid_t me) noexcept {
-  const int saved_errno = errno;
-  const pid_t pid = static_cast<pid_t>(::syscall(SYS_getpid));
-  for (ThreadSlot& s : g_slots) {
-    std::uint64_t o = s.owner.load(std::memory_order_acquire);
-    const auto t = static_cast<pid_t>(o & kTidMask);
-    if (t != 0 && t != me && ::syscall(SYS_tgkill, pid, t, 0) != 0 && errno == ESRCH) {
-      s.owner.compare_exchange_strong(o, 0, std::memory_order_acq_rel);  // the claimer resets the rest
-    }
-  }
-  errno = saved_errno;
-}
-
-ThreadSlot* claim_slot() noexcept {
-  const pid_t me = common::current_tid();
-  // A slot still carrying our tid belongs to a dead thread whose tid was reused.
-  for (ThreadSlot& s : g_slots) {
-    std::uint64_t o = s.owner.load(std::memory_order_relaxed);
-    if (o != 0 && static_cast<pid_t>(o & kTidMask) == me) s.owner.compare_exchange_strong(o, 0);
-  }
-  for (int attempt = 0; attempt < 2; ++attempt) {
-    for (ThreadSlot& s : g_slots) {
-      std::uint64_t expected = 0;
-      if (s.owner.load(std::memory_order_relaxed) == 0 &&
-          s.owner.compare_exchange_strong(expected, owner_word(me), std::memory_order_acq_rel)) {
-        s.depth.store(0, std::memory_order_relaxed);
-        s.overflow.store(false, std::memory_order_relaxed);
-        s.acked.store(0, std::memory_order_relaxed);  // a previous owner's answer is not ours
-        s.seq.fetch_add(1, std::memory_order_release);
-        t_slot = &s;
-        return &s;
-      }
-    }
-    reclaim_dead_slots(me);  // full: free the slots of threads that have exited, once
-  }
-  g_slots_exhausted.store(true, std::memory_order_relaxed);
-  return nullptr;
-}
-
-// The claim runs with every signal blocked: a handler nesting into it (SIGTRAP's handler is
-// SA_NODEFER, the fix-up handler lets the program's signals in) would claim a second slot,
-// and the thread would answer fix-ups in one slot while move_pcs looks in the other.
-ThreadSlot* self_slot() noexcept {
-  if (ThreadSlot* s = t_slot) return s;
-  sigset_t all, saved;
-  sigfillset(&all);
-  raw_sigprocmask(SIG_BLOCK, &all, &saved);
-  ThreadSlot* s = t_slot ? t_slot : claim_slot();  // a handler that ran before the block may have claimed
-  raw_sigprocmask(SIG_SETMASK, &saved, nullptr);
-  return s;
-}
-
-ucontext_t* frame_context(std::uintptr_t f) noexcept { return reinterpret_cast<ucontext_t*>(f & ~kTrapFrameTag); }
-
-// Frames are never popped when a handler returns: between the pop and sigreturn the
-// handler's frame would still be on the stack, unrecorded. A frame is dead instead once the
-// thread's stack pointer is back above it on the same stack, or it lies on the alternate
-// signal stack and the thread no longer runs there. Dead frames are pruned (from the top)
-// before the record is used, by the thread itself.
-bool frame_is_dead(std::uintptr_t frame, std::uintptr_t sp, const stack_t& alt, bool have_alt) noexcept {
-  auto on_alt = [&](std::uintptr_t p) {
-    const auto b = reinterpret_cast<std::uintptr_t>(alt.ss_sp);
-    return have_alt && p >= b && p < b + alt.ss_size;
-  };
-  const bool f_alt = on_alt(frame), sp_alt = on_alt(sp);
-  return (f_alt && !sp_alt) || (f_alt == sp_alt && sp > frame);
-}
-
-// `alt` is the thread's alternate signal stack; in a handler the kernel saved it in the new
-// frame's uc_stack, elsewhere (alt == nullptr) it is asked for.
-std::uint32_t prune_dead_frames(ThreadSlot* s, std::uintptr_t sp, const stack_t* alt_in = nullptr) noexcept {
-  std::uint32_t d = s->depth.load(std::memory_order_relaxed);
-  if (d == 0) return 0;
-  stack_t alt{};
-  if (alt_in) {
-    alt = *alt_in;
-  } else if (::syscall(SYS_sigaltstack, nullptr, &alt) != 0) {
-    alt.ss_flags = SS_DISABLE;
-  }
-  const bool have_alt = !(alt.ss_flags & SS_DISABLE) && alt.ss_size != 0;
-  while (d > 0 && frame_is_dead(s->frames[d - 1].load(std::memory_order_relaxed) & ~kTrapFrameTag, sp, alt, have_alt)) {
-    --d;
-  }
-  s->depth.store(d, std::memory_order_release);
-  return d;
-}
-
-// Records the frame of the handler being entered. The kernel blocked the fix-up signal when
-// it delivered this one (it is in every sa_mask we register), so no fix-up can run before the
-// frame is recorded; the wrapper unblocks it right after.
-class FrameGuard {
- public:
-  FrameGuard(ucontext_t* uc, bool trap) noexcept : slot_(self_slot()) {
-    if (!slot_) return;
-    const std::uint32_t d = prune_dead_frames(slot_, arch::context_sp(uc), &uc->uc_stack);
-    if (d >= kMaxNest) {
-      slot_->overflow.store(true, std::memory_order_relaxed);
-      return;
-    }
-    slot_->frames[d].store(reinterpret_cast<std::uintptr_t>(uc) | (trap ? kTrapFrameTag : 0),
-                           std::memory_order_relaxed);
-    slot_->seq.fetch_add(1, std::memory_order_acq_rel);
-    slot_->depth.store(d + 1, std::memory_order_release);
-  }
-  ThreadSlot* slot() const noexcept { return slot_; }
-
- private:
-  ThreadSlot* slot_;
-};
-
-std::uintptr_t current_sp() noexcept { return reinterpret_cast<std::uintptr_t>(__builtin_frame_address(0)); }
 
 // ---- the program's handlers -------------------------------------------------------------------
 struct UserAction {
@@ -334,9 +193,7 @@ int move_own_frames(ThreadSlot* s, std::uintptr_t b, std::uintptr_t e, std::uint
   return moved;
 }
 
-void fixup_handler(int, siginfo_t*, void* ucv) {
-  auto* uc = static_cast<ucontext_t*>(ucv);
-  FrameGuard frame(uc, false);
+void answer_move_request(const FrameGuard& frame, ucontext_t* uc) noexcept {
   const std::uint64_t gen = g_request.generation.load(std::memory_order_acquire);
   if (!(gen & 1)) return;  // a late signal from a request that is over
   const std::uintptr_t b = g_request.begin.load(std::memory_order_relaxed);
@@ -356,6 +213,15 @@ void fixup_handler(int, siginfo_t*, void* ucv) {
     }
     g_request.anonymous_acks.fetch_add(1, std::memory_order_release);
   }
+}
+
+// One signal serves both users: a move_pcs request in progress, and a RangeWatch (sampled
+// after the move, so it sees where the thread will resume).
+void fixup_handler(int, siginfo_t*, void* ucv) {
+  auto* uc = static_cast<ucontext_t*>(ucv);
+  FrameGuard frame(uc, false);
+  answer_move_request(frame, uc);
+  detail::sample_for_watch(frame.slot(), uc);
 }
 
 // ---- installation ---------------------------------------------------------------------------
@@ -454,50 +320,14 @@ void detail::router_after_fork_in_child() noexcept {
   g_request.generation.store(gen + (gen & 1), std::memory_order_relaxed);
   pthread_mutex_unlock(&g_move_mutex);
   // Only the forking thread survives; its slot keeps its frames under its new tid.
-  ThreadSlot* mine = t_slot;
-  for (ThreadSlot& s : g_slots) {
-    if (&s == mine) continue;
-    s.depth.store(0, std::memory_order_relaxed);
-    s.owner.store(0, std::memory_order_relaxed);
-  }
-  if (mine) mine->owner.store(owner_word(common::current_tid()), std::memory_order_release);
+  detail::slots_after_fork_in_child();
+  detail::watch_after_fork_in_child();
 }
 
 namespace {
 
 __attribute__((constructor(101))) void install_at_load() {
   if (Status s = detail::ensure_router(); !s.ok()) std::fprintf(stderr, "tramway: %s\n", s.message().c_str());
-}
-
-// Reads a word of this process without faulting if it has been unmapped meanwhile.
-bool read_word(std::uintptr_t address, std::uintptr_t* out) {
-  iovec local{out, sizeof *out};
-  iovec remote{reinterpret_cast<void*>(address), sizeof *out};
-  return ::process_vm_readv(::getpid(), &local, 1, &remote, 1, 0) == sizeof *out;
-}
-
-// True when the thread is proven to have no PC in [b, e): it is not running, its live PC
-// (from /proc) is outside, and so is every nested frame it recorded, with nothing changing
-// while we looked.
-bool proven_outside(pid_t tid, std::uintptr_t b, std::uintptr_t e) {
-  const common::TaskProbe before = common::probe_task(tid);
-  if (before.gone) return true;
-  if (before.running || (before.pc >= b && before.pc < e)) return false;
-  ThreadSlot* s = find_slot(tid);
-  if (!s) return !g_slots_exhausted.load(std::memory_order_relaxed);  // never ran a handler
-  if (s->overflow.load(std::memory_order_relaxed)) return false;
-  const std::uint32_t seq = s->seq.load(std::memory_order_acquire);
-  const std::uint32_t depth = s->depth.load(std::memory_order_acquire);
-  for (std::uint32_t i = 0; i < depth && i < kMaxNest; ++i) {
-    const std::uintptr_t f = s->frames[i].load(std::memory_order_relaxed);
-    if (f & kTrapFrameTag) continue;
-    std::uintptr_t pc;
-    const auto rip = reinterpret_cast<std::uintptr_t>(&frame_context(f)->uc_mcontext.gregs[REG_RIP]);
-    if (!read_word(rip, &pc) || (pc >= b && pc < e)) return false;
-  }
-  if (s->seq.load(std::memory_order_acquire) != seq || s->tid() != tid) return false;
-  const common::TaskProbe after = common::probe_task(tid);
-  return after.gone || (!after.running && after.pc == before.pc && after.sp == before.sp);
 }
 
 // "thread 42 (worker, state R, running, fix-up signal pending and blocked)": enough to tell a
@@ -521,7 +351,7 @@ std::string describe_holdout(pid_t tid, std::uint64_t gen) {
 
 bool answered(pid_t tid, std::uint64_t gen, int* anonymous_budget) {
   if (ThreadSlot* s = find_slot(tid)) return s->acked.load(std::memory_order_acquire) >= gen;
-  if (g_slots_exhausted.load() && *anonymous_budget > 0) {
+  if (detail::g_slots_exhausted.load() && *anonymous_budget > 0) {
     --*anonymous_budget;
     return true;
   }
@@ -556,7 +386,7 @@ int fixup_signal() noexcept {
 std::size_t interrupted_pcs(std::uintptr_t* out, std::size_t capacity) noexcept {
   ThreadSlot* s = t_slot;
   if (!s) return 0;
-  const std::uint32_t depth = prune_dead_frames(s, current_sp());
+  const std::uint32_t depth = prune_dead_frames(s, detail::current_sp());
   std::size_t n = 0;
   for (std::uint32_t i = 0; i < depth && i < kMaxNest && n < capacity; ++i) {
     out[n++] = arch::context_pc(frame_context(s->frames[i].load(std::memory_order_relaxed)));
@@ -580,21 +410,25 @@ Result<MoveReport> move_pcs(std::uintptr_t begin, std::uintptr_t end, std::uintp
   g_request.generation.store(gen, std::memory_order_release);
   struct Close { std::uint64_t g; ~Close() { g_request.generation.store(g + 1, std::memory_order_release); } } close{gen};
 
+  const PcRange range{begin, end};
+  auto outside = [&](pid_t tid) {
+    return detail::prove_outside(tid, std::span(&range, 1), detail::TrapFrames::skip).proven;
+  };
   MoveReport report;
   const pid_t me = common::current_tid();
   const pid_t pid = ::getpid();
   if (ThreadSlot* s = t_slot) {
-    prune_dead_frames(s, current_sp());  // their memory may now be our own live stack
+    prune_dead_frames(s, detail::current_sp());  // their memory may now be our own live stack
     report.pcs_moved += move_own_frames(s, begin, end, destination);
   }
 
-  reclaim_dead_slots(me);
+  detail::reclaim_dead_slots(me);
 
   std::vector<pid_t> waiting;
   for (pid_t tid : common::list_threads()) {
     if (tid == me) continue;
     ++report.threads_seen;
-    if (proven_outside(tid, begin, end)) {
+    if (outside(tid)) {
       ++report.threads_observed;
       continue;
     }
@@ -617,7 +451,7 @@ Result<MoveReport> move_pcs(std::uintptr_t begin, std::uintptr_t end, std::uintp
     if (common::monotonic_ns() - start_ns >= static_cast<std::int64_t>(timeout.count()) * 1'000'000) {
       // Last chance: a thread that cannot run our handler (stopped, traced, signal blocked
       // by a raw system call) may still be provably outside.
-      std::erase_if(waiting, [&](pid_t tid) { return proven_outside(tid, begin, end); });
+      std::erase_if(waiting, [&](pid_t tid) { return outside(tid); });
       if (waiting.empty()) break;
       std::string who;
       for (pid_t tid : waiting) who += (who.empty() ? "" : "; ") + describe_holdout(tid, gen);

@@ -11,13 +11,18 @@
 //    mask the program sets through sigprocmask/pthread_sigmask/sigaction (a blocked SIGTRAP at
 //    an int3 would kill the process).
 // move_pcs() moves every thread interrupted inside a range — live or in a nested frame — out
-// of it. The fix-up signal is SIGRTMAX-1 unless TRAMWAY_FIXUP_SIGNAL names another (a
+// of it; a RangeWatch observes threads against ranges without moving them (the tasks grace
+// period). The fix-up signal is SIGRTMAX-1 unless TRAMWAY_FIXUP_SIGNAL names another (a
 // number); the program cannot install a handler for it.
 #pragma once
 
 #include <chrono>
+#include <sys/types.h>
+
 #include <cstddef>
 #include <cstdint>
+#include <memory>
+#include <unordered_map>
 #include <vector>
 
 #include "tramway/status.h"
@@ -44,6 +49,52 @@ struct MoveReport {
 // never returns) yields an error naming it.
 Result<MoveReport> move_pcs(std::uintptr_t begin, std::uintptr_t end, std::uintptr_t destination,
                             std::chrono::milliseconds timeout = std::chrono::milliseconds(2000));
+
+struct PcRange {
+  std::uintptr_t begin = 0, end = 0;  // [begin, end)
+};
+
+// Observes threads against a set of code ranges without moving them. A thread is outside
+// when, at one instant after the watch began, its live PC, every PC saved in its nested signal
+// frames and the int3 it may be having emulated all lie outside every range. A blocked or
+// stopped thread is looked at through /proc and its recorded frames, undisturbed; a running
+// one is sent the fix-up signal, whose handler samples its own frames. One watch at a time
+// per process; single-threaded use.
+class RangeWatch {
+ public:
+  // Fails when another watch is active.
+  static Result<std::unique_ptr<RangeWatch>> start(std::vector<PcRange> ranges);
+  ~RangeWatch();
+  RangeWatch(const RangeWatch&) = delete;
+  RangeWatch& operator=(const RangeWatch&) = delete;
+
+  enum class Verdict {
+    outside,  // gone, or seen outside since the watch began: final
+    inside,   // seen inside (pc says where): look again later
+    asked,    // running: signalled, its answer is not in yet (one signal outstanding at most)
+  };
+  struct Look {
+    Verdict verdict;
+    std::uintptr_t pc = 0;  // inside: a PC found in a range; asked: the last one seen, 0 if none
+  };
+  Look look(pid_t tid);
+
+  // The watched ranges, sorted and merged.
+  const std::vector<PcRange>& ranges() const noexcept { return ranges_; }
+  int signals_sent() const noexcept { return signals_sent_; }
+
+ private:
+  explicit RangeWatch(std::vector<PcRange> ranges, std::uint64_t epoch);
+  struct Asked {
+    bool outstanding = false;
+    std::uint32_t samples_at_ask = 0;
+    std::uintptr_t last_inside = 0;
+  };
+  std::vector<PcRange> ranges_;
+  std::uint64_t epoch_;
+  std::unordered_map<pid_t, Asked> asked_;
+  int signals_sent_ = 0;
+};
 
 // The interrupted PCs of the signal handlers the calling thread is running, outermost first
 // (empty outside handlers). For tests and diagnostics; async-signal-safe.

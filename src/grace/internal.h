@@ -1,0 +1,30 @@
+// Internals shared by the grace layer's flavors. Not installed.
+#pragma once
+
+#include <sys/types.h>
+
+#include <cstdint>
+#include <string>
+
+#include "tramway/grace.h"
+
+namespace tramway::grace::detail {
+
+// The stall threshold: TRAMWAY_GRACE_STALL_SECONDS, default 10 s.
+std::int64_t stall_threshold_ns();
+void count_stall_report() noexcept;
+
+// "pc 0x401234 (main+0x14)", the symbol when dladdr knows one.
+std::string describe_pc(std::uintptr_t pc);
+// The region nesting depth of a registered thread's marker (0 if it has none).
+std::uint32_t marker_depth(pid_t tid);
+
+// tasks.cc: synchronize(Flavor::tasks), and its part of holdouts().
+Status synchronize_tasks(Wait wait);
+std::vector<Holdout> tasks_holdouts();
+void tasks_stats(Stats& s) noexcept;
+void tasks_before_fork();
+void tasks_after_fork_in_parent();
+void tasks_after_fork_in_child();
+
+}  // namespace tramway::grace::detail
