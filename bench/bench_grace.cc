@@ -12,6 +12,10 @@
 //                                           read() on a pipe
 //   signal_round/busy/T/{median,p99}        us one move_pcs() signal round trip to T busy
 //                                           threads (the tasks flavor's floor)
+//   gp/tasks/busy/T/{median,p99}            us a synchronize(Flavor::tasks) over a retired range,
+//                                           the busy readers of gp/trace/busy
+//   gp/tasks/busy/T/ratio_to_signal_round   its median over signal_round/busy/T's
+//   gp/tasks/blocked/T/{median,p99}         us the same, readers blocked in read()
 //   call/throughput                         callbacks/s: 100,000 call()s, then barrier()
 // for T in 1, 2, 8, 32.
 //
@@ -153,6 +157,20 @@ struct Trace {
   static std::string synchronize() {
     const tramway::Status s = tramway::grace::synchronize();
     return s.ok() ? std::string() : "synchronize: " + s.message();
+  }
+};
+
+// Tasks: the same readers (busy in trace regions, or blocked); each grace period retires a
+// range no thread ever runs in, so it costs a trace grace period plus one observation of
+// every thread: /proc for blocked ones, a signal round trip for running ones.
+struct Tasks : Trace {
+  static constexpr const char* kName = "tasks";
+  static std::string synchronize() {
+    static const std::uint8_t nobody_runs_here[16] = {};
+    if (tramway::Status s = tramway::grace::retire(nobody_runs_here, nobody_runs_here + 16); !s.ok())
+      return "retire: " + s.message();
+    const tramway::Status s = tramway::grace::synchronize(tramway::grace::Flavor::tasks);
+    return s.ok() ? std::string() : "synchronize(tasks): " + s.message();
   }
 };
 
@@ -366,7 +384,10 @@ std::string tramway_stats_delta(const tramway::grace::Stats& before) {
   const auto after = tramway::grace::stats();
   return "tramway grace_periods +" + std::to_string(after.grace_periods - before.grace_periods) +
          ", synchronize_calls +" + std::to_string(after.synchronize_calls - before.synchronize_calls) +
-         ", threads_registered " + std::to_string(after.threads_registered);
+         ", threads_registered " + std::to_string(after.threads_registered) + ", tasks grace_periods +" +
+         std::to_string(after.tasks_grace_periods - before.tasks_grace_periods) + ", threads signalled +" +
+         std::to_string(after.threads_signalled - before.threads_signalled) + ", observed +" +
+         std::to_string(after.threads_observed - before.threads_observed);
 }
 
 enum class Kind { kBusy, kBlocked };
@@ -419,7 +440,7 @@ void bm_gp(State& state, Kind kind, int threads) {
   set_figures(state, "", samples);
   std::fprintf(stderr, "%s: %zu grace periods in %.3f s (max %.0f us), reader regions %.3g/s", figure.c_str(),
                samples.size(), seconds, samples.back(), kind == Kind::kBusy ? rate : 0.0);
-  if (std::is_same_v<F, Trace>) std::fprintf(stderr, "; %s", stats.c_str());
+  if (std::is_base_of_v<Trace, F>) std::fprintf(stderr, "; %s", stats.c_str());
   std::fprintf(stderr, "\n");
 }
 
@@ -681,6 +702,13 @@ int main(int argc, char** argv) {
         gp_figures("gp/trace/blocked/" + n))
         ->Iterations(1);
     add("signal_round/busy/" + n, [t](State& s) { bm_signal_round(s, t); }, gp_figures("signal_round/busy/" + n))
+        ->Iterations(1);
+    auto tasks_busy = gp_figures("gp/tasks/busy/" + n);
+    tasks_busy.push_back(ratio_figure("gp/tasks/busy/" + n + "/ratio_to_signal_round", "gp/tasks/busy/" + n + "/median",
+                                      "signal_round/busy/" + n + "/median"));
+    add("gp/tasks/busy/" + n, [t](State& s) { bm_gp<Tasks>(s, Kind::kBusy, t); }, tasks_busy)->Iterations(1);
+    add("gp/tasks/blocked/" + n, [t](State& s) { bm_gp<Tasks>(s, Kind::kBlocked, t); },
+        gp_figures("gp/tasks/blocked/" + n))
         ->Iterations(1);
   }
 

@@ -1,8 +1,9 @@
-// Suite "grace" (flavor trace), in the manner of the kernel's rcutorture: reader threads
+// Suite "grace", in the manner of the kernel's rcutorture. Flavor trace: reader threads
 // follow a shared pointer inside read-side regions of random length (sometimes nested, and
 // also from SIGPROF handlers landing at random points), while writer threads replace the
 // object, wait for a grace period (synchronize, or call + barrier), then poison and free the
-// old one.
+// old one. Flavor tasks runs alongside (tasks_readers.cc): generated code called without a
+// marker, retired, waited for and poisoned with ud2.
 //
 // Every object carries a pipe count: 0 while published, 1 once retired, 2 once a grace
 // period has passed since its retirement, just before it is poisoned. A reader records the
@@ -11,6 +12,7 @@
 // reader touching poison.
 #include <signal.h>
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <chrono>
@@ -23,6 +25,7 @@
 
 #include "storm.h"
 #include "suite.h"
+#include "tasks_readers.h"
 #include "tramway/grace.h"
 
 namespace tramway::torture {
@@ -60,7 +63,11 @@ void read_once(ReaderStats& st, unsigned spin) {
 }
 
 void on_sigprof(int, siginfo_t*, void*) {
-  if (t_stats) read_once(*t_stats, 3);
+  if (t_stats) {
+    read_once(*t_stats, 3);
+  } else {
+    TasksTorture::from_signal_handler();
+  }
 }
 
 void retire(Object* old) {
@@ -85,12 +92,20 @@ int run_grace(const Options& o) {
   g_current.store(new Object);
   std::atomic<bool> stop{false};
   std::atomic<std::uint64_t> retired{0}, errors{0};
-  std::vector<ReaderStats> stats(static_cast<std::size_t>(o.threads));
+  // Half the readers (at least one of each) run the tasks flavor's generated code.
+  const int tasks_readers = std::max(1, o.threads / 2);
+  const int trace_readers = std::max(1, o.threads - tasks_readers);
+  std::vector<ReaderStats> stats(static_cast<std::size_t>(trace_readers));
+  TasksTorture tasks;
+  if (std::string e; !tasks.start(o, tasks_readers, &e)) {
+    std::fprintf(stderr, "grace: %s\n", e.c_str());
+    return 1;
+  }
   const auto gp_before = grace::stats();
   const auto start = std::chrono::steady_clock::now();
 
   std::vector<std::thread> threads;
-  for (int i = 0; i < o.threads; ++i) {
+  for (int i = 0; i < trace_readers; ++i) {
     threads.emplace_back([&, i] {
       t_stats = &stats[static_cast<std::size_t>(i)];
       { grace::ReadGuard first; }  // register before the storm can enter a region from a handler
@@ -124,13 +139,15 @@ int run_grace(const Options& o) {
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
     if (std::chrono::steady_clock::now() >= next_report) {
       next_report += std::chrono::seconds(10);
-      std::fprintf(stderr, "grace: %.0f/%.0f s, %" PRIu64 " grace periods\n",
+      const auto now = grace::stats();
+      std::fprintf(stderr, "grace: %.0f/%.0f s, %" PRIu64 " grace periods (%" PRIu64 " tasks)\n",
                    std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(), o.seconds,
-                   grace::stats().grace_periods - gp_before.grace_periods);
+                   now.grace_periods - gp_before.grace_periods, now.tasks_grace_periods - gp_before.tasks_grace_periods);
     }
   }
   stop = true;
   for (auto& t : threads) t.join();
+  const TasksTotals tt = tasks.stop();
   if (!grace::barrier().ok()) errors.fetch_add(1);
   const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 
@@ -142,13 +159,21 @@ int run_grace(const Options& o) {
     poison += st.poison.load();
   }
   const auto gp_after = grace::stats();
-  const std::uint64_t violations = pipe[2] + pipe[3] + poison + errors.load();
-  std::printf("grace: %s %.1f s, %d readers, signal every %d us: grace_periods=%" PRIu64 ", callbacks=%" PRIu64
-              ", retired=%" PRIu64 ", reader_passes=%" PRIu64 ", pipe=[%" PRIu64 " %" PRIu64 " %" PRIu64 " %" PRIu64
-              "], poison_touched=%" PRIu64 ", errors=%" PRIu64 ", violations=%" PRIu64 "\n",
-              violations ? "FAIL" : "PASS", elapsed, o.threads, o.signal_interval_us,
+  const std::uint64_t violations = pipe[2] + pipe[3] + poison + errors.load() + tt.pipe[2] + tt.pipe[3] + tt.errors;
+  std::printf("grace: %s %.1f s, %d+%d readers, signal every %d us\n"
+              "  trace: grace_periods=%" PRIu64 ", callbacks=%" PRIu64 ", retired=%" PRIu64 ", reader_passes=%" PRIu64
+              ", pipe=[%" PRIu64 " %" PRIu64 " %" PRIu64 " %" PRIu64 "], poison_touched=%" PRIu64 ", errors=%" PRIu64 "\n"
+              "  tasks: grace_periods=%" PRIu64 ", retired=%" PRIu64 ", poisoned=%" PRIu64 ", reader_passes=%" PRIu64
+              ", pipe=[%" PRIu64 " %" PRIu64 " %" PRIu64 " %" PRIu64 "], threads_signalled=%" PRIu64
+              ", threads_observed=%" PRIu64 ", errors=%" PRIu64 "\n"
+              "  violations=%" PRIu64 "\n",
+              violations ? "FAIL" : "PASS", elapsed, trace_readers, tasks_readers, o.signal_interval_us,
               gp_after.grace_periods - gp_before.grace_periods, gp_after.callbacks_run - gp_before.callbacks_run,
-              retired.load(), passes, pipe[0], pipe[1], pipe[2], pipe[3], poison, errors.load(), violations);
+              retired.load(), passes, pipe[0], pipe[1], pipe[2], pipe[3], poison, errors.load(),
+              gp_after.tasks_grace_periods - gp_before.tasks_grace_periods, tt.retired, tt.poisoned, tt.passes, tt.pipe[0],
+              tt.pipe[1], tt.pipe[2], tt.pipe[3], gp_after.threads_signalled - gp_before.threads_signalled,
+              gp_after.threads_observed - gp_before.threads_observed, tt.errors, violations);
+  if (!tt.first_error.empty()) std::fprintf(stderr, "grace: tasks: %s\n", tt.first_error.c_str());
   return violations ? 1 : 0;
 }
 

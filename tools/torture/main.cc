@@ -1,7 +1,7 @@
 // tramway-torture SUITE --seconds N: runs one torture suite and exits non-zero on any
 // violation. Suites: static (static keys and static calls under a SIGPROF storm, with PC
 // fix-ups of a thread spinning in generated code); grace (readers, writers retiring and
-// poisoning, a pipe histogram: the trace flavor of grace periods).
+// poisoning, pipe histograms: the trace and tasks flavors of grace periods).
 #include <CLI/CLI.hpp>
 
 #include <cstdio>
