@@ -39,18 +39,20 @@ std::vector<pid_t> list_threads() {
   return out;
 }
 
-TaskProbe probe_task(pid_t tid) {
+TaskProbe probe_task(pid_t tid, Probe what) {
   TaskProbe p;
   char path[64], buf[512];
-  std::snprintf(path, sizeof path, "/proc/self/task/%d/stat", tid);
-  if (!read_small(path, buf, sizeof buf)) {
-    p.gone = true;
-    return p;
-  }
-  if (const char* close = std::strrchr(buf, ')'); close && close[1] == ' ') p.state = close[2];
-  if (p.state == 'Z' || p.state == 'X') {
-    p.gone = true;
-    return p;
+  if (what == Probe::with_state) {
+    std::snprintf(path, sizeof path, "/proc/self/task/%d/stat", tid);
+    if (!read_small(path, buf, sizeof buf)) {
+      p.gone = true;
+      return p;
+    }
+    if (const char* close = std::strrchr(buf, ')'); close && close[1] == ' ') p.state = close[2];
+    if (p.state == 'Z' || p.state == 'X') {
+      p.gone = true;
+      return p;
+    }
   }
   std::snprintf(path, sizeof path, "/proc/self/task/%d/syscall", tid);
   if (!read_small(path, buf, sizeof buf)) {

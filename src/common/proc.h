@@ -22,8 +22,10 @@ struct TaskProbe {
   std::uintptr_t sp = 0, pc = 0;  // user SP and PC, valid when !running
 };
 // /proc/self/task/TID/syscall shows the user PC of a thread that is not running, without
-// stopping or signalling it.
-TaskProbe probe_task(pid_t tid);
+// stopping or signalling it. `pc_only` skips /proc/self/task/TID/stat (state stays '?'):
+// one file read instead of two, for proofs that do not print the state.
+enum class Probe { with_state, pc_only };
+TaskProbe probe_task(pid_t tid, Probe what = Probe::with_state);
 
 std::string thread_name(pid_t tid);
 

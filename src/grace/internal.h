@@ -4,6 +4,7 @@
 #include <sys/types.h>
 
 #include <cstdint>
+#include <functional>
 #include <string>
 
 #include "tramway/grace.h"
@@ -18,6 +19,14 @@ void count_stall_report() noexcept;
 std::string describe_pc(std::uintptr_t pc);
 // The region nesting depth of a registered thread's marker (0 if it has none).
 std::uint32_t marker_depth(pid_t tid);
+
+// trace.cc, for the tasks flavor. A trace grace period of its own (shared with synchronize()
+// callers that arrive meanwhile) that calls `after_flip` once the phase has flipped.
+Status trace_grace_period_with(Wait wait, const std::function<void()>& after_flip);
+std::uint64_t phase_flips() noexcept;
+// In a signal handler on the thread itself (async-signal-safe): true when the thread is in no
+// read-side region that began before the first phase flip after `flips_before` was read.
+bool quiet_since(std::uint64_t flips_before) noexcept;
 
 // tasks.cc: synchronize(Flavor::tasks), and its part of holdouts().
 Status synchronize_tasks(Wait wait);

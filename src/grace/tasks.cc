@@ -3,13 +3,16 @@
 // flavors", invariants 3-5).
 //
 //   take the retired ranges    those retired later wait for the next grace period
-//   trace grace period         no thread still holds a marker-protected way into them
+//   trace grace period         no thread still holds a marker-protected way into them; right
+//                              after its flip, running threads are sent the fix-up signal
 //   observe                    every thread of /proc/self/task is seen outside them once:
 //                              blocked/stopped through /proc (not disturbed), running ones by
-//                              one fix-up signal whose handler samples its own frames
+//                              the handler's sample of its own frames
 //   recheck holdouts           with backoff; a stall report once past the threshold
-// A thread seen outside after the ranges were unpublished cannot enter them again, so one
-// sighting per thread is enough.
+// A thread seen outside after the ranges were unpublished, in no read-side region begun
+// before the flip, has no way back into them, so one such sighting per thread is enough. A
+// sample taken during the trace grace period must show that; one taken after needs not (every
+// region begun before the flip has ended by then).
 #include <pthread.h>
 #include <sched.h>
 #include <time.h>
@@ -106,13 +109,11 @@ void back_off(int round, long& pause_ns, std::int64_t waited_ns, Wait wait) {
   nanosleep(&pause, nullptr);
 }
 
-Status observe(const std::vector<text::PcRange>& retired, std::int64_t start_ns, Wait wait) {
-  auto watch = text::RangeWatch::start(retired);
-  if (!watch.ok()) return watch.status();
-  text::RangeWatch& w = **watch;
-  const pid_t me = common::current_tid();
-  std::vector<pid_t> pending = common::list_threads();
-  std::erase(pending, me);
+std::atomic<std::uint64_t> g_flips_at_start{0};
+bool thread_quiet() noexcept { return detail::quiet_since(g_flips_at_start.load(std::memory_order_relaxed)); }
+
+// Looks at every thread until each was seen outside; rechecks holdouts with backoff.
+void observe(text::RangeWatch& w, std::vector<pid_t> pending, std::int64_t start_ns, Wait wait) {
   const std::size_t threads = pending.size();
   bool reported = false;
   long pause_ns = 0;
@@ -135,10 +136,9 @@ Status observe(const std::vector<text::PcRange>& retired, std::int64_t start_ns,
     back_off(round, pause_ns, waited, wait);
   }
   publish_held({}, nullptr);
-  g_signalled.fetch_add(static_cast<std::uint64_t>(w.signals_sent()), std::memory_order_relaxed);
-  g_observed.fetch_add(threads - std::min<std::size_t>(threads, static_cast<std::size_t>(w.signals_sent())),
-                       std::memory_order_relaxed);
-  return {};
+  const auto signalled = static_cast<std::size_t>(w.signals_sent());
+  g_signalled.fetch_add(signalled, std::memory_order_relaxed);
+  g_observed.fetch_add(threads - std::min(threads, signalled), std::memory_order_relaxed);
 }
 
 std::vector<text::PcRange> take_retired() {
@@ -155,18 +155,31 @@ void give_back(std::vector<text::PcRange> ranges) {
   pthread_mutex_unlock(&g_retired_mu);
 }
 
+// Running threads are asked right after the trace grace period's flip, so that their answers
+// come in while it waits: an answer counts if the thread was outside the ranges and quiet
+// (no region, or one begun after the flip). The rest are looked at again once it is over.
 Status run_tasks_grace_period(Wait wait) {
   const std::int64_t start = common::monotonic_ns();
   std::vector<text::PcRange> ranges = take_retired();
-  if (Status s = synchronize(Flavor::trace, wait); !s.ok()) {
+  if (ranges.empty()) return synchronize(Flavor::trace, wait);
+  g_flips_at_start.store(detail::phase_flips(), std::memory_order_relaxed);
+  auto watch = text::RangeWatch::start(ranges, thread_quiet);
+  if (!watch.ok()) {
+    give_back(std::move(ranges));
+    return watch.status();
+  }
+  text::RangeWatch& w = **watch;
+  std::vector<pid_t> threads = common::list_threads();
+  std::erase(threads, common::current_tid());
+  const std::function<void()> ask_running = [&] {
+    for (pid_t tid : threads) w.ask_if_running(tid);
+  };
+  if (Status s = detail::trace_grace_period_with(wait, ask_running); !s.ok()) {
     give_back(std::move(ranges));
     return s;
   }
-  if (ranges.empty()) return {};
-  if (Status s = observe(ranges, start, wait); !s.ok()) {
-    give_back(std::move(ranges));
-    return s;
-  }
+  w.next_stage();
+  observe(w, std::move(threads), start, wait);
   return {};
 }
 

@@ -178,15 +178,33 @@ Status wait_for_readers(std::uint64_t phase, std::int64_t gp_start_ns, bool& rep
   }
 }
 
-Status run_grace_period(Wait wait) {
+// Phase flips so far: a region whose marker carries the current phase began after the latest
+// flip (wait 1 of every grace period empties that phase before flipping to it).
+std::atomic<std::uint64_t> g_flips{0};
+
+Status run_grace_period(Wait wait, const std::function<void()>* after_flip) {
   const std::int64_t start = common::monotonic_ns();
   bool reported = false;
   if (Status s = membarrier_expedited(); !s.ok()) return s;
   const std::uint64_t before = detail::g_phase_and_one.load(std::memory_order_relaxed);
   if (Status s = wait_for_readers(before, start, reported, wait); !s.ok()) return s;
   detail::g_phase_and_one.store(before ^ kPhaseBit, std::memory_order_seq_cst);
+  g_flips.fetch_add(1, std::memory_order_seq_cst);
+  if (after_flip) (*after_flip)();
   if (Status s = wait_for_readers(before ^ kPhaseBit, start, reported, wait); !s.ok()) return s;
   return membarrier_expedited();
+}
+
+// Runs a grace period with g_gp_mu held and counts it for the callers that share it.
+Status run_counted_grace_period(Wait wait, const std::function<void()>* after_flip) {
+  const std::uint64_t mine = g_started.fetch_add(1, std::memory_order_seq_cst) + 1;
+  Status s = run_grace_period(wait, after_flip);
+  if (s.ok()) {
+    g_completed.store(mine, std::memory_order_release);
+  } else {
+    g_started.fetch_sub(1, std::memory_order_relaxed);
+  }
+  return s;
 }
 
 // ---- callbacks ------------------------------------------------------------------------------------
@@ -307,6 +325,28 @@ std::uint32_t marker_depth(pid_t tid) {
   return depth;
 }
 
+Status trace_grace_period_with(Wait wait, const std::function<void()>& after_flip) {
+  pthread_once(&g_exit_key_once, init_once);
+  g_synchronize_calls.fetch_add(1, std::memory_order_relaxed);
+  pthread_mutex_lock(&g_gp_mu);
+  Status s = run_counted_grace_period(wait, &after_flip);
+  pthread_mutex_unlock(&g_gp_mu);
+  return s;
+}
+
+std::uint64_t phase_flips() noexcept { return g_flips.load(std::memory_order_seq_cst); }
+
+bool quiet_since(std::uint64_t flips_before) noexcept {
+  const Marker* m = t_marker;
+  if (!m) return true;
+  const std::uint64_t v = m->value.load(std::memory_order_relaxed);
+  if ((v & kNestMask) == 0) return true;
+  // In a region: quiet if it began after a flip that happened after `flips_before`. The flip
+  // count is read first: if it moved, the phase read next is that flip's or a later one's.
+  if (g_flips.load(std::memory_order_seq_cst) <= flips_before) return false;
+  return ((v ^ g_phase_and_one.load(std::memory_order_seq_cst)) & kPhaseBit) == 0;
+}
+
 Marker* register_thread() noexcept {
   pthread_once(&g_exit_key_once, init_once);
   auto* m = new Marker;
@@ -344,13 +384,7 @@ Status synchronize(Flavor flavor, Wait wait) {
     pthread_mutex_unlock(&g_gp_mu);
     return {};  // shared with a concurrent caller
   }
-  const std::uint64_t mine = g_started.fetch_add(1, std::memory_order_seq_cst) + 1;
-  Status s = run_grace_period(wait);
-  if (s.ok()) {
-    g_completed.store(mine, std::memory_order_release);
-  } else {
-    g_started.fetch_sub(1, std::memory_order_relaxed);
-  }
+  Status s = run_counted_grace_period(wait, nullptr);
   pthread_mutex_unlock(&g_gp_mu);
   return s;
 }

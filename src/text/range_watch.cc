@@ -28,6 +28,8 @@ struct WatchSet {
 };
 
 std::atomic<const WatchSet*> g_watch{nullptr};
+std::atomic<std::uint32_t> g_watch_stage{0};
+std::atomic<RangeWatch::QuiescenceProbe> g_quiet_probe{nullptr};
 std::atomic<int> g_watch_readers{0};
 std::atomic<bool> g_watch_active{false};
 std::uint64_t g_next_epoch = 0;               // touched only by the active watch's owner
@@ -74,7 +76,10 @@ void sample_for_watch(ThreadSlot* s, const ucontext_t* uc) noexcept {
       if (f & kTrapFrameTag) --pc;  // executing the instruction at the int3
       if (in_ranges(pc, ranges)) hit = pc;
     }
+    const RangeWatch::QuiescenceProbe quiet = g_quiet_probe.load(std::memory_order_relaxed);
     s->watch_pc.store(hit, std::memory_order_relaxed);
+    s->watch_stage.store(g_watch_stage.load(std::memory_order_seq_cst), std::memory_order_relaxed);
+    s->watch_quiet.store(quiet && quiet(), std::memory_order_relaxed);
     s->watch_epoch.store(w->epoch, std::memory_order_relaxed);
     s->watch_samples.fetch_add(1, std::memory_order_release);
   }
@@ -91,7 +96,7 @@ void watch_after_fork_in_child() noexcept {
 
 }  // namespace detail
 
-Result<std::unique_ptr<RangeWatch>> RangeWatch::start(std::vector<PcRange> ranges) {
+Result<std::unique_ptr<RangeWatch>> RangeWatch::start(std::vector<PcRange> ranges, QuiescenceProbe quiet) {
   if (Status s = detail::ensure_router(); !s.ok()) return s;
   bool expected = false;
   if (!g_watch_active.compare_exchange_strong(expected, true, std::memory_order_acq_rel)) {
@@ -100,6 +105,8 @@ Result<std::unique_ptr<RangeWatch>> RangeWatch::start(std::vector<PcRange> range
   free_retired_sets();
   const std::uint64_t epoch = ++g_next_epoch;
   auto* set = new WatchSet{epoch, sorted_and_merged(std::move(ranges))};
+  g_quiet_probe.store(quiet, std::memory_order_relaxed);
+  g_watch_stage.store(0, std::memory_order_relaxed);
   g_watch.store(set, std::memory_order_seq_cst);
   return std::unique_ptr<RangeWatch>(new RangeWatch(set->ranges, epoch));
 }
@@ -118,11 +125,16 @@ RangeWatch::Look RangeWatch::look(pid_t tid) {
   detail::ThreadSlot* s = detail::find_slot(tid);
   if (a.outstanding && s && s->watch_samples.load(std::memory_order_acquire) != a.samples_at_ask &&
       s->watch_epoch.load(std::memory_order_relaxed) == epoch_) {
-    a.outstanding = false;  // answered; an `inside` answer is asked again at the next look
+    a.outstanding = false;  // answered; anything but a final `outside` is asked again
     const std::uintptr_t pc = s->watch_pc.load(std::memory_order_relaxed);
-    if (pc == 0) return {Verdict::outside};
-    a.last_inside = pc;
-    return {Verdict::inside, pc};
+    if (pc != 0) {
+      a.last_inside = pc;
+      return {Verdict::inside, pc};
+    }
+    if (s->watch_stage.load(std::memory_order_relaxed) == stage_ || s->watch_quiet.load(std::memory_order_relaxed)) {
+      return {Verdict::outside};
+    }
+    // Outside, but sampled in an earlier stage while not quiet: look again.
   }
   const detail::OutsideProof proof = detail::prove_outside(tid, ranges_, detail::TrapFrames::at_site);
   if (proof.proven) return {Verdict::outside};
@@ -131,8 +143,19 @@ RangeWatch::Look RangeWatch::look(pid_t tid) {
     return {Verdict::inside, proof.inside};
   }
   if (a.outstanding) return {Verdict::asked, a.last_inside};
-  // Running (or changing while we looked): ask it. A thread without a slot claims one in the
-  // handler with a zero count, so its first sample moves the count past 0.
+  // Running (or changing while we looked): ask it.
+  return ask(tid, a);
+}
+
+void RangeWatch::ask_if_running(pid_t tid) {
+  Asked& a = asked_[tid];
+  if (!a.outstanding && common::probe_task(tid, common::Probe::pc_only).running) ask(tid, a);
+}
+
+// A thread without a slot claims one in the handler with a zero count, so its first sample
+// moves the count past 0.
+RangeWatch::Look RangeWatch::ask(pid_t tid, Asked& a) {
+  const detail::ThreadSlot* s = detail::find_slot(tid);
   a.samples_at_ask = s ? s->watch_samples.load(std::memory_order_acquire) : 0;
   if (::syscall(SYS_tgkill, ::getpid(), tid, fixup_signal()) != 0) {
     if (errno == ESRCH) return {Verdict::outside};  // exited
@@ -141,6 +164,10 @@ RangeWatch::Look RangeWatch::look(pid_t tid) {
   a.outstanding = true;
   ++signals_sent_;
   return {Verdict::asked, a.last_inside};
+}
+
+void RangeWatch::next_stage() {
+  stage_ = g_watch_stage.fetch_add(1, std::memory_order_seq_cst) + 1;
 }
 
 }  // namespace tramway::text

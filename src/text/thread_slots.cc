@@ -39,6 +39,8 @@ ThreadSlot* claim_slot() noexcept {
         s.overflow.store(false, std::memory_order_relaxed);
         s.acked.store(0, std::memory_order_relaxed);  // a previous owner's answers are not ours
         s.watch_epoch.store(0, std::memory_order_relaxed);
+        s.watch_stage.store(0, std::memory_order_relaxed);
+        s.watch_quiet.store(false, std::memory_order_relaxed);
         s.watch_pc.store(0, std::memory_order_relaxed);
         s.watch_samples.store(0, std::memory_order_relaxed);
         s.seq.fetch_add(1, std::memory_order_release);
@@ -159,7 +161,7 @@ bool in_ranges(std::uintptr_t pc, std::span<const PcRange> ranges) noexcept {
 
 OutsideProof prove_outside(pid_t tid, std::span<const PcRange> ranges, TrapFrames trap_frames) {
   OutsideProof out;
-  const common::TaskProbe before = common::probe_task(tid);
+  const common::TaskProbe before = common::probe_task(tid, common::Probe::pc_only);
   if (before.gone) {
     out.proven = true;
     return out;
@@ -194,7 +196,7 @@ OutsideProof prove_outside(pid_t tid, std::span<const PcRange> ranges, TrapFrame
     }
   }
   if (s->seq.load(std::memory_order_acquire) != seq || s->tid() != tid) return out;
-  const common::TaskProbe after = common::probe_task(tid);
+  const common::TaskProbe after = common::probe_task(tid, common::Probe::pc_only);
   out.proven = after.gone || (!after.running && after.pc == before.pc && after.sp == before.sp);
   out.running = !after.gone && after.running;
   return out;

@@ -37,9 +37,12 @@ struct ThreadSlot {
   std::atomic<bool> overflow{false};    // frames deeper than kMaxNest are live but unrecorded
   std::atomic<std::uint64_t> acked{0};  // last fix-up generation this thread answered
   std::atomic<std::uintptr_t> frames[kMaxNest] = {};  // ucontext_t* | kTrapFrameTag
-  // The last RangeWatch sample (range_watch.cc): its watch's epoch, a PC found in a watched
-  // range (0: none), and a count bumped after each sample is written.
+  // The last RangeWatch sample (range_watch.cc): its watch's epoch and stage, a PC found in a
+  // watched range (0: none), the watch's quiescence probe's answer, and a count bumped after
+  // each sample is written.
   std::atomic<std::uint64_t> watch_epoch{0};
+  std::atomic<std::uint32_t> watch_stage{0};
+  std::atomic<bool> watch_quiet{false};
   std::atomic<std::uintptr_t> watch_pc{0};
   std::atomic<std::uint32_t> watch_samples{0};
 

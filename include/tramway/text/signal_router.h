@@ -60,16 +60,23 @@ struct PcRange {
 // stopped thread is looked at through /proc and its recorded frames, undisturbed; a running
 // one is sent the fix-up signal, whose handler samples its own frames. One watch at a time
 // per process; single-threaded use.
+//
+// Stages let a caller ask early and decide late: an answer sampled in an earlier stage than
+// the current one counts only if the thread's `quiet` probe (called in its handler) said true
+// then; otherwise the thread is asked again.
 class RangeWatch {
  public:
+  // Runs in the sampled thread's signal handler: async-signal-safe, no locks.
+  using QuiescenceProbe = bool (*)() noexcept;
+
   // Fails when another watch is active.
-  static Result<std::unique_ptr<RangeWatch>> start(std::vector<PcRange> ranges);
+  static Result<std::unique_ptr<RangeWatch>> start(std::vector<PcRange> ranges, QuiescenceProbe quiet = nullptr);
   ~RangeWatch();
   RangeWatch(const RangeWatch&) = delete;
   RangeWatch& operator=(const RangeWatch&) = delete;
 
   enum class Verdict {
-    outside,  // gone, or seen outside since the watch began: final
+    outside,  // gone, or seen outside since the watch began (and in this stage, or quiet): final
     inside,   // seen inside (pc says where): look again later
     asked,    // running: signalled, its answer is not in yet (one signal outstanding at most)
   };
@@ -78,6 +85,10 @@ class RangeWatch {
     std::uintptr_t pc = 0;  // inside: a PC found in a range; asked: the last one seen, 0 if none
   };
   Look look(pid_t tid);
+  // Signals `tid` if /proc shows it running (one file read), so that its answer is sampled
+  // while the caller does something else. No signal if one is outstanding.
+  void ask_if_running(pid_t tid);
+  void next_stage();
 
   // The watched ranges, sorted and merged.
   const std::vector<PcRange>& ranges() const noexcept { return ranges_; }
@@ -90,8 +101,10 @@ class RangeWatch {
     std::uint32_t samples_at_ask = 0;
     std::uintptr_t last_inside = 0;
   };
+  Look ask(pid_t tid, Asked& a);
   std::vector<PcRange> ranges_;
   std::uint64_t epoch_;
+  std::uint32_t stage_ = 0;
   std::unordered_map<pid_t, Asked> asked_;
   int signals_sent_ = 0;
 };
