@@ -136,7 +136,7 @@ void observe(text::RangeWatch& w, std::vector<pid_t> pending, std::int64_t start
     back_off(round, pause_ns, waited, wait);
   }
   publish_held({}, nullptr);
-  const auto signalled = static_cast<std::size_t>(w.signals_sent());
+  const auto signalled = static_cast<std::size_t>(w.threads_signalled());
   g_signalled.fetch_add(signalled, std::memory_order_relaxed);
   g_observed.fetch_add(threads - std::min(threads, signalled), std::memory_order_relaxed);
 }

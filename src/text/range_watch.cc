@@ -162,7 +162,8 @@ RangeWatch::Look RangeWatch::ask(pid_t tid, Asked& a) {
     return {Verdict::asked, a.last_inside};         // EAGAIN (signal queue full): ask later
   }
   a.outstanding = true;
-  ++signals_sent_;
+  if (!a.ever_signalled) ++threads_signalled_;
+  a.ever_signalled = true;
   return {Verdict::asked, a.last_inside};
 }
 

@@ -246,3 +246,28 @@ TEST(GraceTasks, AThreadStoppedInsideIsReportedAndFinishesWhenResumed) {
   EXPECT_NE(err.find("in retired range"), std::string::npos) << err;
   EXPECT_EQ(err.find("stalled"), err.rfind("stalled")) << "reported more than once:\n" << err;
 }
+
+TEST(GraceTasks, WorksInAForkedChild) {
+  SpinCode code;
+  const pid_t child = fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    // Only this thread exists here: a thread spinning inside retired code, then a tasks
+    // grace period that must wait for it.
+    SpinCode inner;
+    Spinner spinner(inner);
+    if (!grace::retire(inner.begin(), inner.end()).ok()) _exit(2);
+    auto gp = start_tasks_gp();
+    if (finishes_within(gp, 100ms)) _exit(3);
+    spinner.release = 1;
+    if (!finishes_within(gp, 5s) || !gp.get().ok()) _exit(4);
+    std::atomic<bool> ran{false};
+    if (!grace::retire(code.begin(), code.end()).ok()) _exit(5);
+    if (!grace::call(grace::Flavor::tasks, [&] { ran = true; }).ok() || !grace::barrier().ok() || !ran) _exit(6);
+    _exit(0);
+  }
+  int status = 0;
+  ASSERT_EQ(waitpid(child, &status, 0), child);
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 0);
+}

@@ -92,7 +92,7 @@ class RangeWatch {
 
   // The watched ranges, sorted and merged.
   const std::vector<PcRange>& ranges() const noexcept { return ranges_; }
-  int signals_sent() const noexcept { return signals_sent_; }
+  int threads_signalled() const noexcept { return threads_signalled_; }  // distinct threads asked
 
  private:
   explicit RangeWatch(std::vector<PcRange> ranges, std::uint64_t epoch);
@@ -100,13 +100,14 @@ class RangeWatch {
     bool outstanding = false;
     std::uint32_t samples_at_ask = 0;
     std::uintptr_t last_inside = 0;
+    bool ever_signalled = false;
   };
   Look ask(pid_t tid, Asked& a);
   std::vector<PcRange> ranges_;
   std::uint64_t epoch_;
   std::uint32_t stage_ = 0;
   std::unordered_map<pid_t, Asked> asked_;
-  int signals_sent_ = 0;
+  int threads_signalled_ = 0;
 };
 
 // The interrupted PCs of the signal handlers the calling thread is running, outermost first
