@@ -1,0 +1,51 @@
+// Function-hook sites: every patchable function entry of the loaded objects, with its name.
+//
+// A function compiled with -fpatchable-function-entry=13,8 has a 16-byte-aligned 8-byte
+// literal slot before its entry and 5 bytes of nops at it; the object's
+// __patchable_function_entries section lists `entry - 8` for each such function. Discovery
+// reads that section from memory (so PIE and shared-object entries are already relocated),
+// keeps only entries that lie in an executable segment of their own object, and names them
+// from the object's file (.symtab, else .dynsym). It only reads: no code or data is changed.
+#pragma once
+
+#include <link.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "tramway/status.h"
+
+namespace tramway::sites::hooks {
+
+// What the 5 bytes at the entry hold now.
+enum class EntryForm {
+  nop5,    // one 5-byte nop (0f 1f 44 00 xx): Clang's entry, or a GCC entry once normalised
+  nop1x5,  // five 1-byte nops: GCC's entry, to be normalised before it is first enabled
+  other,   // anything else: already patched, or not a form tramway knows
+};
+
+struct EntrySite {
+  std::uintptr_t entry = 0;  // runtime address of the function entry (listed address + 8)
+  std::string name;          // demangled symbol name; empty when the object has no symbol for it
+  std::string symbol;        // raw symbol name; empty when none
+  EntryForm form = EntryForm::other;
+};
+
+struct ObjectSites {
+  std::string path;              // the file discovery read; the main executable via /proc/self/exe
+  std::uintptr_t base = 0;       // load bias (dlpi_addr): runtime address - link-time address
+  std::vector<EntrySite> sites;  // sorted by entry, no duplicates
+};
+
+// Every object loaded now, in load order (the main executable first). Objects are read while
+// the loader lock is held, so none can be unloaded half-way. Objects without the section
+// (or without a file, like the vDSO) have no sites. One object's failure (e.g. its file was
+// replaced since it was loaded) does not hide the others: each element is its own result.
+std::vector<Result<ObjectSites>> discover_loaded_objects();
+
+// One object, as dl_iterate_phdr reports it. The caller keeps the object loaded meanwhile
+// (call it from a dl_iterate_phdr callback, or hold a dlopen handle).
+Result<ObjectSites> discover_object(const dl_phdr_info& info);
+
+}  // namespace tramway::sites::hooks
