@@ -49,6 +49,10 @@ namespace detail {
 // grace-period phase observed when the outermost region began.
 inline constexpr std::uint64_t kNestMask = (std::uint64_t{1} << 32) - 1;
 inline constexpr std::uint64_t kPhaseBit = std::uint64_t{1} << 32;
+// Set by a tasks grace period's sample of this thread while it was in a region begun before the
+// phase flip: the outermost unlock then reports (wake_grace_period) instead of the grace
+// period asking again one scheduling round later.
+inline constexpr std::uint64_t kReportBit = std::uint64_t{1} << 33;
 
 struct alignas(64) Marker {
   std::atomic<std::uint64_t> value{0};  // offset 0: assembly reads and writes it there
@@ -65,6 +69,7 @@ extern std::atomic<int> g_waiting_futex __asm__("tramway_grace_waiting");
 extern thread_local constinit Marker* t_marker __asm__("tramway_grace_marker")
     __attribute__((tls_model("initial-exec")));
 Marker* register_thread() noexcept __asm__("tramway_grace_register_thread");  // first region
+// Wakes a sleeping grace period, and answers a tasks grace period's request to report.
 void wake_grace_period() noexcept __asm__("tramway_grace_wake");
 }  // namespace detail
 
@@ -85,7 +90,9 @@ inline void read_unlock() noexcept {
   const std::uint64_t v = m->value.load(std::memory_order_relaxed) - 1;
   m->value.store(v, std::memory_order_relaxed);
   std::atomic_signal_fence(std::memory_order_seq_cst);
-  if (__builtin_expect((v & detail::kNestMask) == 0 && detail::g_waiting_futex.load(std::memory_order_relaxed) == -1, 0)) {
+  if (__builtin_expect((v & detail::kNestMask) == 0 &&
+                           ((v & detail::kReportBit) || detail::g_waiting_futex.load(std::memory_order_relaxed) == -1),
+                       0)) {
     detail::wake_grace_period();
   }
 }

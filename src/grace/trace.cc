@@ -34,6 +34,7 @@
 #include "common/proc.h"
 #include "grace/internal.h"
 #include "tramway/grace.h"
+#include "tramway/text/signal_router.h"
 
 namespace tramway::grace {
 namespace detail {
@@ -272,7 +273,10 @@ void after_fork_in_child() {
   // and starts again on demand; queued callbacks stay queued.
   Registry& r = registry();
   r.markers.clear();
-  if (detail::t_marker) r.markers.push_back(detail::t_marker);
+  if (detail::t_marker) {
+    detail::t_marker->tid = common::current_tid();  // the child's own
+    r.markers.push_back(detail::t_marker);
+  }
   callbacks().thread_running = false;
   detail::g_waiting_futex.store(0, std::memory_order_relaxed);
   g_completed.store(g_started.load());
@@ -343,8 +347,15 @@ bool quiet_since(std::uint64_t flips_before) noexcept {
   if ((v & kNestMask) == 0) return true;
   // In a region: quiet if it began after a flip that happened after `flips_before`. The flip
   // count is read first: if it moved, the phase read next is that flip's or a later one's.
-  if (g_flips.load(std::memory_order_seq_cst) <= flips_before) return false;
-  return ((v ^ g_phase_and_one.load(std::memory_order_seq_cst)) & kPhaseBit) == 0;
+  if (g_flips.load(std::memory_order_seq_cst) > flips_before &&
+      ((v ^ g_phase_and_one.load(std::memory_order_seq_cst)) & kPhaseBit) == 0) {
+    return true;
+  }
+  // Ask the region's outermost unlock to report. This handler interrupted the thread itself,
+  // maybe between a load and a store of its own marker: then the bit is lost and the grace
+  // period asks again later, which is only slower.
+  t_marker->value.store(v | kReportBit, std::memory_order_relaxed);
+  return false;
 }
 
 Marker* register_thread() noexcept {
@@ -361,6 +372,15 @@ Marker* register_thread() noexcept {
 }
 
 void wake_grace_period() noexcept {
+  if (Marker* m = t_marker) {
+    const std::uint64_t v = m->value.load(std::memory_order_relaxed);
+    if ((v & kReportBit) && (v & kNestMask) == 0) {
+      // A tasks grace period sampled us inside a region begun before its flip; now that it
+      // has ended, answer at once (the fix-up handler samples this thread again).
+      m->value.store(v & ~kReportBit, std::memory_order_relaxed);
+      ::syscall(SYS_tgkill, ::getpid(), m->tid, text::fixup_signal());
+    }
+  }
   int expected = -1;
   if (g_waiting_futex.compare_exchange_strong(expected, 0)) futex(&g_waiting_futex, FUTEX_WAKE_PRIVATE, 1);
 }

@@ -15,10 +15,12 @@
  *   tramway_grace_phase            64-bit word: what an outermost raise stores
  *   tramway_grace_waiting          32-bit word: -1 while a grace period sleeps on it
  *   tramway_grace_wake             wakes it
- * The marker is one 64-bit word at offset 0: the nesting depth in its low 32 bits.
+ * The marker is one 64-bit word at offset 0: the nesting depth in its low 32 bits, the phase
+ * in bit 32, and in bit 33 a request to call tramway_grace_wake when the outermost region ends.
  *
  * Clobbers: the scratch registers named, and flags. On a thread's first region RAISE calls
- * tramway_grace_register_thread, and LOWER calls tramway_grace_wake when a grace period waits:
+ * tramway_grace_register_thread, and LOWER calls tramway_grace_wake when a grace period waits
+ * or asked for a report:
  * both may then clobber every caller-saved register (rax, rcx, rdx, rsi, rdi, r8-r11, and
  * vector registers), so save what must survive, and keep the stack 16-byte aligned at the
  * macro as for a call. Only this thread writes its marker, so no lock prefix is needed; the
@@ -54,9 +56,12 @@
 	subq	$1, (\marker)
 	cmpl	$0, (\marker)                 /* left the outermost region? */
 	jne	.Ltramway_lower_done\@
+	testb	$2, 4(\marker)                /* bit 33: a grace period asked us to report */
+	jnz	.Ltramway_lower_wake\@
 	movq	tramway_grace_waiting@GOTPCREL(%rip), \marker
 	cmpl	$-1, (\marker)
 	jne	.Ltramway_lower_done\@
+.Ltramway_lower_wake\@:
 	call	tramway_grace_wake@PLT
 .Ltramway_lower_done\@:
 .endm
