@@ -18,6 +18,8 @@ struct Counters {
   std::atomic<std::uint64_t> page_writes{0};
   std::atomic<std::uint64_t> traps_emulated{0};
   std::atomic<std::uint64_t> traps_restarted{0};
+  std::atomic<std::uint64_t> nop_runs_replaced{0};
+  std::atomic<std::uint64_t> pcs_moved{0};
 };
 Counters& counters() noexcept;
 

@@ -3,6 +3,9 @@
 // For a batch of sites, with the batch's trap table published first:
 //   1. write int3 on every head; serialize.  Other threads see old or int3 at each head; a
 //      thread that hits int3 is carried past the site as if it ran the new instruction.
+//   1b. only if the batch replaces runs of 1-byte nops (add_over_nops): move every PC inside
+//      a run (live or nested) to the run's end, one move_pcs round for all runs. Not a
+//      serialisation: it changes PCs, not code.
 //   2. write every tail; serialize.          Tails are only reachable through the head,
 //      which is int3, so a half-written tail is never executed.
 //   3. write every head; serialize.          Threads see int3 or the new instruction; after
@@ -26,6 +29,7 @@
 #include "common/format.h"
 #include "text/internal.h"
 #include "tramway/text/code_memory.h"
+#include "tramway/text/signal_router.h"
 
 namespace tramway::text {
 namespace detail {
@@ -186,7 +190,31 @@ struct Site {
   std::uint8_t old_bytes[kMaxPatchBytes];
   std::uint8_t new_bytes[kMaxPatchBytes];
   arch::Emulation emulation;
+  bool over_nops;  // old bytes are a run of 1-byte nops a thread may be inside
 };
+
+bool all_one_byte_nops(const std::uint8_t* bytes, std::size_t n) {
+  return std::all_of(bytes, bytes + n, [](std::uint8_t b) { return b == 0x90; });
+}
+
+// How a thread that traps on the head is carried past it. A nop shorter than the range would
+// resume the thread inside the range, whose tail may be old, new or half-written: allowed
+// only when the rest of new_bytes is nops too, and then all of them are skipped at once.
+Result<arch::Emulation> emulation_of(std::uintptr_t address, std::span<const std::uint8_t> bytes) {
+  auto e = arch::emulation_for(address, bytes);
+  if (!e.ok() || e->kind != arch::Emulation::kNop || e->length >= bytes.size()) return e;
+  for (std::size_t at = e->length; at < bytes.size();) {
+    auto next = arch::emulation_for(address + at, bytes.subspan(at));
+    if (!next.ok() || next->kind != arch::Emulation::kNop || next->length == 0) {
+      return Status::error("the new first instruction is a " + std::to_string(e->length) + "-byte nop followed by `" +
+                           arch::disassemble(address + at, bytes.subspan(at)) +
+                           "`: a thread trapped at the head would resume inside the range being written");
+    }
+    at += next->length;
+  }
+  e->length = static_cast<std::uint8_t>(bytes.size());
+  return e;
+}
 
 // The range must only ever be entered at its head (otherwise a thread could be inside it
 // while we rewrite it): the current first instruction covers it, or does not fall through.
@@ -223,19 +251,34 @@ Status roll_back(const std::vector<Site>& sites) {
 
 void detail::register_fork_handlers() noexcept { pthread_once(&g_atfork_once, install_atfork); }
 
-Status PatchBatch::add(void* address, std::span<const std::uint8_t> new_bytes) {
+Status PatchBatch::queue(void* address, std::span<const std::uint8_t> new_bytes, bool over_nops) {
   const auto a = reinterpret_cast<std::uintptr_t>(address);
   if (new_bytes.empty() || new_bytes.size() > kMaxPatchBytes) {
     return Status::error("a patch must have 1 to " + std::to_string(kMaxPatchBytes) + " bytes, got " +
                          std::to_string(new_bytes.size()));
   }
-  if (auto e = arch::emulation_for(a, new_bytes); !e.ok()) {
+  if (auto e = emulation_of(a, new_bytes); !e.ok()) {
     return Status::error("patch at " + common::hex_address(a) + ": " + e.status().message());
   }
-  Patch p{a, static_cast<std::uint8_t>(new_bytes.size()), {}};
+  Patch p{a, static_cast<std::uint8_t>(new_bytes.size()), {}, over_nops};
   std::memcpy(p.bytes, new_bytes.data(), new_bytes.size());
   patches_.push_back(p);
   return {};
+}
+
+Status PatchBatch::add(void* address, std::span<const std::uint8_t> new_bytes) {
+  return queue(address, new_bytes, false);
+}
+
+Status PatchBatch::add_over_nops(void* address, std::span<const std::uint8_t> new_bytes) {
+  const auto* current = static_cast<const std::uint8_t*>(address);
+  if (!new_bytes.empty() && new_bytes.size() <= kMaxPatchBytes && !all_one_byte_nops(current, new_bytes.size())) {
+    const auto a = reinterpret_cast<std::uintptr_t>(address);
+    return Status::error("cannot replace a nop run of " + std::to_string(new_bytes.size()) + " bytes at " +
+                         common::hex_address(a) + ": the bytes there are not all 1-byte nops (0x90), `" +
+                         arch::disassemble(a, {current, new_bytes.size()}) + "` comes first");
+  }
+  return queue(address, new_bytes, true);
 }
 
 PatchLock::PatchLock() {
@@ -265,13 +308,19 @@ Status apply(const PatchBatch& batch, const PatchLock&) {
   std::vector<Site>& sites = scratch_sites();
   sites.clear();
   sites.reserve(batch.size());
+  std::size_t nop_runs = 0;
   for (const auto& p : batch.patches()) {
-    Site s{p.address, p.length, {}, {}, {}};
+    Site s{p.address, p.length, {}, {}, {}, false};
     std::memcpy(s.old_bytes, reinterpret_cast<const void*>(p.address), p.length);
     std::memcpy(s.new_bytes, p.bytes, p.length);
     if (std::memcmp(s.old_bytes, s.new_bytes, s.length) == 0) continue;  // already there
-    if (Status st = check_entered_only_at_head(s); !st.ok()) return st;
-    s.emulation = arch::emulation_for(s.address, {s.new_bytes, s.length}).value();
+    // A 1-byte run is one instruction: add's rule covers it, nobody can be inside.
+    s.over_nops = p.over_nops && s.length > 1 && all_one_byte_nops(s.old_bytes, s.length);
+    if (!s.over_nops) {
+      if (Status st = check_entered_only_at_head(s); !st.ok()) return st;
+    }
+    nop_runs += s.over_nops;
+    s.emulation = emulation_of(s.address, {s.new_bytes, s.length}).value();
     sites.push_back(s);
   }
   if (sites.empty()) return {};
@@ -292,13 +341,38 @@ Status apply(const PatchBatch& batch, const PatchLock&) {
   detail::g_table.store(table, std::memory_order_seq_cst);
 
   detail::PageWriter& w = scratch_writer();
-  for (const Site& s : sites) w.set(s.address, arch::kInt3);
-  if (Status st = write_phase(w, true); !st.ok()) {
-    // Phase 1 may have written some int3s: put every old head back.
+  // Puts every old head back while phase 2 has not begun (no tail written yet).
+  auto undo_heads = [&](Status why) {
     for (const Site& s : sites) w.set(s.address, s.old_bytes[0]);
     (void)write_phase(w, true);
     detail::retire_table();
-    return st;
+    return why;
+  };
+  for (const Site& s : sites) w.set(s.address, arch::kInt3);
+  if (Status st = write_phase(w, true); !st.ok()) return undo_heads(st);  // some int3s may be in
+
+  if (nop_runs > 0) {
+    // Phase 1b. A thread may have been at address+1..+len-1 of a nop run, between two nops,
+    // when the int3 went in (live, preempted, or in a signal frame it will return to). Had
+    // we written the tails now it would resume in the middle of the new instruction. Now
+    // that every core has seen the int3, nobody can enter a run except through its head,
+    // where it traps and is carried past the whole site; so moving every PC inside a run to
+    // its end (running the remaining nops does nothing) empties the runs for good. Meanwhile
+    // other threads see int3 at every head and the old bytes behind it, nothing else. All
+    // runs are moved in one signal round; a thread that cannot answer (stopped inside a run)
+    // fails the batch before any tail is written, so putting the old heads back undoes it.
+    std::vector<PcMove> moves;
+    moves.reserve(nop_runs);
+    for (const Site& s : sites)
+      if (s.over_nops) moves.push_back({s.address + 1, s.address + s.length, s.address + s.length});
+    auto moved = move_pcs(moves, batch.fixup_timeout());
+    if (!moved.ok()) {
+      return undo_heads(Status::error("replacing " + std::to_string(nop_runs) + " nop run(s) (first at " +
+                                      common::hex_address(moves[0].begin - 1) + "): " + moved.status().message() +
+                                      "; the batch was rolled back",
+                                      moved.status().sys_errno()));
+    }
+    detail::counters().pcs_moved.fetch_add(static_cast<std::uint64_t>(moved->pcs_moved), std::memory_order_relaxed);
   }
   for (const Site& s : sites)
     for (std::size_t i = 1; i < s.length; ++i)
@@ -319,6 +393,7 @@ Status apply(const PatchBatch& batch, const PatchLock&) {
   }
   detail::retire_table();
   detail::counters().batches.fetch_add(1, std::memory_order_relaxed);
+  detail::counters().nop_runs_replaced.fetch_add(nop_runs, std::memory_order_relaxed);
   return {};
 }
 
@@ -338,6 +413,8 @@ PatchStats stats() noexcept {
   s.page_writes = c.page_writes.load(std::memory_order_relaxed);
   s.traps_emulated = c.traps_emulated.load(std::memory_order_relaxed);
   s.traps_restarted = c.traps_restarted.load(std::memory_order_relaxed);
+  s.nop_runs_replaced = c.nop_runs_replaced.load(std::memory_order_relaxed);
+  s.pcs_moved = c.pcs_moved.load(std::memory_order_relaxed);
   return s;
 }
 

@@ -23,7 +23,9 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <span>
 #include <string>
+#include <vector>
 
 #include "arch/x86_64/emulate.h"
 #include "common/format.h"
@@ -167,26 +169,46 @@ void trap_handler(int sig, siginfo_t* si, void* ucv) {
 }
 
 // ---- PC fix-up ---------------------------------------------------------------------------------
+// A request's moves live in a MoveTable owned by the router, not in the caller's array:
+// move_pcs may return while a handler still holds the table (a thread stopped inside the
+// handler after reading it, then proven outside through /proc or given up on at the
+// timeout). Tables are therefore retired when their request closes and freed only once no
+// handler is counted in `readers` (the trap table's scheme in patch.cc).
+struct MoveTable {
+  std::vector<PcMove> moves;  // sorted by begin, disjoint
+  std::atomic<int> moved{0};
+};
+
 struct FixupRequest {
   std::atomic<std::uint64_t> generation{0};  // odd while a request is active
-  std::atomic<std::uintptr_t> begin{0}, end{0}, destination{0};
-  std::atomic<int> moved{0};
-  std::atomic<int> anonymous_acks{0};  // answers from threads without a slot
+  std::atomic<MoveTable*> table{nullptr};    // the active request's moves, null between requests
+  std::atomic<int> anonymous_acks{0};        // answers from threads without a slot
+  std::atomic<int> readers{0};               // handlers that may be reading a table
 };
 FixupRequest g_request;
 
-// Moves the PCs of this thread's frames that lie in [b, e). Trap frames are skipped: their
-// PC (site + 1) belongs to an int3 the router is about to emulate from that very PC.
-int move_own_frames(ThreadSlot* s, std::uintptr_t b, std::uintptr_t e, std::uintptr_t dest) noexcept {
+// The move for `pc`, or nullptr: binary search for the last range that begins at or before it.
+const PcMove* find_move(std::uintptr_t pc, const PcMove* moves, std::size_t n) noexcept {
+  std::size_t lo = 0, hi = n;
+  while (lo < hi) {
+    const std::size_t mid = lo + (hi - lo) / 2;
+    if (moves[mid].begin <= pc) lo = mid + 1; else hi = mid;
+  }
+  return lo > 0 && pc < moves[lo - 1].end ? &moves[lo - 1] : nullptr;
+}
+
+// Moves the PCs of this thread's frames that lie in one of the ranges. Trap frames are
+// skipped: their PC (site + 1) belongs to an int3 the router is about to emulate from that
+// very PC.
+int move_own_frames(ThreadSlot* s, const PcMove* moves, std::size_t n) noexcept {
   int moved = 0;
   const std::uint32_t depth = s->depth.load(std::memory_order_acquire);
   for (std::uint32_t i = 0; i < depth && i < kMaxNest; ++i) {
     const std::uintptr_t f = s->frames[i].load(std::memory_order_relaxed);
     if (f & kTrapFrameTag) continue;
     ucontext_t* uc = frame_context(f);
-    const std::uintptr_t pc = arch::context_pc(uc);
-    if (pc >= b && pc < e) {
-      arch::set_context_pc(uc, dest);
+    if (const PcMove* m = find_move(arch::context_pc(uc), moves, n)) {
+      arch::set_context_pc(uc, m->destination);
       ++moved;
     }
   }
@@ -194,25 +216,28 @@ int move_own_frames(ThreadSlot* s, std::uintptr_t b, std::uintptr_t e, std::uint
 }
 
 void answer_move_request(const FrameGuard& frame, ucontext_t* uc) noexcept {
-  const std::uint64_t gen = g_request.generation.load(std::memory_order_acquire);
-  if (!(gen & 1)) return;  // a late signal from a request that is over
-  const std::uintptr_t b = g_request.begin.load(std::memory_order_relaxed);
-  const std::uintptr_t e = g_request.end.load(std::memory_order_relaxed);
-  const std::uintptr_t dest = g_request.destination.load(std::memory_order_relaxed);
-  if (g_request.generation.load(std::memory_order_acquire) != gen) return;
-  int moved = 0;
-  if (ThreadSlot* s = frame.slot()) {
-    moved = move_own_frames(s, b, e, dest);
-    g_request.moved.fetch_add(moved, std::memory_order_relaxed);
-    s->acked.store(gen, std::memory_order_release);
-  } else {
-    const std::uintptr_t pc = arch::context_pc(uc);
-    if (pc >= b && pc < e) {
-      arch::set_context_pc(uc, dest);
-      g_request.moved.fetch_add(1, std::memory_order_relaxed);
+  // Counted before the generation is read: a table retired after this point is not freed
+  // until we leave, and one retired before it is never loaded (its request is closed).
+  g_request.readers.fetch_add(1, std::memory_order_seq_cst);
+  const std::uint64_t gen = g_request.generation.load(std::memory_order_seq_cst);
+  MoveTable* t = (gen & 1) ? g_request.table.load(std::memory_order_seq_cst) : nullptr;
+  // Even generation: a late signal from a request that is over. A changed one: the table
+  // loaded may belong to a newer request than `gen`; that request signals us again.
+  if (t && g_request.generation.load(std::memory_order_seq_cst) == gen) {
+    const PcMove* moves = t->moves.data();
+    const std::size_t n = t->moves.size();
+    if (ThreadSlot* s = frame.slot()) {
+      t->moved.fetch_add(move_own_frames(s, moves, n), std::memory_order_relaxed);
+      s->acked.store(gen, std::memory_order_release);
+    } else {
+      if (const PcMove* m = find_move(arch::context_pc(uc), moves, n)) {
+        arch::set_context_pc(uc, m->destination);
+        t->moved.fetch_add(1, std::memory_order_relaxed);
+      }
+      g_request.anonymous_acks.fetch_add(1, std::memory_order_release);
     }
-    g_request.anonymous_acks.fetch_add(1, std::memory_order_release);
   }
+  g_request.readers.fetch_sub(1, std::memory_order_seq_cst);
 }
 
 // One signal serves both users: a move_pcs request in progress, and a RangeWatch (sampled
@@ -318,6 +343,7 @@ void detail::router_after_fork_in_child() noexcept {
   // No request is in flight in the child.
   const std::uint64_t gen = g_request.generation.load(std::memory_order_relaxed);
   g_request.generation.store(gen + (gen & 1), std::memory_order_relaxed);
+  g_request.readers.store(0, std::memory_order_relaxed);  // counted by threads that are gone
   pthread_mutex_unlock(&g_move_mutex);
   // Only the forking thread survives; its slot keeps its frames under its new tid.
   detail::slots_after_fork_in_child();
@@ -386,7 +412,8 @@ int fixup_signal() noexcept {
 std::size_t interrupted_pcs(std::uintptr_t* out, std::size_t capacity) noexcept {
   ThreadSlot* s = t_slot;
   if (!s) return 0;
-  const std::uint32_t depth = prune_dead_frames(s, detail::current_sp());
+  // Our own frame address, not a callee's: dead frames may overlap this function's frame.
+  const std::uint32_t depth = prune_dead_frames(s, reinterpret_cast<std::uintptr_t>(__builtin_frame_address(0)));
   std::size_t n = 0;
   for (std::uint32_t i = 0; i < depth && i < kMaxNest && n < capacity; ++i) {
     out[n++] = arch::context_pc(frame_context(s->frames[i].load(std::memory_order_relaxed)));
@@ -394,32 +421,113 @@ std::size_t interrupted_pcs(std::uintptr_t* out, std::size_t capacity) noexcept 
   return n;
 }
 
+namespace {
+
+// Guarded by g_move_mutex. Tables of closed requests, freed once no handler reads them; the
+// last one freed is kept for the next request, so a batch does not allocate every time.
+std::vector<MoveTable*>& retired_move_tables() {
+  static auto* v = new std::vector<MoveTable*>;
+  return *v;
+}
+MoveTable* g_spare_move_table = nullptr;
+
+void free_retired_move_tables_if_unread() {
+  auto& retired = retired_move_tables();
+  if (retired.empty() || g_request.readers.load(std::memory_order_seq_cst) != 0) return;
+  for (MoveTable* t : retired) {
+    delete g_spare_move_table;
+    g_spare_move_table = t;
+  }
+  retired.clear();
+}
+
+MoveTable* take_move_table(std::span<const PcMove> moves) {
+  MoveTable* t = g_spare_move_table ? g_spare_move_table : new MoveTable;
+  g_spare_move_table = nullptr;
+  t->moves.assign(moves.begin(), moves.end());
+  t->moved.store(0, std::memory_order_relaxed);
+  return t;
+}
+
+std::string range_text(const PcMove& m) {
+  return "[" + common::hex_address(m.begin) + ", " + common::hex_address(m.end) + ")";
+}
+
+// "[b, e)" for one range, "3 ranges ([b, e), [b, e), [b, e))" for a few, the first 4 for more.
+std::string ranges_text(std::span<const PcMove> moves) {
+  if (moves.size() == 1) return range_text(moves[0]);
+  std::string s = std::to_string(moves.size()) + " ranges (";
+  for (std::size_t i = 0; i < moves.size() && i < 4; ++i) s += (i ? ", " : "") + range_text(moves[i]);
+  return s + (moves.size() > 4 ? ", ...)" : ")");
+}
+
+// `entry_frame`: the frame address of the public entry point. The caller's recorded frames
+// below it are dead (a live handler frame lies above the code it runs), and their memory may
+// now be part of our own frames: they must be pruned with this address, not with the deeper
+// stack pointer of some callee of ours.
+Result<MoveReport> move_pcs_from(std::span<const PcMove> moves, std::chrono::milliseconds timeout,
+                                 std::uintptr_t entry_frame);
+
+}  // namespace
+
 Result<MoveReport> move_pcs(std::uintptr_t begin, std::uintptr_t end, std::uintptr_t destination,
                             std::chrono::milliseconds timeout) {
+  const PcMove one{begin, end, destination};
+  return move_pcs_from(std::span(&one, 1), timeout, reinterpret_cast<std::uintptr_t>(__builtin_frame_address(0)));
+}
+
+Result<MoveReport> move_pcs(std::span<const PcMove> moves, std::chrono::milliseconds timeout) {
+  return move_pcs_from(moves, timeout, reinterpret_cast<std::uintptr_t>(__builtin_frame_address(0)));
+}
+
+namespace {
+
+Result<MoveReport> move_pcs_from(std::span<const PcMove> moves, std::chrono::milliseconds timeout,
+                                 std::uintptr_t entry_frame) {
   if (Status s = detail::ensure_router(); !s.ok()) return s;
-  if (begin >= end) return Status::error("move_pcs: empty range [" + common::hex_address(begin) + ", " + common::hex_address(end) + ")");
+  for (std::size_t i = 0; i < moves.size(); ++i) {
+    if (moves[i].begin >= moves[i].end) return Status::error("move_pcs: empty range " + range_text(moves[i]));
+    if (i > 0 && moves[i].begin < moves[i - 1].end) {
+      return Status::error("move_pcs: ranges must be sorted and disjoint, got " + range_text(moves[i - 1]) +
+                           " before " + range_text(moves[i]));
+    }
+  }
+  if (moves.empty()) return MoveReport{};
   pthread_mutex_lock(&g_move_mutex);
   struct Unlock { ~Unlock() { pthread_mutex_unlock(&g_move_mutex); } } unlock;
 
+  free_retired_move_tables_if_unread();
+  MoveTable* table = take_move_table(moves);
+  const PcMove* own = table->moves.data();
+  const std::size_t n = table->moves.size();
   const std::uint64_t gen = g_request.generation.load(std::memory_order_relaxed) + 1;  // odd
-  g_request.begin.store(begin, std::memory_order_relaxed);
-  g_request.end.store(end, std::memory_order_relaxed);
-  g_request.destination.store(destination, std::memory_order_relaxed);
-  g_request.moved.store(0, std::memory_order_relaxed);
   g_request.anonymous_acks.store(0, std::memory_order_relaxed);
-  g_request.generation.store(gen, std::memory_order_release);
-  struct Close { std::uint64_t g; ~Close() { g_request.generation.store(g + 1, std::memory_order_release); } } close{gen};
+  g_request.table.store(table, std::memory_order_seq_cst);
+  g_request.generation.store(gen, std::memory_order_seq_cst);
+  // Closing: a handler that reads the generation from now on does nothing; one that loaded
+  // the table before keeps it alive through `readers`.
+  struct Close {
+    std::uint64_t g;
+    MoveTable* t;
+    ~Close() {
+      g_request.generation.store(g + 1, std::memory_order_seq_cst);
+      g_request.table.store(nullptr, std::memory_order_seq_cst);
+      retired_move_tables().push_back(t);
+      free_retired_move_tables_if_unread();
+    }
+  } close{gen, table};
 
-  const PcRange range{begin, end};
+  std::vector<PcRange> ranges(n);
+  for (std::size_t i = 0; i < n; ++i) ranges[i] = {own[i].begin, own[i].end};
   auto outside = [&](pid_t tid) {
-    return detail::prove_outside(tid, std::span(&range, 1), detail::TrapFrames::skip).proven;
+    return detail::prove_outside(tid, ranges, detail::TrapFrames::skip).proven;
   };
   MoveReport report;
   const pid_t me = common::current_tid();
   const pid_t pid = ::getpid();
   if (ThreadSlot* s = t_slot) {
-    prune_dead_frames(s, detail::current_sp());  // their memory may now be our own live stack
-    report.pcs_moved += move_own_frames(s, begin, end, destination);
+    prune_dead_frames(s, entry_frame);
+    report.pcs_moved += move_own_frames(s, own, n);
   }
 
   detail::reclaim_dead_slots(me);
@@ -455,7 +563,7 @@ Result<MoveReport> move_pcs(std::uintptr_t begin, std::uintptr_t end, std::uintp
       if (waiting.empty()) break;
       std::string who;
       for (pid_t tid : waiting) who += (who.empty() ? "" : "; ") + describe_holdout(tid, gen);
-      return Status::error("PC fix-up for [" + common::hex_address(begin) + ", " + common::hex_address(end) + "): no answer within " +
+      return Status::error("PC fix-up for " + ranges_text(moves) + ": no answer within " +
                            std::to_string(timeout.count()) + " ms from " + who +
                            ". A stopped or traced thread cannot run the fix-up handler; resume it (SIGCONT, "
                            "or detach the debugger) and retry");
@@ -468,9 +576,11 @@ Result<MoveReport> move_pcs(std::uintptr_t begin, std::uintptr_t end, std::uintp
       nanosleep(&pause, nullptr);
     }
   }
-  report.pcs_moved += g_request.moved.load(std::memory_order_acquire);
+  report.pcs_moved += table->moved.load(std::memory_order_acquire);
   return report;
 }
+
+}  // namespace
 
 }  // namespace tramway::text
 

@@ -4,10 +4,15 @@
 #include "tramway/text/patch.h"
 
 #include <gtest/gtest.h>
+#include <pthread.h>
 #include <signal.h>
+#include <sys/ptrace.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <array>
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -17,7 +22,10 @@
 #include <thread>
 #include <vector>
 
+#include "../../tools/torture/storm.h"
+#include "arch/x86_64/emulate.h"
 #include "arch/x86_64/insn.h"
+#include "common/proc.h"
 #include "tramway/text/code_memory.h"
 
 // Sites in the test executable's own text. Assembled here, so the bytes are exactly known.
@@ -188,9 +196,13 @@ struct Delta {
   tramway::text::PatchStats before = tramway::text::stats();
   tramway::text::PatchStats now() const {
     const auto a = tramway::text::stats();
-    return {a.batches - before.batches, a.serialisations - before.serialisations,
-            a.page_writes - before.page_writes, a.traps_emulated - before.traps_emulated,
-            a.traps_restarted - before.traps_restarted};
+    return {a.batches - before.batches,
+            a.serialisations - before.serialisations,
+            a.page_writes - before.page_writes,
+            a.traps_emulated - before.traps_emulated,
+            a.traps_restarted - before.traps_restarted,
+            a.nop_runs_replaced - before.nop_runs_replaced,
+            a.pcs_moved - before.pcs_moved};
   }
 };
 
@@ -670,6 +682,407 @@ TEST(PatchRace, ForeignInt3sAreChainedAndOursAreNot) {
   std::printf("%ld program int3s chained, %llu of tramway's emulated\n", own_int3s.load(),
               static_cast<unsigned long long>(d.now().traps_emulated));
   EXPECT_EQ(read(flip_site, 5), jmp(flip_site, flip_a));
+}
+
+// ---- runs of 1-byte nops: GCC's entries, replaced with PC fix-up (invariant 4) ---------------
+
+using namespace std::chrono_literals;
+const Bytes kNopRun(5, 0x90);
+
+// Generated code with GCC's entry before normalisation: five 1-byte nops, then
+// `mov $1,%eax; ret`. `alt` returns 2; `hook` counts its calls in a counter and returns, so a
+// `call hook` at the site still returns 1 through the body.
+struct NopRunFn {
+  tramway::text::CodeBlock block;
+  static constexpr std::size_t kAlt = 11, kHook = 24;
+  const std::uint8_t* site() const { return block.rx; }
+  const std::uint8_t* alt() const { return block.rx + kAlt; }
+  const std::uint8_t* hook() const { return block.rx + kHook; }
+  int call() const { return reinterpret_cast<int (*)()>(block.rx)(); }
+};
+NopRunFn make_nop_run_fn(std::uint64_t* counter) {
+  auto b = tramway::text::allocate_code(64);
+  EXPECT_TRUE(b.ok()) << b.status().message();
+  std::uint8_t code[39];
+  std::memset(code, 0xcc, sizeof code);
+  const std::uint8_t body[] = {0x90, 0x90, 0x90, 0x90, 0x90, 0xb8, 1, 0, 0, 0, 0xc3, 0xb8, 2, 0, 0, 0, 0xc3};
+  std::memcpy(code, body, sizeof body);
+  code[24] = 0x48;  // movabs $counter, %rax
+  code[25] = 0xb8;
+  const std::uintptr_t c = addr(counter);
+  std::memcpy(code + 26, &c, 8);
+  const std::uint8_t count_and_return[] = {0xf0, 0x48, 0xff, 0x00, 0xc3};  // lock incq (%rax); ret
+  std::memcpy(code + 34, count_and_return, sizeof count_and_return);
+  std::memcpy(b->rw, code, sizeof code);
+  return {*b};
+}
+
+// `run: 5 x nop; cmpb $0,(%rdi); je run; ret`: loops through the nop run until the byte at
+// %rdi is set, so a thread running it is often between two nops.
+struct NopRunLoop {
+  tramway::text::CodeBlock block;
+  const std::uint8_t* site() const { return block.rx; }
+  bool between_nops(std::uintptr_t pc) const { return pc > addr(site()) && pc < addr(site()) + 5; }
+  void run(const std::atomic<std::uint8_t>* stop) const {
+    reinterpret_cast<void (*)(const void*)>(block.rx)(stop);
+  }
+};
+NopRunLoop make_nop_run_loop() {
+  auto b = tramway::text::allocate_code(16);
+  EXPECT_TRUE(b.ok()) << b.status().message();
+  const std::uint8_t code[] = {0x90, 0x90, 0x90, 0x90, 0x90, 0x80, 0x3f, 0x00, 0x74, 0xf6, 0xc3};
+  std::memcpy(b->rw, code, sizeof code);
+  return {*b};
+}
+
+TEST(NopRun, AddRejectsTheRunAndAddOverNopsRejectsAnythingElse) {
+  alignas(8) std::uint64_t hits = 0;
+  const NopRunFn f = make_nop_run_fn(&hits);
+  ASSERT_EQ(f.call(), 1);
+  // Plain add: the first 1-byte nop does not cover the range, a thread may be inside it.
+  Delta d;
+  auto s = patch(f.site(), kNop5);
+  ASSERT_FALSE(s.ok());
+  EXPECT_NE(s.message().find("5 bytes at " + hex(f.site())), std::string::npos) << s.message();
+  EXPECT_EQ(read(f.site(), 5), kNopRun);
+  EXPECT_EQ(d.now().serialisations, 0u);
+
+  PatchBatch b;
+  // Over a 5-byte nop (not a run of 1-byte ones)...
+  auto nop5 = b.add_over_nops(mut(patch_fn_site), jmp(patch_fn_site, patch_fn_alt));
+  ASSERT_FALSE(nop5.ok());
+  EXPECT_NE(nop5.message().find("not all 1-byte nops"), std::string::npos) << nop5.message();
+  EXPECT_NE(nop5.message().find(hex(patch_fn_site)), std::string::npos) << nop5.message();
+  // ...over a run shorter than the range (an 8-byte nop would cover the mov)...
+  auto longer = b.add_over_nops(mut(f.site()), Bytes{0x0f, 0x1f, 0x84, 0x00, 0x00, 0x00, 0x00, 0x00});
+  ASSERT_FALSE(longer.ok());
+  EXPECT_NE(longer.message().find("not all 1-byte nops"), std::string::npos) << longer.message();
+  // ...or with a new instruction the trap handler cannot emulate.
+  auto mov = b.add_over_nops(mut(f.site()), Bytes{0xb8, 0x05, 0x00, 0x00, 0x00});
+  ASSERT_FALSE(mov.ok());
+  EXPECT_NE(mov.message().find("cannot emulate"), std::string::npos) << mov.message();
+  // A nop shorter than the patch must be followed by nops only (a trapped thread would resume
+  // inside the range being written), through either entry point.
+  auto torn = b.add(mut(f.site()), Bytes{0x90, 0xc3, 0xcc, 0xcc, 0xcc});
+  ASSERT_FALSE(torn.ok());
+  EXPECT_NE(torn.message().find("resume inside"), std::string::npos) << torn.message();
+  EXPECT_TRUE(b.empty());
+
+  ASSERT_TRUE(b.add_over_nops(mut(f.site()), kNop5).ok());
+  ASSERT_EQ(b.size(), 1u);
+  EXPECT_TRUE(b.patches()[0].over_nops);
+  PatchBatch late;  // queued while the run is there, applied after it was replaced
+  ASSERT_TRUE(late.add_over_nops(mut(f.site()), jmp(f.site(), f.alt())).ok());
+  Delta applied;
+  ASSERT_TRUE(tramway::text::apply(b).ok());
+  EXPECT_EQ(read(f.site(), 5), kNop5);
+  EXPECT_EQ(f.call(), 1);
+  EXPECT_EQ(applied.now().batches, 1u);
+  EXPECT_EQ(applied.now().serialisations, 3u);  // the PC fix-up is not a serialisation
+  EXPECT_EQ(applied.now().nop_runs_replaced, 1u);
+  ASSERT_TRUE(tramway::text::apply(b).ok());  // already there: nothing
+  EXPECT_EQ(applied.now().batches, 1u);
+  // Over the 5-byte nop now there, `late` is an ordinary patch (add's rule holds).
+  ASSERT_TRUE(tramway::text::apply(late).ok());
+  EXPECT_EQ(f.call(), 2);
+  EXPECT_EQ(applied.now().batches, 2u);
+  EXPECT_EQ(applied.now().nop_runs_replaced, 1u);
+
+  // Back to the run with add (the jmp covers the range), then straight to a call.
+  ASSERT_TRUE(patch(f.site(), kNopRun).ok());
+  EXPECT_EQ(read(f.site(), 5), kNopRun);
+  EXPECT_EQ(f.call(), 1);
+  PatchBatch to_call;
+  ASSERT_TRUE(to_call.add_over_nops(mut(f.site()), call(f.site(), f.hook())).ok());
+  ASSERT_TRUE(tramway::text::apply(to_call).ok());
+  EXPECT_EQ(f.call(), 1);
+  EXPECT_EQ(__atomic_load_n(&hits, __ATOMIC_RELAXED), 1u);
+  ASSERT_TRUE(patch(f.site(), kNopRun).ok());
+  EXPECT_EQ(f.call(), 1);
+  EXPECT_EQ(__atomic_load_n(&hits, __ATOMIC_RELAXED), 1u);
+}
+
+// A thread's SIGUSR1 handler parks while the PC it interrupted lies between two nops of the
+// run; the batch moves that nested frame's PC to the end of the run, and the handler sees it.
+std::atomic<std::uintptr_t> g_run_begin{0}, g_resumed_pc{0};
+std::atomic<int> g_park{0};  // 0: handler may run, 1: parked inside, 2: released
+void park_between_nops(int, siginfo_t*, void* ucv) {
+  auto* uc = static_cast<ucontext_t*>(ucv);
+  const std::uintptr_t pc = tramway::arch::context_pc(uc), b = g_run_begin.load();
+  if (pc <= b || pc >= b + 5 || g_park.load() != 0) return;  // not between two nops: signalled again
+  g_park = 1;
+  while (g_park.load() != 2) {
+    const timespec t{0, 100'000};
+    nanosleep(&t, nullptr);
+  }
+  g_resumed_pc = tramway::arch::context_pc(uc);
+}
+
+TEST(NopRun, ANestedFrameBetweenTwoNopsIsMovedToTheEndOfTheRun) {
+  struct sigaction act {}, old {};
+  act.sa_sigaction = park_between_nops;
+  act.sa_flags = SA_SIGINFO;
+  sigemptyset(&act.sa_mask);
+  ASSERT_EQ(sigaction(SIGUSR1, &act, &old), 0);
+  const NopRunLoop loop = make_nop_run_loop();
+  g_run_begin = addr(loop.site());
+  std::atomic<std::uint8_t> stop{0};
+  std::thread t([&] { loop.run(&stop); });
+  for (int i = 0; i < 20000 && g_park.load() != 1; ++i) {
+    pthread_kill(t.native_handle(), SIGUSR1);
+    std::this_thread::sleep_for(100us);
+  }
+  if (g_park.load() != 1) {
+    stop = 1;
+    t.join();
+    sigaction(SIGUSR1, &old, nullptr);
+    FAIL() << "no SIGUSR1 ever landed between two nops";
+  }
+  Delta d;
+  PatchBatch b;
+  ASSERT_TRUE(b.add_over_nops(mut(loop.site()), kNop5).ok());
+  const auto st = tramway::text::apply(b);
+  EXPECT_TRUE(st.ok()) << st.message();
+  EXPECT_EQ(read(loop.site(), 5), kNop5);
+  EXPECT_GE(d.now().pcs_moved, 1u);
+  EXPECT_EQ(d.now().nop_runs_replaced, 1u);
+  EXPECT_EQ(d.now().serialisations, 3u);
+  g_park = 2;
+  for (int i = 0; i < 5000 && g_resumed_pc.load() == 0; ++i) std::this_thread::sleep_for(1ms);
+  EXPECT_EQ(g_resumed_pc.load(), addr(loop.site()) + 5);
+  stop = 1;
+  t.join();
+  sigaction(SIGUSR1, &old, nullptr);
+  ASSERT_TRUE(patch(loop.site(), kNopRun).ok());
+}
+
+// Threads call generated functions whose entries are nop runs in a tight loop (more threads
+// than cores, so some are preempted between two nops) under a SIGPROF storm whose handler
+// calls them too, while each run goes: nops -> (a 5-byte nop, or straight to a call/jmp, in
+// a batch with an ordinary patch) -> call or jmp -> nops again. Every call must return a
+// value one of the site's states gives, and the test goes on until a PC was really moved.
+constexpr int kRunFns = 3;
+std::atomic<const NopRunFn*> g_storm_fns{nullptr};
+std::atomic<long> g_storm_calls{0}, g_storm_bad{0};
+thread_local unsigned t_storm_pick = 0;
+void call_a_run_fn(int) {
+  const NopRunFn* fns = g_storm_fns.load(std::memory_order_relaxed);
+  if (!fns) return;
+  const int v = fns[t_storm_pick++ % kRunFns].call();
+  g_storm_calls.fetch_add(1, std::memory_order_relaxed);
+  if (v != 1 && v != 2) g_storm_bad.fetch_add(1, std::memory_order_relaxed);
+}
+
+TEST(NopRun, NormalisedAndSwitchedWhileThreadsRunThroughItUnderASignalStorm) {
+  alignas(8) std::uint64_t hooks[kRunFns] = {};
+  std::array<NopRunFn, kRunFns> fns;
+  for (int k = 0; k < kRunFns; ++k) fns[k] = make_nop_run_fn(&hooks[k]);
+  struct sigaction act {}, old {};
+  act.sa_handler = call_a_run_fn;
+  act.sa_flags = SA_RESTART;
+  sigemptyset(&act.sa_mask);
+  ASSERT_EQ(sigaction(SIGPROF, &act, &old), 0);
+  g_storm_fns = fns.data();
+
+  constexpr int kWorkers = 6;
+  struct alignas(64) Tally {
+    long calls = 0, bad = 0, ones = 0, twos = 0;
+  };
+  Tally tallies[kWorkers];
+  std::atomic<bool> stop{false};
+  std::atomic<int> ready{0};
+  std::vector<std::thread> workers;
+  for (int w = 0; w < kWorkers; ++w) {
+    workers.emplace_back([&, w] {
+      tramway::torture::StormTimer storm(150);
+      Tally& t = tallies[w];
+      ready.fetch_add(1);
+      while (!stop.load(std::memory_order_relaxed)) {
+        for (const NopRunFn& f : fns) {
+          const int v = f.call();
+          ++t.calls;
+          t.ones += v == 1;
+          t.twos += v == 2;
+          t.bad += v != 1 && v != 2;
+        }
+      }
+    });
+  }
+  while (ready.load() < kWorkers) std::this_thread::yield();
+
+  // One cycle of three batches; false (after a failure was reported) to stop.
+  auto cycle = [&](int i) {
+    PatchBatch normalise, retarget, back;
+    normalise.set_fixup_timeout(20s);  // a loaded machine may take long to run every worker
+    for (int k = 0; k < kRunFns; ++k) {
+      const NopRunFn& f = fns[k];
+      const Bytes to = i % 2 == 0 || k == 2 ? kNop5 : k == 0 ? call(f.site(), f.hook()) : jmp(f.site(), f.alt());
+      if (!normalise.add_over_nops(mut(f.site()), to).ok()) return false;
+      if (!retarget.add(mut(f.site()), k == 1 ? jmp(f.site(), f.alt()) : call(f.site(), f.hook())).ok()) return false;
+      if (!back.add(mut(f.site()), kNopRun).ok()) return false;
+    }
+    if (!normalise.add(mut(patch_fn_site), jmp(patch_fn_site, patch_fn_alt)).ok()) return false;
+    if (!retarget.add(mut(patch_fn_site), kNop5).ok()) return false;
+    Delta one;
+    if (auto st = tramway::text::apply(normalise); !st.ok()) {
+      ADD_FAILURE() << "normalising: " << st.message();
+      return false;
+    }
+    EXPECT_EQ(one.now().serialisations, 3u);
+    EXPECT_EQ(one.now().nop_runs_replaced, static_cast<std::uint64_t>(kRunFns));
+    for (const auto* batch : {&retarget, &back}) {
+      if (auto st = tramway::text::apply(*batch); !st.ok()) {
+        ADD_FAILURE() << st.message();
+        return false;
+      }
+    }
+    return read(fns[0].site(), 5) == kNopRun && read(fns[1].site(), 5) == kNopRun && read(fns[2].site(), 5) == kNopRun;
+  };
+
+  Delta d;
+  const auto start = std::chrono::steady_clock::now();
+  int cycles = 0, rounds = 0;
+  bool ok = true;
+  for (; ok && rounds < 20 && (rounds == 0 || d.now().pcs_moved == 0); ++rounds) {
+    for (int i = 0; ok && i < 100; ++i, ++cycles) ok = cycle(i);
+    if (std::chrono::steady_clock::now() - start > 40s) break;
+  }
+  stop = true;
+  for (auto& t : workers) t.join();
+  g_storm_fns = nullptr;
+  sigaction(SIGPROF, &old, nullptr);
+
+  EXPECT_TRUE(ok) << "cycle " << cycles << " failed";
+  Tally total;
+  for (const Tally& t : tallies) {
+    total.calls += t.calls;
+    total.bad += t.bad;
+    total.ones += t.ones;
+    total.twos += t.twos;
+  }
+  std::uint64_t hook_calls = 0;
+  for (const auto& h : hooks) hook_calls += __atomic_load_n(&h, __ATOMIC_RELAXED);
+  const auto delta = d.now();
+  std::printf("%d cycles in %d rounds: %ld calls (%ld in SIGPROF handlers), %llu hooked, %llu nop runs replaced, "
+              "%llu PCs moved, %llu traps emulated\n",
+              cycles, rounds, total.calls, g_storm_calls.load(), static_cast<unsigned long long>(hook_calls),
+              static_cast<unsigned long long>(delta.nop_runs_replaced), static_cast<unsigned long long>(delta.pcs_moved),
+              static_cast<unsigned long long>(delta.traps_emulated));
+  testing::Test::RecordProperty("pcs_moved", std::to_string(delta.pcs_moved));
+  EXPECT_EQ(total.bad, 0);
+  EXPECT_EQ(g_storm_bad.load(), 0);
+  EXPECT_GT(total.ones, 0);
+  EXPECT_GT(total.twos, 0);
+  EXPECT_GT(hook_calls, 0u);
+  EXPECT_GT(g_storm_calls.load(), 0);
+  EXPECT_EQ(delta.nop_runs_replaced, static_cast<std::uint64_t>(cycles) * kRunFns);
+  EXPECT_GT(delta.pcs_moved, 0u) << "no thread was ever moved out of a nop run: the fix-up path was not exercised";
+  for (const NopRunFn& f : fns) {
+    EXPECT_EQ(read(f.site(), 5), kNopRun);
+    EXPECT_EQ(f.call(), 1);
+  }
+  EXPECT_EQ(read(patch_fn_site, 5), kNop5);
+}
+
+// A debugger stops a thread between two nops (ptrace stops only that thread): it cannot run
+// the fix-up handler, so the batch fails within its timeout naming it, and every site of
+// the batch keeps its old bytes. Once the thread runs again the same batch goes through.
+TEST(NopRun, AThreadStoppedInsideTheRunFailsTheBatchWhichIsRolledBack) {
+  const NopRunLoop loop = make_nop_run_loop();
+  std::atomic<std::uint8_t> stop{0};
+  std::atomic<pid_t> tid{0};
+  std::thread t([&] {
+    pthread_setname_np(pthread_self(), "between-nops");
+    tid = tramway::common::current_tid();
+    loop.run(&stop);
+  });
+  while (tid.load() == 0) std::this_thread::yield();
+  std::this_thread::sleep_for(20ms);
+  auto finish = [&] {
+    stop = 1;
+    t.join();
+  };
+
+  // Stops the thread with a tracer child until it is stopped between two nops.
+  pid_t tracer = -1;
+  int go_fd = -1;
+  std::uintptr_t pc = 0;
+  for (int attempt = 0; attempt < 200 && go_fd < 0; ++attempt) {
+    int ready[2], go[2];
+    ASSERT_EQ(pipe(ready), 0);
+    ASSERT_EQ(pipe(go), 0);
+    tracer = fork();
+    ASSERT_GE(tracer, 0);
+    if (tracer == 0) {
+      char c = 0;
+      if (ptrace(PTRACE_SEIZE, tid.load(), nullptr, nullptr) != 0) c = 'S';
+      if (!c && ptrace(PTRACE_INTERRUPT, tid.load(), nullptr, nullptr) != 0) c = 'I';
+      int status;
+      if (!c && waitpid(tid.load(), &status, __WALL) != tid.load()) c = 'W';
+      if (write(ready[1], c ? &c : "k", 1) != 1) _exit(1);
+      if (::read(go[0], &c, 1) != 1) _exit(1);
+      ptrace(PTRACE_DETACH, tid.load(), nullptr, nullptr);
+      _exit(0);
+    }
+    close(ready[1]);
+    close(go[0]);
+    char answer = 0;
+    const bool got = ::read(ready[0], &answer, 1) == 1;
+    close(ready[0]);
+    if (!got || answer != 'k') {
+      kill(tracer, SIGKILL);
+      waitpid(tracer, nullptr, 0);
+      close(go[1]);
+      finish();
+      GTEST_SKIP() << "ptrace is not permitted here (step " << answer << ")";
+    }
+    const auto probe = tramway::common::probe_task(tid.load());
+    pc = probe.pc;
+    if (!probe.running && loop.between_nops(pc)) {
+      go_fd = go[1];
+      break;
+    }
+    if (write(go[1], "g", 1) != 1) ADD_FAILURE() << "could not resume the thread";
+    close(go[1]);
+    waitpid(tracer, nullptr, 0);
+  }
+  if (go_fd < 0) {
+    finish();
+    FAIL() << "the thread was never stopped between two nops";
+  }
+
+  PatchBatch b;
+  ASSERT_TRUE(b.add_over_nops(mut(loop.site()), kNop5).ok());
+  ASSERT_TRUE(b.add(mut(patch_fn_site), jmp(patch_fn_site, patch_fn_alt)).ok());
+  b.set_fixup_timeout(300ms);
+  Delta d;
+  const auto start = std::chrono::steady_clock::now();
+  const auto st = tramway::text::apply(b);
+  const auto took = std::chrono::steady_clock::now() - start;
+  EXPECT_FALSE(st.ok());
+  EXPECT_NE(st.message().find("thread " + std::to_string(tid.load()) + " (between-nops"), std::string::npos)
+      << st.message();
+  EXPECT_NE(st.message().find(hex(loop.site())), std::string::npos) << st.message();
+  EXPECT_NE(st.message().find("rolled back"), std::string::npos) << st.message();
+  EXPECT_GE(took, 300ms);
+  EXPECT_LT(took, 3s);
+  EXPECT_EQ(read(loop.site(), 5), kNopRun);
+  EXPECT_EQ(read(patch_fn_site, 5), kNop5);
+  EXPECT_EQ(patch_fn(), 1);
+  EXPECT_EQ(d.now().batches, 0u);
+  EXPECT_EQ(d.now().nop_runs_replaced, 0u);
+  std::printf("stopped at %s: %s\n", hex(reinterpret_cast<void*>(pc)).c_str(), st.message().c_str());
+
+  if (write(go_fd, "g", 1) != 1) ADD_FAILURE() << "could not resume the thread";
+  close(go_fd);
+  waitpid(tracer, nullptr, 0);
+  const auto again = tramway::text::apply(b);
+  EXPECT_TRUE(again.ok()) << again.message();
+  EXPECT_EQ(read(loop.site(), 5), kNop5);
+  EXPECT_EQ(patch_fn(), 2);
+  finish();
+  ASSERT_TRUE(patch(patch_fn_site, kNop5).ok());
+  ASSERT_TRUE(patch(loop.site(), kNopRun).ok());
 }
 
 }  // namespace

@@ -14,6 +14,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdint>
@@ -21,6 +22,7 @@
 #include <functional>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "arch/x86_64/emulate.h"
 #include "common/proc.h"
@@ -607,6 +609,120 @@ TEST(MovePcs, ThreadThatCannotAnswerIsNamedInTheError) {
       std::fprintf(stderr, "move_pcs took %lld us\n",
                    static_cast<long long>(std::chrono::duration_cast<std::chrono::microseconds>(took).count()));
       _exit(5);
+    }
+    _exit(0);
+  });
+  ASSERT_TRUE(WIFEXITED(status)) << "killed by signal " << WTERMSIG(status);
+  EXPECT_EQ(WEXITSTATUS(status), 0);
+}
+
+// ---- batched move_pcs ---------------------------------------------------------------------------
+
+using tramway::text::PcMove;
+
+TEST(MovePcsBatch, RangesMustBeSortedDisjointAndNonEmpty) {
+  const PcMove unsorted[] = {{0x3000, 0x4000, 0x5000}, {0x1000, 0x2000, 0x5000}};
+  auto r = tramway::text::move_pcs(unsorted);
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.status().message().find("sorted and disjoint"), std::string::npos) << r.status().message();
+  const PcMove overlapping[] = {{0x1000, 0x3000, 0x5000}, {0x2000, 0x4000, 0x5000}};
+  r = tramway::text::move_pcs(overlapping);
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.status().message().find("sorted and disjoint"), std::string::npos) << r.status().message();
+  const PcMove empty_one[] = {{0x1000, 0x2000, 0x5000}, {0x3000, 0x3000, 0x5000}};
+  r = tramway::text::move_pcs(empty_one);
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.status().message().find("empty range"), std::string::npos) << r.status().message();
+  const PcMove adjacent[] = {{0x1000, 0x2000, 0x5000}, {0x2000, 0x3000, 0x5000}};
+  r = tramway::text::move_pcs(adjacent);
+  EXPECT_TRUE(r.ok()) << r.status().message();
+  // Nothing to move: nobody is signalled.
+  r = tramway::text::move_pcs(std::span<const PcMove>{});
+  ASSERT_TRUE(r.ok()) << r.status().message();
+  EXPECT_EQ(r->threads_signalled, 0);
+  EXPECT_EQ(r->pcs_moved, 0);
+}
+
+std::atomic<bool> g_batch_handler_started{false}, g_batch_handler_release{false};
+void spin_in_batch_handler(int, siginfo_t*, void*) {
+  g_batch_handler_started = true;
+  while (!g_batch_handler_release.load()) {
+    const timespec t{0, 100'000};
+    nanosleep(&t, nullptr);
+  }
+}
+
+// Four threads, each spinning in its own generated loop; the last one's loop PC is saved in
+// the frame of a SIGUSR1 handler that sleeps. One call with the four ranges gets them all
+// out, each to its own range's exit.
+TEST(MovePcsBatch, ManyRangesInOneCallIncludingANestedFrame) {
+  SavedAction saved(SIGUSR1);
+  struct sigaction act = make_action(spin_in_batch_handler);
+  ASSERT_EQ(sigaction(SIGUSR1, &act, nullptr), 0);
+  constexpr int kSpins = 4;
+  Spin spins[kSpins];
+  for (auto& s : spins) s = make_spin();
+  alignas(8) std::uint64_t counters[kSpins] = {};
+  std::atomic<bool> returned[kSpins] = {};
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kSpins; ++i) {
+    threads.emplace_back([&, i] {
+      spins[i].run(&counters[i]);
+      returned[i] = true;
+    });
+  }
+  for (int i = 0; i < kSpins; ++i) ASSERT_TRUE(wait_until([&] { return load(counters[i]) > 0; }));
+  ASSERT_EQ(pthread_kill(threads[kSpins - 1].native_handle(), SIGUSR1), 0);
+  ASSERT_TRUE(wait_until([] { return g_batch_handler_started.load(); }));
+
+  std::vector<PcMove> moves;
+  for (const Spin& s : spins) moves.push_back({s.begin(), s.end(), s.exit()});
+  std::sort(moves.begin(), moves.end(), [](const PcMove& a, const PcMove& b) { return a.begin < b.begin; });
+  auto r = tramway::text::move_pcs(moves);
+  ASSERT_TRUE(r.ok()) << r.status().message();
+  EXPECT_GE(r->threads_signalled, kSpins);
+  EXPECT_GE(r->pcs_moved, kSpins);
+  std::printf("%d threads seen, %d signalled, %d observed, %d PCs moved\n", r->threads_seen, r->threads_signalled,
+              r->threads_observed, r->pcs_moved);
+  const std::uint64_t frozen = load(counters[kSpins - 1]);
+  g_batch_handler_release = true;
+  bool all = true;
+  for (int i = 0; i < kSpins; ++i) {
+    if (!wait_until([&] { return returned[i].load(); })) {
+      ADD_FAILURE() << "thread " << i << " is still spinning in its range";
+      all = false;
+    }
+  }
+  if (!all) {
+    for (auto& t : threads) t.detach();
+    return;
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(load(counters[kSpins - 1]), frozen);  // its nested frame did not go back into the loop
+}
+
+TEST(MovePcsBatch, ThreadThatCannotAnswerIsNamedInTheError) {
+  const int status = in_child([] {
+    const Spin s = make_spin(), other = make_spin();
+    alignas(8) static std::uint64_t counter = 0;
+    static std::atomic<pid_t> tid{0};
+    const int fix = tramway::text::fixup_signal();
+    std::thread t([&s, fix] {
+      std::uint64_t set = std::uint64_t{1} << (fix - 1);  // behind tramway's back
+      syscall(SYS_rt_sigprocmask, SIG_BLOCK, &set, nullptr, 8);
+      tid = tramway::common::current_tid();
+      s.run(&counter);
+    });
+    t.detach();
+    if (!wait_until([] { return load(counter) > 0; })) _exit(2);
+    PcMove moves[] = {{s.begin(), s.end(), s.exit()}, {other.begin(), other.end(), other.exit()}};
+    if (moves[1].begin < moves[0].begin) std::swap(moves[0], moves[1]);
+    auto r = tramway::text::move_pcs(moves, 200ms);
+    if (r.ok()) _exit(3);
+    const std::string msg = r.status().message();
+    if (msg.find("thread " + std::to_string(tid.load())) == std::string::npos || msg.find("2 ranges") == std::string::npos) {
+      std::fprintf(stderr, "message: %s\n", msg.c_str());
+      _exit(4);
     }
     _exit(0);
   });

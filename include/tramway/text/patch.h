@@ -11,10 +11,16 @@
 // its memfd, so no mapping is ever writable and executable, and no page loses execute
 // permission. Writes are coalesced: one write per touched page per phase.
 //
+// A range that holds a run of 1-byte nops (GCC's patchable entry: 90 90 90 90 90) may be
+// replaced too, by add_over_nops: a thread may be between two of the nops, so after the
+// int3s are serialised and before any tail is written, every PC inside such a run (live or
+// in a nested signal frame) is moved to its end, all runs in one move_pcs round.
+//
 // Batches are serialised by one process-wide lock that fork() respects: a child never
 // inherits a half-patched site.
 #pragma once
 
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <span>
@@ -32,9 +38,23 @@ class PatchBatch {
   // Queues "write new_bytes at address". The first instruction of new_bytes is the one a
   // trapped thread executes (it must be a nop, jmp, call, ret or `xor eax,eax; ret`); any
   // bytes after a ret/jmp are padding. The range must be entered only at its head: either
-  // its current first instruction spans the whole range, or it does not fall through.
-  // Checked now against the current bytes; an error says which rule was broken.
+  // its current first instruction spans the whole range, or it does not fall through
+  // (checked by apply, against the bytes there then). A first nop shorter than new_bytes
+  // must be followed by nops only: a trapped thread skips them all rather than resume inside
+  // a range being written. An error says which rule was broken.
   Status add(void* address, std::span<const std::uint8_t> new_bytes);
+
+  // Like add, for a range that holds a run of 1-byte nops (0x90) and may be entered between
+  // them: fails now unless every byte of the range is 0x90. apply moves the threads that are
+  // inside the run out of it (see above). If the range no longer holds the run when the
+  // batch is applied (someone normalised it meanwhile), add's rule applies instead.
+  Status add_over_nops(void* address, std::span<const std::uint8_t> new_bytes);
+
+  // How long apply waits for threads to answer the PC fix-up of add_over_nops ranges. A
+  // thread that cannot answer (stopped by a debugger inside a run) fails the batch, which is
+  // rolled back.
+  void set_fixup_timeout(std::chrono::milliseconds t) noexcept { fixup_timeout_ = t; }
+  std::chrono::milliseconds fixup_timeout() const noexcept { return fixup_timeout_; }
 
   void reserve(std::size_t n) { patches_.reserve(n); }
   std::size_t size() const noexcept { return patches_.size(); }
@@ -45,11 +65,14 @@ class PatchBatch {
     std::uintptr_t address;
     std::uint8_t length;
     std::uint8_t bytes[kMaxPatchBytes];
+    bool over_nops;  // queued by add_over_nops
   };
   const std::vector<Patch>& patches() const noexcept { return patches_; }
 
  private:
+  Status queue(void* address, std::span<const std::uint8_t> new_bytes, bool over_nops);
   std::vector<Patch> patches_;
+  std::chrono::milliseconds fixup_timeout_{2000};
 };
 
 // Holds the process-wide patch lock. Layers above the text layer (static keys, static
@@ -74,11 +97,13 @@ Status write_unexecuted(void* address, std::span<const std::uint8_t> bytes);
 
 // Counters since process start, for tests and benchmarks.
 struct PatchStats {
-  std::uint64_t batches = 0;          // batches that changed at least one byte
-  std::uint64_t serialisations = 0;   // membarrier(SYNC_CORE) calls
-  std::uint64_t page_writes = 0;      // writes issued to program text or code views
-  std::uint64_t traps_emulated = 0;   // int3 hits emulated as the new instruction
-  std::uint64_t traps_restarted = 0;  // int3 hits whose int3 was already gone (re-executed)
+  std::uint64_t batches = 0;            // batches that changed at least one byte
+  std::uint64_t serialisations = 0;     // membarrier(SYNC_CORE) calls
+  std::uint64_t page_writes = 0;        // writes issued to program text or code views
+  std::uint64_t traps_emulated = 0;     // int3 hits emulated as the new instruction
+  std::uint64_t traps_restarted = 0;    // int3 hits whose int3 was already gone (re-executed)
+  std::uint64_t nop_runs_replaced = 0;  // add_over_nops ranges applied while they held a nop run
+  std::uint64_t pcs_moved = 0;          // PCs moved out of such runs (live or nested)
 };
 PatchStats stats() noexcept;
 

@@ -22,6 +22,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <span>
 #include <unordered_map>
 #include <vector>
 
@@ -48,6 +49,20 @@ struct MoveReport {
 // does not answer within `timeout` (stopped or traced inside the range, or a handler that
 // never returns) yields an error naming it.
 Result<MoveReport> move_pcs(std::uintptr_t begin, std::uintptr_t end, std::uintptr_t destination,
+                            std::chrono::milliseconds timeout = std::chrono::milliseconds(2000));
+
+// One range of a batched fix-up: PCs in [begin, end) go to `destination`.
+struct PcMove {
+  std::uintptr_t begin = 0, end = 0;
+  std::uintptr_t destination = 0;
+};
+
+// The same for many ranges at once (sorted by begin, disjoint, none empty; an error
+// otherwise): one signal round trip to the running threads for all of them. Each PC is moved
+// at most once, by the range it lies in (a destination is not looked up again). An empty
+// span moves nothing and signals nobody. The moves are copied: the caller's array is not
+// read after the call returns.
+Result<MoveReport> move_pcs(std::span<const PcMove> moves,
                             std::chrono::milliseconds timeout = std::chrono::milliseconds(2000));
 
 struct PcRange {

@@ -1,0 +1,107 @@
+// tramway/hooks.h — ftrace-style function hooks on patchable entries.
+//
+// A function compiled with -fpatchable-function-entry=13,8 (GCC >= 8, Clang >= 10) can be
+// hooked while the program runs: attach an Ops to a set of functions and its entry callback
+// runs at the start of each of them, on whatever thread calls it, until it is detached.
+//
+//   tramway::hooks::Ops ops;
+//   ops.entry = [](const Ops& o, std::uintptr_t fn, std::uintptr_t caller, tramway::hooks::EntryRegs& r) { ... };
+//   tramway::hooks::attach(ops, tramway::hooks::Filter::glob("my_ns::*"));
+//   ...
+//   tramway::hooks::detach(ops);   // when it returns, no callback of ops runs or will run
+//
+// Guarantees: an enabled site is `call` to a permanent stub (the common entry, DESIGN.md)
+// that raises the thread's grace-period marker, reads the site's cell (one 8-byte word:
+// the ops, or a per-site list), runs the callbacks, lowers the marker and returns into the
+// function with every argument register (rdi, rsi, rdx, rcx, r8, r9, rax for varargs, r10,
+// xmm0-7) and the stack as the caller left them. Not preserved for the function: the upper
+// halves of ymm/zmm registers and x87 state, should a callback change them. Changing which
+// ops a site runs is a data store, not a code patch; enabling or disabling a site is one
+// patch batch for any number of sites. A callback that calls a hooked function does not
+// re-enter callbacks on that thread (the call is counted in `recursion_skipped`).
+// attach/detach are not async-signal-safe and fail when called from inside a callback.
+// Not patchable: functions whose entry does not hold the compiler's nops, e.g. those built
+// with Clang's -fsanitize=function (its signature comes first); attach says so.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "tramway/status.h"
+
+namespace tramway::hooks {
+
+// The registers a function received, as saved at its entry. A callback may read them;
+// changes are not written back.
+struct EntryRegs {
+  std::uint64_t rdi, rsi, rdx, rcx, r8, r9;  // integer arguments, in order
+  std::uint64_t rax;                          // varargs: upper bound of vector registers used
+  std::uint64_t r10;                          // static chain
+  alignas(16) std::uint8_t xmm[8][16];        // xmm0-7: floating-point arguments
+};
+
+struct Ops;
+// `function` is the hooked function's entry, `caller` the return address into its caller.
+using EntryCallback = void (*)(const Ops& ops, std::uintptr_t function, std::uintptr_t caller, EntryRegs& regs);
+
+struct Ops {
+  EntryCallback entry = nullptr;
+  void* data = nullptr;  // for the callback
+
+  // Managed by tramway; read with the functions below.
+  struct State;
+  State* state = nullptr;
+};
+
+// Which functions to attach to.
+class Filter {
+ public:
+  // Shell glob (fnmatch) on demangled names, e.g. "app::*", "parse_*".
+  static Filter glob(std::string pattern);
+  static Filter names(std::vector<std::string> names);  // exact demangled (or symbol) names
+  static Filter addresses(std::vector<std::uintptr_t> entries);
+
+  enum class Kind { glob, names, addresses };
+  Kind kind() const noexcept { return kind_; }
+  const std::vector<std::string>& patterns() const noexcept { return patterns_; }
+  const std::vector<std::uintptr_t>& entries() const noexcept { return entries_; }
+
+ private:
+  Kind kind_ = Kind::names;
+  std::vector<std::string> patterns_;
+  std::vector<std::uintptr_t> entries_;
+};
+
+// Attaches `ops` to every patchable function the filter selects, enabled. Fails (attaching
+// nothing) when the filter selects nothing, names a function that is not patchable, or
+// `ops` is attached already.
+Status attach(Ops& ops, const Filter& filter);
+
+// Detaches `ops` from every function. When it returns, no callback of `ops` runs or will
+// run on any thread (a grace period has passed); `ops` may then be attached again or freed.
+Status detach(Ops& ops);
+
+// Stops and resumes callbacks of an attached ops without detaching it (no code patch).
+Status disable(Ops& ops);
+Status enable(Ops& ops);
+
+struct OpsCounters {
+  std::uint64_t hits = 0;               // callbacks run
+  std::uint64_t recursion_skipped = 0;  // calls from inside a callback on the same thread
+  std::size_t functions = 0;            // functions attached to
+};
+OpsCounters counters(const Ops& ops);
+
+// A patchable function of the process.
+struct Function {
+  std::uintptr_t entry = 0;
+  std::string name;    // demangled; empty for a stripped local function
+  std::string object;  // the executable or shared library it lives in
+  bool hooked = false; // some ops is attached to it
+  std::uint64_t hits = 0;  // callbacks run at this site
+};
+// Every patchable function of the objects loaded now.
+Result<std::vector<Function>> patchable_functions();
+
+}  // namespace tramway::hooks

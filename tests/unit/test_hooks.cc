@@ -1,0 +1,238 @@
+// Function hooks through the common entry: callbacks see the function's arguments, the
+// function still gets them (integer, floating point, varargs), several ops share a site,
+// recursion is counted, errors say what to do, and detach is synchronous under load.
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <cstdarg>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#include "tramway/hooks.h"
+
+namespace hooks = tramway::hooks;
+
+#define PATCHABLE __attribute__((noinline, patchable_function_entry(13, 8)))
+
+extern "C" {
+PATCHABLE int hook_add(int a, int b) {
+  asm volatile("");
+  return a + b;
+}
+PATCHABLE double hook_fma(double a, double b, double c) {
+  asm volatile("");
+  return a * b + c;
+}
+PATCHABLE long hook_sum(int n, ...) {
+  va_list ap;
+  va_start(ap, n);
+  long s = 0;
+  for (int i = 0; i < n; ++i) s += va_arg(ap, long);
+  double d = va_arg(ap, double);
+  va_end(ap);
+  return s + static_cast<long>(d);
+}
+PATCHABLE int hook_other(int x) {
+  asm volatile("");
+  return x * 3;
+}
+}
+
+// Calls through volatile pointers, so the compiler cannot inline or fold them.
+int (*volatile p_add)(int, int) = hook_add;
+double (*volatile p_fma)(double, double, double) = hook_fma;
+long (*volatile p_sum)(int, ...) = hook_sum;
+int (*volatile p_other)(int) = hook_other;
+
+namespace {
+
+struct Seen {
+  std::atomic<int> calls{0};
+  std::uintptr_t function = 0, caller = 0;
+  std::uint64_t rdi = 0, rsi = 0;
+};
+
+void record(const hooks::Ops& ops, std::uintptr_t fn, std::uintptr_t caller, hooks::EntryRegs& r) {
+  auto* seen = static_cast<Seen*>(ops.data);
+  seen->function = fn;
+  seen->caller = caller;
+  seen->rdi = r.rdi;
+  seen->rsi = r.rsi;
+  seen->calls.fetch_add(1);
+}
+
+// Clobbers every vector argument register the way real callbacks (printf, math) do.
+void clobber_vectors(const hooks::Ops& ops, std::uintptr_t, std::uintptr_t, hooks::EntryRegs&) {
+  static_cast<Seen*>(ops.data)->calls.fetch_add(1);
+  asm volatile("xorps %%xmm0, %%xmm0; xorps %%xmm1, %%xmm1; xorps %%xmm2, %%xmm2; xorps %%xmm7, %%xmm7; xor %%eax, %%eax"
+               ::: "xmm0", "xmm1", "xmm2", "xmm7", "rax");
+}
+
+hooks::Ops make_ops(hooks::EntryCallback cb, Seen* seen) {
+  hooks::Ops ops;
+  ops.entry = cb;
+  ops.data = seen;
+  return ops;
+}
+
+}  // namespace
+
+TEST(Hooks, CallbackSeesTheCallAndTheFunctionItsArguments) {
+  Seen seen;
+  hooks::Ops ops = make_ops(record, &seen);
+  ASSERT_EQ(p_add(2, 3), 5);
+  const auto st = hooks::attach(ops, hooks::Filter::names({"hook_add"}));
+  ASSERT_TRUE(st.ok()) << st.message();
+  EXPECT_EQ(p_add(20, 22), 42);
+  EXPECT_EQ(seen.calls.load(), 1);
+  EXPECT_EQ(seen.function, reinterpret_cast<std::uintptr_t>(&hook_add));
+  EXPECT_EQ(seen.rdi, 20u);
+  EXPECT_EQ(seen.rsi, 22u);
+  EXPECT_NE(seen.caller, 0u);
+  EXPECT_EQ(hooks::counters(ops).hits, 1u);
+  EXPECT_EQ(hooks::counters(ops).functions, 1u);
+  ASSERT_TRUE(hooks::detach(ops).ok());
+  EXPECT_EQ(p_add(1, 1), 2);
+  EXPECT_EQ(seen.calls.load(), 1) << "a callback ran after detach returned";
+}
+
+TEST(Hooks, VectorAndVarargsArgumentsReachTheFunction) {
+  Seen seen;
+  hooks::Ops ops = make_ops(clobber_vectors, &seen);
+  const auto st = hooks::attach(ops, hooks::Filter::names({"hook_fma", "hook_sum"}));
+  ASSERT_TRUE(st.ok()) << st.message();
+  EXPECT_DOUBLE_EQ(p_fma(1.5, 2.0, 0.25), 3.25);
+  EXPECT_EQ(p_sum(3, 1L, 2L, 3L, 4.0), 10);
+  EXPECT_EQ(seen.calls.load(), 2);
+  ASSERT_TRUE(hooks::detach(ops).ok());
+}
+
+TEST(Hooks, SeveralOpsShareASite) {
+  Seen a, b;
+  hooks::Ops oa = make_ops(record, &a), ob = make_ops(record, &b);
+  ASSERT_TRUE(hooks::attach(oa, hooks::Filter::names({"hook_other"})).ok());
+  ASSERT_TRUE(hooks::attach(ob, hooks::Filter::addresses({reinterpret_cast<std::uintptr_t>(&hook_other)})).ok());
+  EXPECT_EQ(p_other(5), 15);
+  EXPECT_EQ(a.calls.load(), 1);
+  EXPECT_EQ(b.calls.load(), 1);
+  ASSERT_TRUE(hooks::detach(oa).ok());
+  EXPECT_EQ(p_other(1), 3);
+  EXPECT_EQ(a.calls.load(), 1);
+  EXPECT_EQ(b.calls.load(), 2);
+  ASSERT_TRUE(hooks::disable(ob).ok());
+  EXPECT_EQ(p_other(1), 3);
+  EXPECT_EQ(b.calls.load(), 2) << "a disabled ops ran";
+  ASSERT_TRUE(hooks::enable(ob).ok());
+  EXPECT_EQ(p_other(1), 3);
+  EXPECT_EQ(b.calls.load(), 3);
+  ASSERT_TRUE(hooks::detach(ob).ok());
+}
+
+TEST(Hooks, GlobSelectsByNameAndErrorsSayWhatToDo) {
+  Seen seen;
+  hooks::Ops ops = make_ops(record, &seen);
+  auto st = hooks::attach(ops, hooks::Filter::glob("no_such_function_*"));
+  ASSERT_FALSE(st.ok());
+  EXPECT_NE(st.message().find("matches no patchable function"), std::string::npos) << st.message();
+  st = hooks::attach(ops, hooks::Filter::names({"printf"}));
+  ASSERT_FALSE(st.ok());
+  EXPECT_NE(st.message().find("-fpatchable-function-entry=13,8"), std::string::npos) << st.message();
+  st = hooks::detach(ops);
+  ASSERT_FALSE(st.ok());
+  EXPECT_NE(st.message().find("not attached"), std::string::npos) << st.message();
+
+  st = hooks::attach(ops, hooks::Filter::glob("hook_[ao]*"));
+  ASSERT_TRUE(st.ok()) << st.message();
+  EXPECT_EQ(hooks::counters(ops).functions, 2u);  // hook_add, hook_other
+  st = hooks::attach(ops, hooks::Filter::glob("hook_*"));
+  ASSERT_FALSE(st.ok());
+  EXPECT_NE(st.message().find("attached already"), std::string::npos) << st.message();
+  p_add(1, 2);
+  p_other(2);
+  p_fma(1, 1, 1);
+  EXPECT_EQ(seen.calls.load(), 2);
+
+  auto functions = hooks::patchable_functions();
+  ASSERT_TRUE(functions.ok()) << functions.status().message();
+  int hooked = 0, listed = 0;
+  for (const auto& f : *functions) {
+    if (f.name.rfind("hook_", 0) != 0) continue;
+    ++listed;
+    if (f.hooked) ++hooked;
+  }
+  EXPECT_EQ(listed, 4);
+  EXPECT_EQ(hooked, 2);
+  ASSERT_TRUE(hooks::detach(ops).ok());
+}
+
+namespace {
+std::atomic<int> g_inner_result{0};
+tramway::Status g_attach_inside;
+void calls_hooked(const hooks::Ops& ops, std::uintptr_t, std::uintptr_t, hooks::EntryRegs&) {
+  static_cast<Seen*>(ops.data)->calls.fetch_add(1);
+  g_inner_result = p_add(4, 5);  // hooked itself: must not re-enter callbacks
+  hooks::Ops other;
+  other.entry = calls_hooked;
+  g_attach_inside = hooks::attach(other, hooks::Filter::names({"hook_other"}));
+}
+}  // namespace
+
+TEST(Hooks, RecursionIsCountedAndAttachInsideACallbackFails) {
+  Seen seen;
+  hooks::Ops ops = make_ops(calls_hooked, &seen);
+  ASSERT_TRUE(hooks::attach(ops, hooks::Filter::names({"hook_add"})).ok());
+  EXPECT_EQ(p_add(1, 1), 2);
+  EXPECT_EQ(seen.calls.load(), 1);
+  EXPECT_EQ(g_inner_result.load(), 9);
+  EXPECT_EQ(hooks::counters(ops).recursion_skipped, 1u);
+  ASSERT_FALSE(g_attach_inside.ok());
+  EXPECT_NE(g_attach_inside.message().find("inside a hook callback"), std::string::npos);
+  ASSERT_TRUE(hooks::detach(ops).ok());
+}
+
+// Threads call the hooked function all along while ops are attached and detached: no
+// callback runs after its detach returned, and each ops counted exactly the callbacks it ran.
+TEST(Hooks, DetachIsSynchronousWhileThreadsCallTheFunction) {
+  std::atomic<bool> stop{false};
+  std::vector<std::thread> callers;
+  std::atomic<std::uint64_t> calls{0};
+  for (int i = 0; i < 4; ++i) {
+    callers.emplace_back([&] {
+      while (!stop.load(std::memory_order_relaxed)) {
+        if (p_add(1, 2) != 3) std::abort();
+        calls.fetch_add(1, std::memory_order_relaxed);
+      }
+    });
+  }
+  struct Late {
+    std::atomic<bool> detached{false};
+    std::atomic<std::uint64_t> ran{0}, late{0};
+  };
+  int cycles = 0;
+  std::uint64_t total_ran = 0;
+  for (; cycles < 100; ++cycles) {
+    Late late;
+    hooks::Ops ops;
+    ops.data = &late;
+    ops.entry = [](const hooks::Ops& o, std::uintptr_t, std::uintptr_t, hooks::EntryRegs&) {
+      auto* l = static_cast<Late*>(o.data);
+      if (l->detached.load()) l->late.fetch_add(1);
+      for (int k = 0; k < 50; ++k) asm volatile("pause");  // widen the window
+      l->ran.fetch_add(1);
+    };
+    ASSERT_TRUE(hooks::attach(ops, hooks::Filter::names({"hook_add"})).ok());
+    std::this_thread::yield();
+    const std::uint64_t hits = hooks::counters(ops).hits;
+    ASSERT_TRUE(hooks::detach(ops).ok());
+    late.detached = true;
+    EXPECT_GE(late.ran.load(), hits);
+    std::this_thread::yield();
+    EXPECT_EQ(late.late.load(), 0u) << "a callback ran after detach returned (cycle " << cycles << ")";
+    total_ran += late.ran.load();
+  }
+  stop = true;
+  for (auto& t : callers) t.join();
+  EXPECT_GT(total_ran, 0u) << "the callers never ran while an ops was attached";
+  EXPECT_GT(calls.load(), 0u);
+}
