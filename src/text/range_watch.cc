@@ -72,6 +72,7 @@ void sample_for_watch(ThreadSlot* s, const ucontext_t* uc) noexcept {
     const std::uint32_t depth = s->depth.load(std::memory_order_relaxed);
     for (std::uint32_t i = 0; i < depth && i < kMaxNest && !hit; ++i) {
       const std::uintptr_t f = s->frames[i].load(std::memory_order_relaxed);
+      if (!own_frame_live(s, i, f)) continue;
       std::uintptr_t pc = arch::context_pc(frame_context(f));
       if (f & kTrapFrameTag) --pc;  // executing the instruction at the int3
       if (in_ranges(pc, ranges)) hit = pc;

@@ -205,7 +205,7 @@ int move_own_frames(ThreadSlot* s, const PcMove* moves, std::size_t n) noexcept 
   const std::uint32_t depth = s->depth.load(std::memory_order_acquire);
   for (std::uint32_t i = 0; i < depth && i < kMaxNest; ++i) {
     const std::uintptr_t f = s->frames[i].load(std::memory_order_relaxed);
-    if (f & kTrapFrameTag) continue;
+    if ((f & kTrapFrameTag) || !detail::own_frame_live(s, i, f)) continue;
     ucontext_t* uc = frame_context(f);
     if (const PcMove* m = find_move(arch::context_pc(uc), moves, n)) {
       arch::set_context_pc(uc, m->destination);
@@ -416,7 +416,8 @@ std::size_t interrupted_pcs(std::uintptr_t* out, std::size_t capacity) noexcept 
   const std::uint32_t depth = prune_dead_frames(s, reinterpret_cast<std::uintptr_t>(__builtin_frame_address(0)));
   std::size_t n = 0;
   for (std::uint32_t i = 0; i < depth && i < kMaxNest && n < capacity; ++i) {
-    out[n++] = arch::context_pc(frame_context(s->frames[i].load(std::memory_order_relaxed)));
+    const std::uintptr_t f = s->frames[i].load(std::memory_order_relaxed);
+    if (detail::own_frame_live(s, i, f)) out[n++] = arch::context_pc(frame_context(f));
   }
   return n;
 }

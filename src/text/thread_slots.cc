@@ -65,11 +65,12 @@ bool frame_is_dead(std::uintptr_t frame, std::uintptr_t sp, const stack_t& alt, 
   return (f_alt && !sp_alt) || (f_alt == sp_alt && sp > frame);
 }
 
-// Reads a word of this process without faulting if it has been unmapped meanwhile.
-bool read_word(std::uintptr_t address, std::uintptr_t* out) {
-  iovec local{out, sizeof *out};
-  iovec remote{reinterpret_cast<void*>(address), sizeof *out};
-  return ::process_vm_readv(::getpid(), &local, 1, &remote, 1, 0) == sizeof *out;
+// Reads words of this process without faulting if they have been unmapped meanwhile.
+bool read_words(std::uintptr_t address, std::uintptr_t* out, std::size_t n) {
+  const auto bytes = static_cast<ssize_t>(n * sizeof *out);
+  iovec local{out, static_cast<std::size_t>(bytes)};
+  iovec remote{reinterpret_cast<void*>(address), static_cast<std::size_t>(bytes)};
+  return ::process_vm_readv(::getpid(), &local, 1, &remote, 1, 0) == bytes;
 }
 
 }  // namespace
@@ -126,7 +127,9 @@ std::uint32_t prune_dead_frames(ThreadSlot* s, std::uintptr_t sp, const stack_t*
     alt.ss_flags = SS_DISABLE;
   }
   const bool have_alt = !(alt.ss_flags & SS_DISABLE) && alt.ss_size != 0;
-  while (d > 0 && frame_is_dead(s->frames[d - 1].load(std::memory_order_relaxed) & ~kTrapFrameTag, sp, alt, have_alt)) {
+  while (d > 0) {
+    const std::uintptr_t f = s->frames[d - 1].load(std::memory_order_relaxed);
+    if (!frame_is_dead(f & ~kFrameTags, sp, alt, have_alt) && own_frame_live(s, d - 1, f)) break;
     --d;
   }
   // Unrecorded frames lie deeper than frames[kMaxNest - 1]: if that one is dead, so are they.
@@ -145,8 +148,25 @@ FrameGuard::FrameGuard(ucontext_t* uc, bool trap) noexcept : slot_(self_slot()) 
     return;
   }
   slot_->frames[d].store(reinterpret_cast<std::uintptr_t>(uc) | (trap ? kTrapFrameTag : 0), std::memory_order_relaxed);
+  slot_->frame_sp[d].store(arch::context_sp(uc), std::memory_order_relaxed);
   slot_->seq.fetch_add(1, std::memory_order_acq_rel);
   slot_->depth.store(d + 1, std::memory_order_release);
+  index_ = static_cast<int>(d);
+}
+
+FrameGuard::~FrameGuard() {
+  if (index_ < 0) return;
+  sigset_t all;
+  sigfillset(&all);
+  raw_sigprocmask(SIG_BLOCK, &all, nullptr);  // until sigreturn, which restores the mask
+  const auto i = static_cast<std::uint32_t>(index_);
+  // Frames above ours belong to handlers that jumped out into ours: gone.
+  slot_->depth.store(i + 1, std::memory_order_release);
+  slot_->frames[i].store(slot_->frames[i].load(std::memory_order_relaxed) | kExitingTag, std::memory_order_release);
+}
+
+bool own_frame_live(const ThreadSlot* s, std::uint32_t i, std::uintptr_t f) noexcept {
+  return !(f & kExitingTag) && arch::context_sp(frame_context(f)) == s->frame_sp[i].load(std::memory_order_relaxed);
 }
 
 bool in_ranges(std::uintptr_t pc, std::span<const PcRange> ranges) noexcept {
@@ -186,9 +206,15 @@ OutsideProof prove_outside(pid_t tid, std::span<const PcRange> ranges, TrapFrame
     const std::uintptr_t f = s->frames[i].load(std::memory_order_relaxed);
     const bool trap = f & kTrapFrameTag;
     if (trap && trap_frames == TrapFrames::skip) continue;
-    std::uintptr_t pc;
-    const auto rip = reinterpret_cast<std::uintptr_t>(&frame_context(f)->uc_mcontext.gregs[REG_RIP]);
-    if (!read_word(rip, &pc)) return out;
+    // REG_RSP and REG_RIP are adjacent: one read gives both.
+    static_assert(REG_RIP == REG_RSP + 1);
+    std::uintptr_t sp_pc[2];
+    if (!read_words(reinterpret_cast<std::uintptr_t>(&frame_context(f)->uc_mcontext.gregs[REG_RSP]), sp_pc, 2)) return out;
+    if (sp_pc[0] != s->frame_sp[i].load(std::memory_order_relaxed)) {
+      if (f & kExitingTag) continue;  // returned through sigreturn, and overwritten since: dead
+      return out;                      // a live frame changed under us (or a handler rewrote it)
+    }
+    std::uintptr_t pc = sp_pc[1];
     if (trap) --pc;  // the int3 being emulated
     if (in_ranges(pc, ranges)) {
       out.inside = pc;

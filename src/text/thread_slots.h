@@ -2,10 +2,14 @@
 // move_pcs (to move PCs), RangeWatch (to observe them) and the fix-up handler. Internal.
 //
 // Each thread that runs one of the router's handlers claims a slot of a process-wide array
-// (lock-free, once). A handler pushes the ucontext of the frame it was delivered on; frames
-// are never popped (between a handler's pop and its sigreturn the frame would be live but
-// unrecorded) but die once the thread's stack pointer is back above them, and are pruned then.
-// Everything here that a handler calls is async-signal-safe.
+// (lock-free, once). A handler pushes the ucontext of the frame it was delivered on, with the
+// stack pointer saved in it. When it returns it blocks every signal and marks its frame
+// exiting instead of popping it: until sigreturn the frame is live (a stopped thread may be
+// looked at there), and no handler can run on the thread before sigreturn restores its mask.
+// So a handler that finds an exiting frame on its own thread knows it is dead. Frames left by
+// a handler that jumped out (siglongjmp) die once the thread's stack pointer is back above
+// them; a frame whose saved stack pointer changed has been overwritten. Dead frames are pruned
+// from the top by the thread itself. Everything here a handler calls is async-signal-safe.
 #pragma once
 
 #include <signal.h>
@@ -24,7 +28,9 @@ namespace tramway::text::detail {
 
 inline constexpr int kMaxNest = 32;
 inline constexpr int kMaxSlots = 4096;
-inline constexpr std::uintptr_t kTrapFrameTag = 1;  // low bit of a frame: pushed by the SIGTRAP router
+inline constexpr std::uintptr_t kTrapFrameTag = 1;  // a frame's bit 0: pushed by the SIGTRAP router
+inline constexpr std::uintptr_t kExitingTag = 2;    // bit 1: its handler has returned (see above)
+inline constexpr std::uintptr_t kFrameTags = kTrapFrameTag | kExitingTag;
 inline constexpr std::uint64_t kTidMask = 0xffff'ffffu;
 
 struct ThreadSlot {
@@ -36,7 +42,8 @@ struct ThreadSlot {
   std::atomic<std::uint32_t> depth{0};  // frames[0, depth) may be live, outermost first
   std::atomic<bool> overflow{false};    // frames deeper than kMaxNest are live but unrecorded
   std::atomic<std::uint64_t> acked{0};  // last fix-up generation this thread answered
-  std::atomic<std::uintptr_t> frames[kMaxNest] = {};  // ucontext_t* | kTrapFrameTag
+  std::atomic<std::uintptr_t> frames[kMaxNest] = {};    // ucontext_t* | tags
+  std::atomic<std::uintptr_t> frame_sp[kMaxNest] = {};  // the stack pointer saved in each
   // The last RangeWatch sample (range_watch.cc): its watch's epoch and stage, a PC found in a
   // watched range (0: none), the watch's quiescence probe's answer, and a count bumped after
   // each sample is written.
@@ -65,7 +72,11 @@ ThreadSlot* self_slot() noexcept;
 // Forgets every slot but the calling thread's (fork child).
 void slots_after_fork_in_child() noexcept;
 
-inline ucontext_t* frame_context(std::uintptr_t f) noexcept { return reinterpret_cast<ucontext_t*>(f & ~kTrapFrameTag); }
+inline ucontext_t* frame_context(std::uintptr_t f) noexcept { return reinterpret_cast<ucontext_t*>(f & ~kFrameTags); }
+
+// For the thread itself (in a handler, or outside any): frames[i] = f is live, as far as the
+// record can tell, when it is not exiting and still holds the stack pointer saved at push.
+bool own_frame_live(const ThreadSlot* s, std::uint32_t i, std::uintptr_t f) noexcept;
 
 // Drops dead frames from the top and returns the depth left. `alt` is the thread's alternate
 // signal stack (a handler has it in its frame's uc_stack); nullptr asks the kernel.
@@ -74,14 +85,19 @@ std::uintptr_t current_sp() noexcept;
 
 // Records the frame of the handler being entered. The kernel blocked the fix-up signal when
 // it delivered this one (it is in every sa_mask the router registers), so no fix-up can run
-// before the frame is recorded; the handler unblocks it after.
+// before the frame is recorded; the handler unblocks it after. The destructor blocks every
+// signal (sigreturn restores the mask) and marks the frame exiting.
 class FrameGuard {
  public:
   FrameGuard(ucontext_t* uc, bool trap) noexcept;
+  ~FrameGuard();
+  FrameGuard(const FrameGuard&) = delete;
+  FrameGuard& operator=(const FrameGuard&) = delete;
   ThreadSlot* slot() const noexcept { return slot_; }
 
  private:
   ThreadSlot* slot_;
+  int index_ = -1;  // where the frame was recorded; -1: not recorded (no slot, or overflow)
 };
 
 // True when `pc` lies in one of `ranges` (sorted by begin, disjoint).

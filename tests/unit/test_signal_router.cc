@@ -307,6 +307,27 @@ TEST(SignalRouter, NestedHandlerSeesBothInterruptedPcs) {
   EXPECT_LE(tramway::text::interrupted_pcs(pcs, 0), 0u);
 }
 
+// The handler's frame lies below the stack pointer the thread had when the signal came; once
+// the handler returned, a call deeper than that frame reuses its memory. The record must not
+// take it for a live frame then (the fix-up handler would write into that memory).
+__attribute__((noinline)) std::size_t interrupted_pcs_from_deep_in_the_stack() {
+  volatile char deep[64 * 1024];
+  for (std::size_t i = 0; i < sizeof deep; i += 512) deep[i] = static_cast<char>(i);
+  std::uintptr_t pcs[4];
+  const std::size_t n = tramway::text::interrupted_pcs(pcs, 4);
+  return n + static_cast<std::size_t>(deep[0]);
+}
+
+TEST(SignalRouter, AReturnedHandlersFrameIsDeadEvenWhenTheStackGrowsPastIt) {
+  SavedAction saved(SIGUSR1);
+  struct sigaction act = make_action(on_usr1);
+  ASSERT_EQ(sigaction(SIGUSR1, &act, nullptr), 0);
+  g_usr1_nests = false;
+  ASSERT_EQ(pthread_sigqueue(pthread_self(), SIGUSR1, sigval{}), 0);
+  ASSERT_EQ(g_usr1.depth.load(), 1u);
+  EXPECT_EQ(interrupted_pcs_from_deep_in_the_stack(), 0u);
+}
+
 // ---- the fix-up signal and masks -------------------------------------------------------------
 
 TEST(SignalRouter, FixupSignalIsReserved) {
