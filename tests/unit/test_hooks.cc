@@ -1,6 +1,7 @@
 // Function hooks through the common entry: callbacks see the function's arguments, the
 // function still gets them (integer, floating point, varargs), several ops share a site,
 // recursion is counted, errors say what to do, and detach is synchronous under load.
+#include <dlfcn.h>
 #include <gtest/gtest.h>
 
 #include <atomic>
@@ -235,4 +236,25 @@ TEST(Hooks, DetachIsSynchronousWhileThreadsCallTheFunction) {
   for (auto& t : callers) t.join();
   EXPECT_GT(total_ran, 0u) << "the callers never ran while an ops was attached";
   EXPECT_GT(calls.load(), 0u);
+}
+
+// A hooked library unloaded and loaded again: its sites left the tables with it, so the
+// second load (likely at the same address) is hooked from scratch.
+TEST(Hooks, AnUnloadedLibrarysSitesLeaveWithItAndAReloadStartsClean) {
+  for (int round = 0; round < 2; ++round) {
+    void* lib = dlopen(HOOK_FX_GCC, RTLD_NOW | RTLD_LOCAL);
+    ASSERT_NE(lib, nullptr) << dlerror();
+    auto* c_function = reinterpret_cast<int (*)(int)>(dlsym(lib, "c_function"));
+    ASSERT_NE(c_function, nullptr);
+    Seen seen;
+    hooks::Ops ops = make_ops(record, &seen);
+    const auto st = hooks::attach(ops, hooks::Filter::names({"c_function"}));
+    ASSERT_TRUE(st.ok()) << st.message();
+    EXPECT_EQ(c_function(1), (1 ^ 0x55) + 1);
+    EXPECT_EQ(seen.calls.load(), 1);
+    EXPECT_EQ(hooks::counters(ops).functions, 1u);
+    ASSERT_EQ(dlclose(lib), 0);
+    EXPECT_EQ(hooks::counters(ops).functions, 0u) << "the unloaded function is still attached";
+    ASSERT_TRUE(hooks::detach(ops).ok());
+  }
 }

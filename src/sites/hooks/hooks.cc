@@ -12,7 +12,9 @@
 // Lock order: g_mu (hook tables) -> the text layer's patch lock.
 #include "tramway/hooks.h"
 
+#include <dlfcn.h>
 #include <fnmatch.h>
+#include <link.h>
 #include <pthread.h>
 
 #include <algorithm>
@@ -183,6 +185,51 @@ Status switch_sites(const std::vector<Site*>& enable, const std::vector<Site*>& 
     if (Status st = batch.add(reinterpret_cast<void*>(s->entry), arch::kNop5); !st.ok()) return st;
   }
   return text::apply(batch);
+}
+
+// The address range of the loaded object whose load bias and name are given, if it is loaded.
+struct ObjectRange {
+  std::uintptr_t base, begin, end;
+  std::string name;
+  bool found = false;
+};
+ObjectRange find_object(std::uintptr_t base, const std::string& name) {
+  ObjectRange r{base, ~std::uintptr_t{0}, 0, name};
+  dl_iterate_phdr(
+      [](dl_phdr_info* info, std::size_t, void* arg) {
+        auto* r = static_cast<ObjectRange*>(arg);
+        if (info->dlpi_addr != r->base || r->name != (info->dlpi_name ? info->dlpi_name : "")) return 0;
+        for (int i = 0; i < info->dlpi_phnum; ++i) {
+          const ElfW(Phdr)& ph = info->dlpi_phdr[i];
+          if (ph.p_type != PT_LOAD) continue;
+          r->begin = std::min<std::uintptr_t>(r->begin, info->dlpi_addr + ph.p_vaddr);
+          r->end = std::max<std::uintptr_t>(r->end, info->dlpi_addr + ph.p_vaddr + ph.p_memsz);
+        }
+        r->found = true;
+        return 1;
+      },
+      &r);
+  return r;
+}
+
+// After an object was unloaded: its sites leave every table, so that an object loaded later
+// at the same addresses starts clean (its literal slots unwritten, its entries nops).
+void forget_sites_in(std::uintptr_t begin, std::uintptr_t end) {
+  std::lock_guard lock(g_mu);
+  std::vector<std::uintptr_t> targets;
+  std::vector<SiteCell*> cells;  // may still be read by a thread that was inside the stub
+  for (auto it = g_sites.lower_bound(begin); it != g_sites.end() && it->first < end;) {
+    Site& s = it->second;
+    for (Ops* o : s.ops) std::erase(o->state->entries, s.entry);
+    targets.push_back(s.cell->target.exchange(0, std::memory_order_acq_rel));
+    cells.push_back(s.cell);
+    it = g_sites.erase(it);
+  }
+  if (cells.empty()) return;
+  (void)grace::call([targets, cells] {
+    for (std::uintptr_t t : targets) free_target(t);
+    for (SiteCell* c : cells) delete c;
+  });
 }
 
 }  // namespace
@@ -357,4 +404,19 @@ extern "C" __attribute__((visibility("hidden"))) void tramway_hook_dispatch(tram
     o.entry(o, entry, caller, *regs);
   }
   t_in_callback = false;
+}
+
+// dlclose, interposed: when the object is really unloaded (its last reference dropped), its
+// hooked sites are forgotten (see forget_sites_in). The program must not be running the
+// object's code when it closes it, hooked or not; threads inside tramway's stub on behalf of
+// one of its functions are the program's business alike.
+extern "C" int dlclose(void* handle) {
+  using namespace tramway::hooks;
+  static const auto real = reinterpret_cast<int (*)(void*)>(dlsym(RTLD_NEXT, "dlclose"));
+  link_map* lm = nullptr;
+  if (dlinfo(handle, RTLD_DI_LINKMAP, &lm) != 0 || !lm) return real(handle);
+  const ObjectRange before = find_object(lm->l_addr, lm->l_name ? lm->l_name : "");
+  const int rc = real(handle);
+  if (before.found && !find_object(before.base, before.name).found) forget_sites_in(before.begin, before.end);
+  return rc;
 }
