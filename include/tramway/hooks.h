@@ -25,6 +25,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -81,6 +82,11 @@ Status attach(Ops& ops, const Filter& filter);
 // Detaches `ops` from every function. When it returns, no callback of `ops` runs or will
 // run on any thread (a grace period has passed); `ops` may then be attached again or freed.
 Status detach(Ops& ops);
+
+// Detaches `ops` without waiting for the grace period: `done` runs on tramway's callback
+// thread once no callback of `ops` runs or can run any more. Until then `ops` must stay alive
+// and cannot be attached again; from then on it may be reused or freed.
+Status detach_async(Ops& ops, std::function<void()> done);
 
 // Stops and resumes callbacks of an attached ops without detaching it (no code patch).
 Status disable(Ops& ops);

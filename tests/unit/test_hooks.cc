@@ -10,6 +10,7 @@
 #include <thread>
 #include <vector>
 
+#include "tramway/grace.h"
 #include "tramway/hooks.h"
 
 namespace hooks = tramway::hooks;
@@ -257,4 +258,50 @@ TEST(Hooks, AnUnloadedLibrarysSitesLeaveWithItAndAReloadStartsClean) {
     EXPECT_EQ(hooks::counters(ops).functions, 0u) << "the unloaded function is still attached";
     ASSERT_TRUE(hooks::detach(ops).ok());
   }
+}
+
+TEST(Hooks, DetachAsyncRunsDoneOnceNoCallbackCanRun) {
+  Seen seen;
+  hooks::Ops ops = make_ops(record, &seen);
+  ASSERT_TRUE(hooks::attach(ops, hooks::Filter::names({"hook_add"})).ok());
+  EXPECT_EQ(p_add(1, 2), 3);
+  std::atomic<bool> done{false};
+  std::atomic<int> calls_at_done{-1};
+  ASSERT_TRUE(hooks::detach_async(ops, [&] {
+    calls_at_done = seen.calls.load();
+    done = true;
+  }).ok());
+  // Refused while the grace period runs (or, if done ran already, because it is detached).
+  EXPECT_FALSE(hooks::detach_async(ops, nullptr).ok()) << "a second detach of the same ops was accepted";
+  ASSERT_TRUE(tramway::grace::barrier().ok());
+  ASSERT_TRUE(done.load());
+
+  // With a reader holding the grace period, done cannot run: the ops stays "being detached".
+  ASSERT_TRUE(hooks::attach(ops, hooks::Filter::names({"hook_add"})).ok());
+  std::atomic<bool> holding{false}, release{false};
+  std::thread reader([&] {
+    tramway::grace::ReadGuard g;
+    holding = true;
+    while (!release) std::this_thread::yield();
+  });
+  while (!holding) std::this_thread::yield();
+  done = false;
+  ASSERT_TRUE(hooks::detach_async(ops, [&] { done = true; }).ok());
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  EXPECT_FALSE(done.load()) << "done ran while a reader held the grace period";
+  const auto again = hooks::attach(ops, hooks::Filter::names({"hook_add"}));
+  ASSERT_FALSE(again.ok());
+  EXPECT_NE(again.message().find("being detached"), std::string::npos) << again.message();
+  release = true;
+  reader.join();
+  calls_at_done = seen.calls.load();
+  ASSERT_TRUE(tramway::grace::barrier().ok());
+  ASSERT_TRUE(done.load());
+  EXPECT_EQ(p_add(2, 2), 4);
+  EXPECT_EQ(seen.calls.load(), calls_at_done.load()) << "a callback ran after done";
+  // Reusable once done ran.
+  ASSERT_TRUE(hooks::attach(ops, hooks::Filter::names({"hook_add"})).ok());
+  EXPECT_EQ(p_add(3, 3), 6);
+  EXPECT_EQ(seen.calls.load(), calls_at_done.load() + 1);
+  ASSERT_TRUE(hooks::detach(ops).ok());
 }

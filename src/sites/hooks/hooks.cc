@@ -38,6 +38,7 @@ namespace tramway::hooks {
 
 struct Ops::State {
   std::atomic<bool> enabled{true};
+  bool detaching = false;               // detach_async began (under g_mu)
   std::atomic<std::uint64_t> hits{0}, recursion_skipped{0};
   std::vector<std::uintptr_t> entries;  // functions attached to (under g_mu)
 };
@@ -257,7 +258,10 @@ Status attach(Ops& ops, const Filter& filter) {
   if (t_in_callback) return Status::error("hooks::attach called from inside a hook callback");
   if (!ops.entry) return Status::error("hooks::attach: the ops has no entry callback");
   std::lock_guard lock(g_mu);
-  if (ops.state) return Status::error("hooks::attach: this ops is attached already (detach it first)");
+  if (ops.state) {
+    return Status::error(ops.state->detaching ? "hooks::attach: this ops is still being detached (wait for detach_async's done)"
+                                              : "hooks::attach: this ops is attached already (detach it first)");
+  }
   auto selected = select(filter);
   if (!selected.ok()) return selected.status();
 
@@ -305,30 +309,56 @@ Status attach(Ops& ops, const Filter& filter) {
   return {};
 }
 
-Status detach(Ops& ops) {
-  if (t_in_callback) return Status::error("hooks::detach called from inside a hook callback");
+namespace {
+
+// Takes `ops` out of every site's cell and disables the sites left without ops. Returns the
+// targets it replaced: threads inside the stub may read them until a grace period passes.
+Result<std::vector<std::uintptr_t>> unpublish(Ops& ops, const char* who) {
   std::vector<std::uintptr_t> retired;
-  {
-    std::lock_guard lock(g_mu);
-    if (!ops.state) return Status::error("hooks::detach: this ops is not attached");
-    std::vector<Site*> disable;
-    for (std::uintptr_t e : ops.state->entries) {
-      Site& s = g_sites[e];
-      std::erase(s.ops, &ops);
-      retired.push_back(s.cell->target.exchange(target_for(s.ops), std::memory_order_acq_rel));
-      if (s.ops.empty() && s.enabled) disable.push_back(&s);
-    }
-    // A failed disable leaves sites calling the stub with an empty cell: correct, only slower.
-    if (Status st = switch_sites({}, disable, {}); st.ok()) {
-      for (Site* s : disable) s->enabled = false;
-    }
+  std::lock_guard lock(g_mu);
+  if (!ops.state) return Status::error(std::string(who) + ": this ops is not attached");
+  if (ops.state->detaching) return Status::error(std::string(who) + ": this ops is being detached already");
+  ops.state->detaching = true;
+  std::vector<Site*> disable;
+  for (std::uintptr_t e : ops.state->entries) {
+    Site& s = g_sites[e];
+    std::erase(s.ops, &ops);
+    retired.push_back(s.cell->target.exchange(target_for(s.ops), std::memory_order_acq_rel));
+    if (s.ops.empty() && s.enabled) disable.push_back(&s);
   }
-  // Every thread that may still run a callback of `ops` is inside the stub's marker region.
-  if (Status st = grace::synchronize(); !st.ok()) return st;
+  // A failed disable leaves sites calling the stub with an empty cell: correct, only slower.
+  if (Status st = switch_sites({}, disable, {}); st.ok()) {
+    for (Site* s : disable) s->enabled = false;
+  }
+  return retired;
+}
+
+void free_all(const std::vector<std::uintptr_t>& retired, Ops& ops) {
   for (std::uintptr_t t : retired) free_target(t);
   delete ops.state;
   ops.state = nullptr;
+}
+
+}  // namespace
+
+Status detach(Ops& ops) {
+  if (t_in_callback) return Status::error("hooks::detach called from inside a hook callback");
+  auto retired = unpublish(ops, "hooks::detach");
+  if (!retired.ok()) return retired.status();
+  // Every thread that may still run a callback of `ops` is inside the stub's marker region.
+  if (Status st = grace::synchronize(); !st.ok()) return st;
+  free_all(*retired, ops);
   return {};
+}
+
+Status detach_async(Ops& ops, std::function<void()> done) {
+  if (t_in_callback) return Status::error("hooks::detach_async called from inside a hook callback");
+  auto retired = unpublish(ops, "hooks::detach_async");
+  if (!retired.ok()) return retired.status();
+  return grace::call([retired = std::move(*retired), &ops, done = std::move(done)] {
+    free_all(retired, ops);
+    if (done) done();
+  });
 }
 
 Status disable(Ops& ops) {
