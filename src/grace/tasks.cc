@@ -54,14 +54,7 @@ std::vector<text::PcRange> g_held_ranges;
 
 std::string range_holding(std::uintptr_t pc, const std::vector<text::PcRange>& ranges) {
   for (const text::PcRange& r : ranges) {
-    if (pc >= r.begin && pc < r.end) {
-      std::string text = "[";  // appended piecewise: GCC 12 -O3 warns (-Wrestrict) on "[" + string
-      text += common::hex_address(r.begin);
-      text += ", ";
-      text += common::hex_address(r.end);
-      text += ")";
-      return text;
-    }
+    if (pc >= r.begin && pc < r.end) return common::range_text(r.begin, r.end);
   }
   return {};
 }

@@ -450,9 +450,7 @@ MoveTable* take_move_table(std::span<const PcMove> moves) {
   return t;
 }
 
-std::string range_text(const PcMove& m) {
-  return "[" + common::hex_address(m.begin) + ", " + common::hex_address(m.end) + ")";
-}
+std::string range_text(const PcMove& m) { return common::range_text(m.begin, m.end); }
 
 // "[b, e)" for one range, "3 ranges ([b, e), [b, e), [b, e))" for a few, the first 4 for more.
 std::string ranges_text(std::span<const PcMove> moves) {
