@@ -75,8 +75,8 @@ class Filter {
 };
 
 // Attaches `ops` to every patchable function the filter selects, enabled. Fails (attaching
-// nothing) when the filter selects nothing, names a function that is not patchable, or
-// `ops` is attached already.
+// nothing) when the filter selects nothing, names a function that is not patchable, `ops` is
+// attached already, or 4,096 ops are attached.
 Status attach(Ops& ops, const Filter& filter);
 
 // Detaches `ops` from every function. When it returns, no callback of `ops` runs or will
@@ -92,6 +92,8 @@ Status detach_async(Ops& ops, std::function<void()> done);
 Status disable(Ops& ops);
 Status enable(Ops& ops);
 
+// Exact: each thread counts in its own block (no locked instruction on the call path), and
+// this sums the blocks. Per function counts are the callback's business (it gets the entry).
 struct OpsCounters {
   std::uint64_t hits = 0;               // callbacks run
   std::uint64_t recursion_skipped = 0;  // calls from inside a callback on the same thread
@@ -104,8 +106,7 @@ struct Function {
   std::uintptr_t entry = 0;
   std::string name;    // demangled; empty for a stripped local function
   std::string object;  // the executable or shared library it lives in
-  bool hooked = false; // some ops is attached to it
-  std::uint64_t hits = 0;  // callbacks run at this site
+  std::size_t ops = 0; // ops attached to it
 };
 // Every patchable function of the objects loaded now.
 Result<std::vector<Function>> patchable_functions();

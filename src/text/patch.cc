@@ -398,10 +398,17 @@ Status apply(const PatchBatch& batch, const PatchLock&) {
 }
 
 Status write_unexecuted(void* address, std::span<const std::uint8_t> bytes) {
+  const UnexecutedWrite one{address, bytes};
+  return write_unexecuted(std::span(&one, 1));
+}
+
+Status write_unexecuted(std::span<const UnexecutedWrite> writes) {
   PatchLock lock;
   detail::PageWriter w;
-  const auto a = reinterpret_cast<std::uintptr_t>(address);
-  for (std::size_t i = 0; i < bytes.size(); ++i) w.set(a + i, bytes[i]);
+  for (const UnexecutedWrite& u : writes) {
+    const auto a = reinterpret_cast<std::uintptr_t>(u.address);
+    for (std::size_t i = 0; i < u.bytes.size(); ++i) w.set(a + i, u.bytes[i]);
+  }
   return w.flush();
 }
 

@@ -94,6 +94,12 @@ Status apply(const PatchBatch& batch, const PatchLock& held);
 // Writes bytes that no thread can be executing (for example a fresh trampoline, or the
 // unreachable tail after a ret) without the int3 protocol, honouring W^X.
 Status write_unexecuted(void* address, std::span<const std::uint8_t> bytes);
+// Many such writes, one write per touched page.
+struct UnexecutedWrite {
+  void* address;
+  std::span<const std::uint8_t> bytes;
+};
+Status write_unexecuted(std::span<const UnexecutedWrite> writes);
 
 // Counters since process start, for tests and benchmarks.
 struct PatchStats {

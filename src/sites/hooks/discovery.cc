@@ -107,7 +107,7 @@ Status check_same_object(Elf* elf, const dl_phdr_info& info, const std::string& 
   return {};
 }
 
-EntryForm form_at(std::uintptr_t entry) {
+EntryForm read_form(std::uintptr_t entry) {
   std::uint8_t b[kEntryBytes];
   std::memcpy(b, reinterpret_cast<const void*>(entry), sizeof b);
   if (std::all_of(std::begin(b), std::end(b), [](std::uint8_t x) { return x == 0x90; })) return EntryForm::nop1x5;
@@ -225,7 +225,7 @@ Result<ObjectSites> discover_object(const dl_phdr_info& info) {
   out.sites.erase(std::unique(out.sites.begin(), out.sites.end(),
                               [](const auto& a, const auto& b) { return a.entry == b.entry; }),
                   out.sites.end());
-  for (auto& s : out.sites) s.form = form_at(s.entry);
+  for (auto& s : out.sites) s.form = read_form(s.entry);
 
   // .symtab names every function; a stripped object keeps only .dynsym (exported functions).
   if (Elf_Scn* symbols = symtab ? symtab : dynsym; symbols && !out.sites.empty())
@@ -255,5 +255,7 @@ std::vector<Result<ObjectSites>> discover_loaded_objects() {
   if (walk.out_of_memory) walk.objects.push_back(Status::error("site discovery ran out of memory"));
   return std::move(walk.objects);
 }
+
+EntryForm form_at(std::uintptr_t entry) { return read_form(entry); }
 
 }  // namespace tramway::sites::hooks

@@ -44,6 +44,9 @@ struct ObjectSites {
 // replaced since it was loaded) does not hide the others: each element is its own result.
 std::vector<Result<ObjectSites>> discover_loaded_objects();
 
+// What the entry of a discovered site holds now (forms change as sites are patched).
+EntryForm form_at(std::uintptr_t entry);
+
 // One object, as dl_iterate_phdr reports it. The caller keeps the object loaded meanwhile
 // (call it from a dl_iterate_phdr callback, or hold a dlopen handle).
 Result<ObjectSites> discover_object(const dl_phdr_info& info);

@@ -17,8 +17,13 @@
 #include <link.h>
 #include <pthread.h>
 
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <cstring>
 #include <map>
 #include <mutex>
@@ -27,7 +32,6 @@
 #include "arch/x86_64/insn.h"
 #include "common/format.h"
 #include "sites/hooks/discovery.h"
-#include "text/internal.h"
 #include "tramway/grace.h"
 #include "tramway/text/code_memory.h"
 #include "tramway/text/patch.h"
@@ -38,8 +42,10 @@ namespace tramway::hooks {
 
 struct Ops::State {
   std::atomic<bool> enabled{true};
-  bool detaching = false;               // detach_async began (under g_mu)
-  std::atomic<std::uint64_t> hits{0}, recursion_skipped{0};
+  bool detaching = false;  // detach_async began (under g_mu)
+  std::uint32_t id = 0;    // index of its hit counters in every thread's block
+  std::uint64_t hits_baseline = 0;  // what the blocks held for `id` when it was attached
+  std::atomic<std::uint64_t> recursion_skipped{0};
   std::vector<std::uintptr_t> entries;  // functions attached to (under g_mu)
 };
 
@@ -56,8 +62,60 @@ struct OpsList {
 
 struct alignas(64) SiteCell {
   std::atomic<std::uintptr_t> target{0};  // Ops*, OpsList* | kListTag, or 0
-  std::atomic<std::uint64_t> hits{0};
 };
+
+// ---- hit counters ----------------------------------------------------------------------------
+// A locked increment per call costs about 5 ns, more than the rest of the call path, so each
+// thread counts in its own block, which only it writes; counters() sums the blocks. Blocks
+// are mmapped (async-signal-safe: callbacks may run in signal handlers), chained in a list
+// that only grows, and a block whose thread has exited is taken over by the next new thread
+// (its counts stay: only sums are read). An ops id is reused once its ops is detached; the
+// new ops starts from the sum the blocks hold then.
+constexpr std::uint32_t kMaxOps = 4096;
+struct CounterBlock {
+  std::atomic<pid_t> owner;
+  CounterBlock* next;
+  std::uint64_t hits[kMaxOps];
+};
+std::atomic<CounterBlock*> g_blocks{nullptr};
+thread_local constinit CounterBlock* t_block __attribute__((tls_model("initial-exec"))) = nullptr;
+
+CounterBlock* claim_block() noexcept {
+  const pid_t me = static_cast<pid_t>(::syscall(SYS_gettid));
+  for (CounterBlock* b = g_blocks.load(std::memory_order_acquire); b; b = b->next) {
+    pid_t owner = b->owner.load(std::memory_order_relaxed);
+    if (::syscall(SYS_tgkill, ::getpid(), owner, 0) != 0 && errno == ESRCH &&
+        b->owner.compare_exchange_strong(owner, me)) {
+      return t_block = b;
+    }
+  }
+  void* mem = ::mmap(nullptr, sizeof(CounterBlock), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (mem == MAP_FAILED) return nullptr;
+  auto* b = static_cast<CounterBlock*>(mem);  // zero-filled
+  b->owner.store(me, std::memory_order_relaxed);
+  b->next = g_blocks.load(std::memory_order_relaxed);
+  while (!g_blocks.compare_exchange_weak(b->next, b, std::memory_order_acq_rel)) {
+  }
+  return t_block = b;
+}
+
+inline void count_hit(std::uint32_t id) noexcept {
+  CounterBlock* b = t_block ? t_block : claim_block();
+  if (!b) return;  // out of memory: the hit goes uncounted rather than the call failing
+  std::atomic_ref<std::uint64_t> c(b->hits[id]);
+  c.store(c.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);  // only this thread writes it
+}
+
+std::uint64_t sum_hits(std::uint32_t id) {
+  std::uint64_t sum = 0;
+  for (CounterBlock* b = g_blocks.load(std::memory_order_acquire); b; b = b->next) {
+    sum += std::atomic_ref<std::uint64_t>(b->hits[id]).load(std::memory_order_relaxed);
+  }
+  return sum;
+}
+
+std::vector<std::uint32_t> g_free_ids;  // under g_mu
+std::uint32_t g_next_id = 0;
 
 struct Site {
   std::uintptr_t entry = 0;
@@ -110,23 +168,63 @@ Status not_patchable(const std::string& what) {
 
 struct Candidate {
   std::uintptr_t entry;
-  std::string name, object;
+  const std::string* name;    // in the discovery cache, valid under g_mu
+  const std::string* object;
   EntryForm form;
 };
 
+// ---- discovery cache -----------------------------------------------------------------------------
+// Reading an object's symbols with libelf costs milliseconds, so each loaded object is read
+// once, keyed by load bias and name; objects unloaded since are dropped. Under g_mu.
+struct CachedObject {
+  sites::hooks::ObjectSites sites;
+  bool seen = false;  // still loaded at the last refresh
+};
+std::map<std::pair<std::uintptr_t, std::string>, CachedObject> g_objects;
+std::vector<Candidate> g_all;  // every cached site, sorted by entry; rebuilt when g_objects changes
+bool g_all_stale = true;
+
+void refresh_objects() {
+  for (auto& [key, o] : g_objects) o.seen = false;
+  dl_iterate_phdr(
+      [](dl_phdr_info* info, std::size_t, void*) {
+        auto [it, fresh] = g_objects.try_emplace({info->dlpi_addr, info->dlpi_name ? info->dlpi_name : ""});
+        it->second.seen = true;
+        if (fresh) {
+          g_all_stale = true;
+          auto sites = sites::hooks::discover_object(*info);
+          if (sites.ok()) it->second.sites = std::move(*sites);  // unreadable: no sites
+        }
+        return 0;
+      },
+      nullptr);
+  if (std::erase_if(g_objects, [](const auto& kv) { return !kv.second.seen; }) > 0) g_all_stale = true;
+}
+
+// Every patchable function loaded now, sorted by entry.
+const std::vector<Candidate>& all_candidates() {
+  refresh_objects();
+  if (!g_all_stale) return g_all;
+  g_all.clear();
+  for (const auto& [key, o] : g_objects) {
+    for (const auto& s : o.sites.sites) {
+      g_all.push_back({s.entry, s.name.empty() ? &s.symbol : &s.name, &o.sites.path, s.form});
+    }
+  }
+  std::sort(g_all.begin(), g_all.end(), [](const Candidate& a, const Candidate& b) { return a.entry < b.entry; });
+  g_all_stale = false;
+  return g_all;
+}
+
 // The sites the filter selects, or an error naming what did not match.
 Result<std::vector<Candidate>> select(const Filter& filter) {
-  std::vector<Candidate> all;
-  for (auto& object : sites::hooks::discover_loaded_objects()) {
-    if (!object.ok()) continue;  // an object we cannot read cannot be selected either
-    for (const auto& s : object->sites) all.push_back({s.entry, s.name.empty() ? s.symbol : s.name, object->path, s.form});
-  }
+  const std::vector<Candidate>& all = all_candidates();
   std::vector<Candidate> out;
   switch (filter.kind()) {
     case Filter::Kind::addresses:
       for (std::uintptr_t e : filter.entries()) {
-        auto it = std::find_if(all.begin(), all.end(), [&](const Candidate& c) { return c.entry == e; });
-        if (it == all.end()) return not_patchable("the function at " + common::hex_address(e));
+        auto it = std::lower_bound(all.begin(), all.end(), e, [](const Candidate& c, std::uintptr_t v) { return c.entry < v; });
+        if (it == all.end() || it->entry != e) return not_patchable("the function at " + common::hex_address(e));
         out.push_back(*it);
       }
       break;
@@ -134,14 +232,14 @@ Result<std::vector<Candidate>> select(const Filter& filter) {
       for (const std::string& n : filter.patterns()) {
         const std::size_t before = out.size();
         for (const Candidate& c : all) {
-          if (c.name == n) out.push_back(c);
+          if (*c.name == n) out.push_back(c);
         }
         if (out.size() == before) return not_patchable("'" + n + "' (no patchable function has that name)");
       }
       break;
     case Filter::Kind::glob:
       for (const Candidate& c : all) {
-        if (fnmatch(filter.patterns()[0].c_str(), c.name.c_str(), 0) == 0) out.push_back(c);
+        if (fnmatch(filter.patterns()[0].c_str(), c.name->c_str(), 0) == 0) out.push_back(c);
       }
       if (out.empty()) {
         return Status::error("the filter '" + filter.patterns()[0] + "' matches no patchable function (" +
@@ -152,6 +250,7 @@ Result<std::vector<Candidate>> select(const Filter& filter) {
   std::sort(out.begin(), out.end(), [](const Candidate& a, const Candidate& b) { return a.entry < b.entry; });
   out.erase(std::unique(out.begin(), out.end(), [](const Candidate& a, const Candidate& b) { return a.entry == b.entry; }),
             out.end());
+  for (Candidate& c : out) c.form = sites::hooks::form_at(c.entry);  // the cache's may be stale
   return out;
 }
 
@@ -159,16 +258,20 @@ Result<std::vector<Candidate>> select(const Filter& filter) {
 // writing literal slots first, and applies them as one batch.
 Status switch_sites(const std::vector<Site*>& enable, const std::vector<Site*>& disable,
                     const std::map<std::uintptr_t, EntryForm>& forms) {
-  text::PatchBatch batch;
+  // Literal slots first, all in one write per page: no thread reads a slot before its site
+  // calls the stub, and the batch's serialisations order these writes before that.
+  std::vector<text::UnexecutedWrite> literals;
   for (Site* s : enable) {
-    if (!s->literal_written) {
-      const auto cell = reinterpret_cast<std::uintptr_t>(s->cell);
-      if (Status st = text::detail::write_span(s->entry - 8, reinterpret_cast<const std::uint8_t*>(&cell), sizeof cell);
-          !st.ok()) {
-        return st;
-      }
-      s->literal_written = true;
-    }
+    if (s->literal_written) continue;
+    literals.push_back({reinterpret_cast<void*>(s->entry - 8),
+                        {reinterpret_cast<const std::uint8_t*>(&s->cell), sizeof s->cell}});
+  }
+  if (Status st = text::write_unexecuted(literals); !st.ok()) return st;
+  for (Site* s : enable) s->literal_written = true;
+
+  text::PatchBatch batch;
+  batch.reserve(enable.size() + disable.size());
+  for (Site* s : enable) {
     auto thunk = thunk_near(s->entry);
     if (!thunk.ok()) return thunk.status();
     const auto call = arch::encode_call(s->entry, *thunk);
@@ -213,10 +316,12 @@ ObjectRange find_object(std::uintptr_t base, const std::string& name) {
   return r;
 }
 
-// After an object was unloaded: its sites leave every table, so that an object loaded later
+// After an object was unloaded: it and its sites leave every table, so that an object loaded later
 // at the same addresses starts clean (its literal slots unwritten, its entries nops).
-void forget_sites_in(std::uintptr_t begin, std::uintptr_t end) {
+void forget_object(const ObjectRange& r) {
   std::lock_guard lock(g_mu);
+  if (g_objects.erase({r.base, r.name}) > 0) g_all_stale = true;  // a reload at the same address is read afresh
+  const std::uintptr_t begin = r.begin, end = r.end;
   std::vector<std::uintptr_t> targets;
   std::vector<SiteCell*> cells;  // may still be read by a thread that was inside the stub
   for (auto it = g_sites.lower_bound(begin); it != g_sites.end() && it->first < end;) {
@@ -268,7 +373,7 @@ Status attach(Ops& ops, const Filter& filter) {
   for (const Candidate& c : *selected) {
     const auto known = g_sites.find(c.entry);
     if (c.form == EntryForm::other && (known == g_sites.end() || !known->second.enabled)) {
-      return Status::error("the entry of " + (c.name.empty() ? common::hex_address(c.entry) : c.name) +
+      return Status::error("the entry of " + (c.name->empty() ? common::hex_address(c.entry) : *c.name) +
                            " does not hold the nops -fpatchable-function-entry put there: another tool patched it, "
                            "or a sanitizer prologue comes first (Clang's -fsanitize=function; build with "
                            "-fno-sanitize=function)");
@@ -280,8 +385,8 @@ Status attach(Ops& ops, const Filter& filter) {
     Site& s = g_sites[c.entry];
     if (!s.cell) {
       s.entry = c.entry;
-      s.name = c.name;
-      s.object = c.object;
+      s.name = *c.name;
+      s.object = *c.object;
       s.cell = new SiteCell;
     }
     forms[c.entry] = c.form;
@@ -289,9 +394,19 @@ Status attach(Ops& ops, const Filter& filter) {
   }
   // Code first: a site that calls the stub before its cell names the ops just returns. So a
   // failed batch leaves nothing to undo but literal slots no thread reads.
+  if (g_free_ids.empty() && g_next_id == kMaxOps) {
+    return Status::error("hooks::attach: " + std::to_string(kMaxOps) + " ops are attached already; detach some first");
+  }
   if (Status st = switch_sites(enable, {}, forms); !st.ok()) return st;
   for (Site* s : enable) s->enabled = true;
   ops.state = new Ops::State;
+  if (g_free_ids.empty()) {
+    ops.state->id = g_next_id++;
+  } else {
+    ops.state->id = g_free_ids.back();
+    g_free_ids.pop_back();
+  }
+  ops.state->hits_baseline = sum_hits(ops.state->id);
   std::vector<std::uintptr_t> retired;
   for (const Candidate& c : *selected) {
     Site& s = g_sites[c.entry];
@@ -333,8 +448,11 @@ Result<std::vector<std::uintptr_t>> unpublish(Ops& ops, const char* who) {
   return retired;
 }
 
+// After a grace period: nothing reads the targets or runs the ops any more.
 void free_all(const std::vector<std::uintptr_t>& retired, Ops& ops) {
   for (std::uintptr_t t : retired) free_target(t);
+  std::lock_guard lock(g_mu);
+  g_free_ids.push_back(ops.state->id);
   delete ops.state;
   ops.state = nullptr;
 }
@@ -379,7 +497,7 @@ OpsCounters counters(const Ops& ops) {
   std::lock_guard lock(g_mu);
   OpsCounters c;
   if (!ops.state) return c;
-  c.hits = ops.state->hits.load(std::memory_order_relaxed);
+  c.hits = sum_hits(ops.state->id) - ops.state->hits_baseline;
   c.recursion_skipped = ops.state->recursion_skipped.load(std::memory_order_relaxed);
   c.functions = ops.state->entries.size();
   return c;
@@ -388,16 +506,10 @@ OpsCounters counters(const Ops& ops) {
 Result<std::vector<Function>> patchable_functions() {
   std::vector<Function> out;
   std::lock_guard lock(g_mu);
-  for (auto& object : sites::hooks::discover_loaded_objects()) {
-    if (!object.ok()) continue;
-    for (const auto& s : object->sites) {
-      Function f{s.entry, s.name.empty() ? s.symbol : s.name, object->path, false, 0};
-      if (auto it = g_sites.find(s.entry); it != g_sites.end()) {
-        f.hooked = !it->second.ops.empty();
-        f.hits = it->second.cell->hits.load(std::memory_order_relaxed);
-      }
-      out.push_back(std::move(f));
-    }
+  for (const Candidate& c : all_candidates()) {
+    Function f{c.entry, *c.name, *c.object, 0};
+    if (auto it = g_sites.find(c.entry); it != g_sites.end()) f.ops = it->second.ops.size();
+    out.push_back(std::move(f));
   }
   return out;
 }
@@ -426,18 +538,17 @@ extern "C" __attribute__((visibility("hidden"))) void tramway_hook_dispatch(tram
     return;
   }
   t_in_callback = true;
-  const_cast<SiteCell*>(cell)->hits.fetch_add(1, std::memory_order_relaxed);
   for (std::size_t i = 0; i < count; ++i) {
     Ops& o = *ops[i];
     if (!o.state->enabled.load(std::memory_order_relaxed)) continue;
-    o.state->hits.fetch_add(1, std::memory_order_relaxed);
+    count_hit(o.state->id);
     o.entry(o, entry, caller, *regs);
   }
   t_in_callback = false;
 }
 
 // dlclose, interposed: when the object is really unloaded (its last reference dropped), its
-// hooked sites are forgotten (see forget_sites_in). The program must not be running the
+// hooked sites are forgotten (see forget_object). The program must not be running the
 // object's code when it closes it, hooked or not; threads inside tramway's stub on behalf of
 // one of its functions are the program's business alike.
 extern "C" int dlclose(void* handle) {
@@ -447,6 +558,6 @@ extern "C" int dlclose(void* handle) {
   if (dlinfo(handle, RTLD_DI_LINKMAP, &lm) != 0 || !lm) return real(handle);
   const ObjectRange before = find_object(lm->l_addr, lm->l_name ? lm->l_name : "");
   const int rc = real(handle);
-  if (before.found && !find_object(before.base, before.name).found) forget_sites_in(before.begin, before.end);
+  if (before.found && !find_object(before.base, before.name).found) forget_object(before);
   return rc;
 }
