@@ -54,15 +54,10 @@
 #include <thread>
 #include <vector>
 
+#include "noinline.h"
 #include "report.h"
 #include "tramway/grace.h"
 #include "tramway/text/signal_router.h"
-
-#if defined(__clang__)
-#define BENCH_NOINLINE __attribute__((noinline))
-#else
-#define BENCH_NOINLINE __attribute__((noipa))
-#endif
 
 namespace {
 

@@ -36,11 +36,10 @@
 #include <utility>
 #include <vector>
 
+#include "noinline.h"
 #include "report.h"
 #include "tramway/hooks.h"
 
-// noipa: GCC must neither inline nor look into the measured functions (see bench_static.cc).
-#define BENCH_NOINLINE __attribute__((noipa))
 
 // ---- the measured function, twice ---------------------------------------------------------
 // Identical bodies; the attribute is -fpatchable-function-entry=13,8 for one function, so that

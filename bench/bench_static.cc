@@ -15,19 +15,13 @@
 #include <limits>
 #include <string>
 
+#include "noinline.h"
 #include "report.h"
 #include "tramway/static_call.h"
 #include "tramway/static_key.h"
 #include "tramway/text/code_memory.h"
 #include "tramway/text/patch.h"
 
-// noipa keeps GCC from looking into the measured functions (inferring they are const,
-// cloning them for a constant argument, folding identical ones); Clang has no noipa.
-#if defined(__clang__)
-#define BENCH_NOINLINE __attribute__((noinline))
-#else
-#define BENCH_NOINLINE __attribute__((noipa))
-#endif
 
 // ---- static keys vs a bool ---------------------------------------------------------------
 TRAMWAY_STATIC_KEY_FALSE(bench_key);

@@ -8,9 +8,11 @@
 #include <cstdio>
 #include <cstdlib>
 
+#include "noinline.h"
+
 extern "C" {
 std::uint64_t bench_sink;
-__attribute__((noipa)) void bench_uftrace_target(std::uint64_t x) { bench_sink += x; }
+BENCH_NOINLINE void bench_uftrace_target(std::uint64_t x) { bench_sink += x; }
 }
 
 static double thread_seconds() {
