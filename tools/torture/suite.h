@@ -12,11 +12,13 @@ struct Options {
   int threads = 8;           // worker threads (more than cores, so they are preempted in sites)
   int signal_interval_us = 20;  // per-thread SIGPROF period; 0 disables the storm
   std::uint64_t seed = 1;
+  std::uint64_t cycles = 0;  // hooks: stop after this many attach/detach cycles (0: --seconds only)
 };
 
 // Runs the suite; prints progress to stderr and one summary line to stdout. Returns the
 // process exit status: 0 when nothing was violated.
 int run_static(const Options& options);
 int run_grace(const Options& options);
+int run_hooks(const Options& options);
 
 }  // namespace tramway::torture
