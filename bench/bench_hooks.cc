@@ -1,12 +1,14 @@
 // Function hooks (DESIGN.md, "Performance targets"), side by side with LLVM XRay and uftrace.
 // Figures:
-//   call/plain, hook/disabled, hook/common/empty, hook/common/1_plus_100    ns a call (CPU time)
+//   call/plain, hook/disabled, hook/common/empty, hook/direct/empty,
+//   hook/common/1_plus_100                                                   ns a call (CPU time)
 //   hook/common/1_plus_100_ratio            1_plus_100 over empty (per-site lists: ~1)
 //   attach/1000, attach/10000, detach/10000                                  ms (real time)
 //   attach/one_of_10000                     us, with 10,000 patchable functions loaded
 //   xray/unpatched, xray/patched_handler                                     ns a call (CPU time)
 //   xray/patch/10000 (ms), xray/patch_function/one_of_10000 (us)             real time
-//   hook/common/empty_ratio_to_xray_patched, attach/10000_ratio_to_xray_patch,
+//   hook/common/empty_ratio_to_xray_patched, hook/direct/empty_ratio_to_xray_patched,
+//   attach/10000_ratio_to_xray_patch,
 //   attach/one_of_10000_ratio_to_xray       tramway over XRay, both from this run (XRay's
 //                                           handler runs at entry and exit, tramway's at entry)
 //   uftrace/dynamic                         ns a call under `uftrace record -P` (thread CPU time)
@@ -86,8 +88,8 @@ void bm_plain(State& state) { call_loop<plain_target>(state); }
 void bm_disabled(State& state) { call_loop<patchable_target>(state); }
 
 // patchable_target hooked with an empty callback, while `others` more ops are attached to one
-// other function each (bench_fns[0..others)).
-void bm_hooked(State& state, std::size_t others) {
+// other function each (bench_fns[0..others)). `direct`: the ops is direct (its own slot).
+void bm_hooked(State& state, std::size_t others, bool direct = false) {
   std::vector<hooks::Ops> other(others);
   auto detach_all = [&] {
     for (hooks::Ops& o : other)
@@ -102,6 +104,7 @@ void bm_hooked(State& state, std::size_t others) {
   }
   hooks::Ops ops;
   ops.entry = empty_callback;
+  ops.direct = direct;
   if (Status s = hooks::attach(ops, hooks::Filter::addresses({address(patchable_target)})); !s.ok()) {
     detach_all();
     return fail(state, "attach: " + s.message());
@@ -282,6 +285,7 @@ int main(int argc, char** argv) {
   add("call/plain", bm_plain, {cpu_ns("call/plain")});
   add("hook/disabled", bm_disabled, {cpu_ns("hook/disabled")});
   add("hook/common/empty", [](State& s) { bm_hooked(s, 0); }, {cpu_ns("hook/common/empty")});
+  add("hook/direct/empty", [](State& s) { bm_hooked(s, 0, true); }, {cpu_ns("hook/direct/empty")});
   add("hook/common/1_plus_100", [](State& s) { bm_hooked(s, 100); },
       {cpu_ns("hook/common/1_plus_100"),
        ratio_figure("hook/common/1_plus_100_ratio", "hook/common/1_plus_100", "hook/common/empty")});
@@ -298,6 +302,7 @@ int main(int argc, char** argv) {
   std::vector<tramway_bench::Figure> xray;
   for (const ChildFigure& f : kXrayFigures) xray.push_back(counter_figure(f.name, f.name, f.unit));
   xray.push_back(ratio_figure("hook/common/empty_ratio_to_xray_patched", "hook/common/empty", "xray/patched_handler"));
+  xray.push_back(ratio_figure("hook/direct/empty_ratio_to_xray_patched", "hook/direct/empty", "xray/patched_handler"));
   xray.push_back(ratio_figure("attach/10000_ratio_to_xray_patch", "attach/10000", "xray/patch/10000"));
   xray.push_back(ratio_figure("attach/one_of_10000_ratio_to_xray", "attach/one_of_10000",
                               "xray/patch_function/one_of_10000"));

@@ -22,6 +22,15 @@
 // attach/detach are not async-signal-safe and fail when called from inside a callback.
 // Not patchable: functions whose entry does not hold the compiler's nops, e.g. those built
 // with Clang's -fsanitize=function (its signature comes first); attach says so.
+//
+// Direct mode (Ops::direct): a site whose only ops is direct calls a trampoline slot of its
+// own, generated near it, instead of the common entry's thunk, and the slot names the ops:
+// no thunk, no literal slot, no list to walk. A site with several ops uses the common entry
+// whatever their modes, and switches back when one direct ops is left. Slots are type-stable
+// (identical code, reused only as slots, never unmapped), so a thread preempted in one before
+// it raised its marker finds another owner there and returns into the function untraced.
+// Extended state (Ops::save_extended_state): the callback runs between xsave and xrstor of
+// every state component the OS enabled (ymm/zmm, x87, ...), for callbacks that use them.
 #pragma once
 
 #include <cstdint>
@@ -49,6 +58,8 @@ using EntryCallback = void (*)(const Ops& ops, std::uintptr_t function, std::uin
 struct Ops {
   EntryCallback entry = nullptr;
   void* data = nullptr;  // for the callback
+  bool direct = false;               // direct trampolines (above); read at attach
+  bool save_extended_state = false;  // xsave/xrstor around the callback; read at attach
 
   // Managed by tramway; read with the functions below.
   struct State;

@@ -1,12 +1,14 @@
-// Function hooks through the common entry: callbacks see the function's arguments, the
-// function still gets them (integer, floating point, varargs), several ops share a site,
-// recursion is counted, errors say what to do, and detach is synchronous under load.
+// Function hooks: callbacks see the function's arguments, the function still gets them
+// (integer, floating point, varargs), several ops share a site, recursion is counted, errors
+// say what to do, detach is synchronous under load; direct mode calls a slot of its own and
+// switches with the common entry as ops come and go; extended state is kept when asked.
 #include <dlfcn.h>
 #include <gtest/gtest.h>
 
 #include <atomic>
 #include <cstdarg>
 #include <cstring>
+#include <set>
 #include <thread>
 #include <vector>
 
@@ -39,6 +41,7 @@ PATCHABLE int hook_other(int x) {
   asm volatile("");
   return x * 3;
 }
+PATCHABLE void hook_leaf() { asm volatile(""); }
 }
 
 // Calls through volatile pointers, so the compiler cannot inline or fold them.
@@ -163,7 +166,7 @@ TEST(Hooks, GlobSelectsByNameAndErrorsSayWhatToDo) {
     ++listed;
     if (f.ops > 0) ++hooked;
   }
-  EXPECT_EQ(listed, 4);
+  EXPECT_EQ(listed, 5);
   EXPECT_EQ(hooked, 2);
   ASSERT_TRUE(hooks::detach(ops).ok());
 }
@@ -304,4 +307,161 @@ TEST(Hooks, DetachAsyncRunsDoneOnceNoCallbackCanRun) {
   EXPECT_EQ(p_add(3, 3), 6);
   EXPECT_EQ(seen.calls.load(), calls_at_done.load() + 1);
   ASSERT_TRUE(hooks::detach(ops).ok());
+}
+
+namespace {
+
+// What the site at `fn`'s entry calls: 0 when it is a nop.
+std::uintptr_t site_callee(const void* fn) {
+  const auto* p = static_cast<const std::uint8_t*>(fn);
+  if (p[0] != 0xe8) return 0;
+  std::int32_t rel;
+  std::memcpy(&rel, p + 1, 4);
+  return reinterpret_cast<std::uintptr_t>(p) + 5 + static_cast<std::intptr_t>(rel);
+}
+bool is_direct_slot(std::uintptr_t code) {  // lea disp(%rip), %r11
+  const auto* p = reinterpret_cast<const std::uint8_t*>(code);
+  return p[0] == 0x4c && p[1] == 0x8d && p[2] == 0x1d;
+}
+bool is_thunk(std::uintptr_t code) {  // jmp *disp(%rip)
+  const auto* p = reinterpret_cast<const std::uint8_t*>(code);
+  return p[0] == 0xff && p[1] == 0x25;
+}
+
+}  // namespace
+
+TEST(Hooks, DirectOpsCallsASlotOfItsOwnAndSharesTheSiteThroughTheCommonEntry) {
+  Seen a, b;
+  hooks::Ops oa = make_ops(record, &a), ob = make_ops(clobber_vectors, &b);
+  oa.direct = true;
+  ASSERT_TRUE(hooks::attach(oa, hooks::Filter::names({"hook_other", "hook_fma"})).ok());
+  const std::uintptr_t slot = site_callee(reinterpret_cast<const void*>(&hook_other));
+  ASSERT_NE(slot, 0u);
+  EXPECT_TRUE(is_direct_slot(slot)) << "a site whose only ops is direct does not call a slot";
+  EXPECT_NE(site_callee(reinterpret_cast<const void*>(&hook_fma)), slot) << "two sites share one slot";
+  EXPECT_EQ(p_other(7), 21);
+  EXPECT_EQ(a.calls.load(), 1);
+  EXPECT_EQ(a.function, reinterpret_cast<std::uintptr_t>(&hook_other));
+  EXPECT_EQ(a.rdi, 7u);
+
+  // A second ops on the site: the common entry, each ops once per call.
+  ASSERT_TRUE(hooks::attach(ob, hooks::Filter::names({"hook_other", "hook_fma"})).ok());
+  EXPECT_TRUE(is_thunk(site_callee(reinterpret_cast<const void*>(&hook_other))));
+  EXPECT_EQ(p_other(2), 6);
+  EXPECT_DOUBLE_EQ(p_fma(1.5, 2.0, 0.25), 3.25);  // the vector clobber reaches no argument
+  EXPECT_EQ(a.calls.load(), 3);
+  EXPECT_EQ(b.calls.load(), 2);
+
+  // Back to its own slot when the direct ops is alone again (the slot kept naming it: a
+  // thread preempted in it meanwhile still ran it), and to a nop after.
+  ASSERT_TRUE(hooks::detach(ob).ok());
+  EXPECT_EQ(site_callee(reinterpret_cast<const void*>(&hook_other)), slot);
+  EXPECT_EQ(p_other(1), 3);
+  EXPECT_EQ(a.calls.load(), 4);
+  EXPECT_EQ(hooks::counters(oa).hits, 4u);
+  ASSERT_TRUE(hooks::detach(oa).ok());
+  EXPECT_EQ(site_callee(reinterpret_cast<const void*>(&hook_other)), 0u);
+  EXPECT_EQ(p_other(1), 3);
+  EXPECT_EQ(a.calls.load(), 4) << "a callback ran after detach returned";
+}
+
+namespace {
+// Calls `slot` the way a site does from inside a function: the stack one word below a
+// function's entry alignment, with the return address into here (not the owner's body).
+void call_slot_as_a_site(std::uintptr_t slot) {
+  asm volatile(
+      "mov %%rsp, %%rbx\n\t"
+      "lea -128(%%rsp), %%rsp\n\t"  // past the red zone
+      "and $-16, %%rsp\n\t"
+      "sub $8, %%rsp\n\t"  // as if the function's caller had pushed its return address
+      "call *%[slot]\n\t"
+      "mov %%rbx, %%rsp"
+      :
+      : [slot] "r"(slot)
+      : "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "r8", "r9", "r10", "r11", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4",
+        "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "memory", "cc");
+}
+}  // namespace
+
+// The tag check: a thread reaching a slot on behalf of another site than its owner — a thread
+// preempted in a slot that was retired and reused meanwhile — returns untraced. Calling the
+// slot from here is such a thread: its return address is not the owner's body.
+TEST(Hooks, DirectSlotTurnsAwayAThreadThatIsNotItsOwnersCaller) {
+  Seen a;
+  hooks::Ops oa = make_ops(record, &a);
+  oa.direct = true;
+  ASSERT_TRUE(hooks::attach(oa, hooks::Filter::names({"hook_leaf"})).ok());
+  const std::uintptr_t slot = site_callee(reinterpret_cast<const void*>(&hook_leaf));
+  ASSERT_TRUE(slot != 0 && is_direct_slot(slot));
+  call_slot_as_a_site(slot);
+  EXPECT_EQ(a.calls.load(), 0) << "a slot ran its ops for a call that did not come from its site";
+  reinterpret_cast<void (*)()>(&hook_leaf)();
+  EXPECT_EQ(a.calls.load(), 1);
+  ASSERT_TRUE(hooks::detach(oa).ok());
+  std::uint8_t code[16];
+  std::memcpy(code, reinterpret_cast<const void*>(slot), sizeof code);
+  call_slot_as_a_site(slot);  // retired: tag cleared, code still there (type-stable)
+  EXPECT_EQ(a.calls.load(), 1);
+  // Slots are reused once their grace period passed, their code never rewritten.
+  std::set<std::uintptr_t> slots;
+  for (int i = 0; i < 300; ++i) {
+    ASSERT_TRUE(tramway::grace::barrier().ok());
+    ASSERT_TRUE(hooks::attach(oa, hooks::Filter::names({"hook_leaf"})).ok());
+    slots.insert(site_callee(reinterpret_cast<const void*>(&hook_leaf)));
+    ASSERT_TRUE(hooks::detach(oa).ok());
+  }
+  EXPECT_LT(slots.size(), 20u) << "retired slots are not reused";
+  EXPECT_EQ(std::memcmp(code, reinterpret_cast<const void*>(slot), sizeof code), 0) << "a slot's code changed";
+}
+
+namespace {
+// Clears the upper halves of every ymm register, as any AVX code ending in vzeroupper does.
+void clobber_upper_halves(const hooks::Ops& ops, std::uintptr_t, std::uintptr_t, hooks::EntryRegs&) {
+  static_cast<Seen*>(ops.data)->calls.fetch_add(1);
+  asm volatile("vzeroupper" ::: "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7");
+}
+
+// Calls hook_leaf with ymm0 = `in` and returns what ymm0 holds when it returns.
+__attribute__((target("avx"))) void call_leaf_with_ymm0(const std::uint64_t (&in)[4], std::uint64_t (&out)[4]) {
+  void (*fn)() = hook_leaf;
+  asm volatile(
+      "mov %%rsp, %%rbx\n\t"
+      "lea -128(%%rsp), %%rsp\n\t"  // past the red zone
+      "and $-16, %%rsp\n\t"
+      "vmovdqu (%[in]), %%ymm0\n\t"
+      "call *%[fn]\n\t"
+      "vmovdqu %%ymm0, (%[out])\n\t"
+      "mov %%rbx, %%rsp\n\t"
+      "vzeroupper"
+      :
+      : [in] "r"(in), [out] "r"(out), [fn] "r"(fn)
+      : "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "r8", "r9", "r10", "r11", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4",
+        "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "memory", "cc");
+}
+}  // namespace
+
+TEST(Hooks, ExtendedStateIsKeptForTheFunctionWhenTheOpsAsks) {
+  ASSERT_TRUE(__builtin_cpu_supports("avx")) << "this test needs AVX";
+  const std::uint64_t in[4] = {1, 2, 3, 4};
+  for (const bool save : {false, true}) {
+    for (const bool direct : {false, true}) {
+      Seen seen;
+      hooks::Ops ops = make_ops(clobber_upper_halves, &seen);
+      ops.save_extended_state = save;
+      ops.direct = direct;
+      ASSERT_TRUE(hooks::attach(ops, hooks::Filter::names({"hook_leaf"})).ok());
+      std::uint64_t out[4] = {};
+      call_leaf_with_ymm0(in, out);
+      ASSERT_TRUE(hooks::detach(ops).ok());
+      EXPECT_EQ(seen.calls.load(), 1);
+      EXPECT_EQ(out[0], 1u);  // xmm0: always kept
+      EXPECT_EQ(out[1], 2u);
+      if (save) {
+        EXPECT_EQ(out[2], 3u) << "ymm0's upper half was lost with save_extended_state (direct " << direct << ")";
+        EXPECT_EQ(out[3], 4u);
+      } else {
+        EXPECT_EQ(out[2], 0u) << "without save_extended_state the callback's vzeroupper should show";
+      }
+    }
+  }
 }

@@ -860,7 +860,8 @@ TEST(NopRun, ANestedFrameBetweenTwoNopsIsMovedToTheEndOfTheRun) {
 // than cores, so some are preempted between two nops) under a SIGPROF storm whose handler
 // calls them too, while each run goes: nops -> (a 5-byte nop, or straight to a call/jmp, in
 // a batch with an ordinary patch) -> call or jmp -> nops again. Every call must return a
-// value one of the site's states gives, and the test goes on until a PC was really moved.
+// value one of the site's states gives; the test goes on until a PC was really moved or its
+// time budget is spent.
 constexpr int kRunFns = 3;
 std::atomic<const NopRunFn*> g_storm_fns{nullptr};
 std::atomic<long> g_storm_calls{0}, g_storm_bad{0};
@@ -943,6 +944,8 @@ TEST(NopRun, NormalisedAndSwitchedWhileThreadsRunThroughItUnderASignalStorm) {
   const auto start = std::chrono::steady_clock::now();
   int cycles = 0, rounds = 0;
   bool ok = true;
+  // Until some thread was caught inside a run, within a time budget: a signal lands between
+  // two 1-byte nops about once in 2,000 cycles here, and on a loaded machine not at all.
   for (; ok && rounds < 20 && (rounds == 0 || d.now().pcs_moved == 0); ++rounds) {
     for (int i = 0; ok && i < 100; ++i, ++cycles) ok = cycle(i);
     if (std::chrono::steady_clock::now() - start > 40s) break;
@@ -976,7 +979,9 @@ TEST(NopRun, NormalisedAndSwitchedWhileThreadsRunThroughItUnderASignalStorm) {
   EXPECT_GT(hook_calls, 0u);
   EXPECT_GT(g_storm_calls.load(), 0);
   EXPECT_EQ(delta.nop_runs_replaced, static_cast<std::uint64_t>(cycles) * kRunFns);
-  EXPECT_GT(delta.pcs_moved, 0u) << "no thread was ever moved out of a nop run: the fix-up path was not exercised";
+  // Whether a PC was moved here is luck (printed above); that a thread between two nops is
+  // moved is asserted by ANestedFrameBetweenTwoNopsIsMovedToTheEndOfTheRun, which parks one
+  // there. This test asserts that the runs stay correct while the storm runs through them.
   for (const NopRunFn& f : fns) {
     EXPECT_EQ(read(f.site(), 5), kNopRun);
     EXPECT_EQ(f.call(), 1);

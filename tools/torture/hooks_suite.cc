@@ -15,7 +15,10 @@
 // with detach_async (its grace periods shared, the slot idle again once `done` ran), now and
 // then synchronously (disabled first, or live) — or disable and re-enable one, pausing now
 // and then so that callers make calls between changes. Up to 6 slots are attached at once,
-// so sites carry per-site lists. A cycle is one attach and its detach; --cycles bounds them.
+// so sites carry per-site lists. Half the ops are direct (a site whose only ops is direct calls
+// a trampoline slot of its own, and switches to and from the common entry as other ops come
+// and go), one in eight saves extended state. A cycle is one attach and its detach; --cycles
+// bounds them.
 //
 // Windows: the exactness check, made without ever stopping the callers. g_window is bumped
 // by the controller at every transition (right before an attach, detach, disable or enable
@@ -347,7 +350,7 @@ void on_sigprof(int, siginfo_t*, void*) {
 struct Shared {
   std::atomic<bool> stop_controller{false}, stop_callers{false};
   std::atomic<std::uint64_t> cycles{0}, attaches{0}, detaches{0}, live_detaches{0}, quiesced_detaches{0};
-  std::atomic<std::uint64_t> async_detaches{0};
+  std::atomic<std::uint64_t> async_detaches{0}, direct_attaches{0};
   std::atomic<std::uint64_t> disables{0}, windows{0}, count_checks{0}, count_mismatches{0}, moved_after_detach{0};
   std::atomic<std::uint64_t> recursion_skipped{0}, skips_proved{0}, hooked_sites{0}, errors{0};
   std::atomic<std::uint64_t> attach_ns{0}, detach_ns{0}, async_ns{0}, sync_ns{0};
@@ -506,6 +509,11 @@ class Controller {
     s.own_in_detach.store(0);
     s.detaching.store(false);
     s.detached.store(false);
+    // Both modes: half the ops direct (a site whose only ops is direct calls its own slot; a
+    // site shared with others goes through the common entry), some saving extended state.
+    s.ops.direct = rng_() % 2 == 0;
+    s.ops.save_extended_state = rng_() % 8 == 0;
+    if (s.ops.direct) s_.direct_attaches.fetch_add(1);
     tag_[k] = next_tag_ = (next_tag_ + 1) & 0xffffff;
     s.skips_expected.store(std::uint64_t{tag_[k]} << kTagShift);
     transition(k, SlotState::unknown);
@@ -961,7 +969,7 @@ int run_hooks(const Options& o) {
     return static_cast<double>(ns.load()) / 1e6 / static_cast<double>(std::max<std::uint64_t>(1, n));
   };
   std::printf("hooks: %s %.1f s, %d callers, signal every %d us: cycles=%" PRIu64 " (%.1f/s), attaches=%" PRIu64
-              " (%.2f ms each), detaches=%" PRIu64 " (%" PRIu64 " async, %.2f ms in the call each; %" PRIu64
+              " (%" PRIu64 " direct; %.2f ms each), detaches=%" PRIu64 " (%" PRIu64 " async, %.2f ms in the call each; %" PRIu64
               " live, %" PRIu64 " disabled first, %.2f ms each)"
               ", disables=%" PRIu64 ", windows=%" PRIu64 ", calls=%" PRIu64 " (handler %" PRIu64
               ", from callbacks %" PRIu64 "), callbacks=%" PRIu64 ", checked_inside=%" PRIu64
@@ -970,7 +978,7 @@ int run_hooks(const Options& o) {
               " (synchronize %.2f ms each), count_mismatches=%" PRIu64 ", recursion_skipped=%" PRIu64 " (%" PRIu64
               " proved), body_mismatches=%" PRIu64 ", errors=%" PRIu64 ", rss_kib=%ld->%ld, violations=%" PRIu64 "\n",
               violations ? "FAIL" : "PASS", elapsed, o.threads, o.signal_interval_us, shared.cycles.load(),
-              static_cast<double>(shared.cycles.load()) / elapsed, shared.attaches.load(),
+              static_cast<double>(shared.cycles.load()) / elapsed, shared.attaches.load(), shared.direct_attaches.load(),
               ms_each(shared.attach_ns, shared.attaches.load()), shared.detaches.load(), shared.async_detaches.load(),
               ms_each(shared.async_ns, shared.async_detaches.load()), shared.live_detaches.load(),
               shared.quiesced_detaches.load(),

@@ -9,11 +9,17 @@
 // period. Enabling and disabling sites is one patch batch: the 5-byte nop at the entry
 // becomes `call thunk` (a generated `jmp *tramway_hook_entry` within rel32 reach) and back.
 //
+// A site whose only ops is direct calls a slot of the direct pool instead (see "direct
+// trampoline slots"); the slot's data names the ops. The cell is kept up to date in every
+// mode, so a thread that entered through either path finds the ops it should run.
+//
 // Lock order: g_mu (hook tables) -> the text layer's patch lock.
 #include "tramway/hooks.h"
 
+#include <cpuid.h>
 #include <dlfcn.h>
 #include <fnmatch.h>
+#include <immintrin.h>
 #include <link.h>
 #include <pthread.h>
 
@@ -26,6 +32,7 @@
 #include <cerrno>
 #include <cstring>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <set>
 
@@ -36,12 +43,15 @@
 #include "tramway/text/code_memory.h"
 #include "tramway/text/patch.h"
 
-extern "C" void tramway_hook_entry();  // hook_entry.S
+extern "C" void tramway_hook_entry();   // hook_entry.S
+extern "C" void tramway_hook_direct();  // hook_entry.S
 
 namespace tramway::hooks {
 
 struct Ops::State {
   std::atomic<bool> enabled{true};
+  bool direct = false;    // Ops::direct at attach
+  bool extended = false;  // Ops::save_extended_state at attach
   bool detaching = false;  // detach_async began (under g_mu)
   std::uint32_t id = 0;    // index of its hit counters in every thread's block
   std::uint64_t hits_baseline = 0;  // what the blocks held for `id` when it was attached
@@ -117,13 +127,143 @@ std::uint64_t sum_hits(std::uint32_t id) {
 std::vector<std::uint32_t> g_free_ids;  // under g_mu
 std::uint32_t g_next_id = 0;
 
+// ---- extended state -------------------------------------------------------------------------
+// What xsave must save for Ops::save_extended_state: the components the OS enabled (XCR0) and
+// the size of the standard-format area for them (CPUID leaf 0xD).
+struct XsaveLayout {
+  bool usable = false;
+  std::uint32_t size = 0;
+  std::uint64_t mask = 0;
+};
+const XsaveLayout& xsave_layout() {
+  static const XsaveLayout layout = [] {
+    XsaveLayout l;
+    unsigned a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & bit_XSAVE) || !(c & bit_OSXSAVE)) return l;
+    std::uint32_t lo, hi;
+    asm volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    l.mask = (std::uint64_t{hi} << 32) | lo;
+    __cpuid_count(0xd, 0, a, b, c, d);
+    l.size = b;  // for the components enabled in XCR0
+    l.usable = l.size >= 576;
+    return l;
+  }();
+  return layout;
+}
+
+// ---- direct trampoline slots -----------------------------------------------------------------
+// A chunk is one page of generated code near some sites: kSlotsPerChunk slots of 16 bytes,
+//   lea kDataOffset-7(%rip), %r11      ; this slot's SlotData (the same bytes in every slot)
+//   jmp *stub(%rip)                    ; tramway_hook_direct, its address at kDataOffset - 8
+//   int3 x 3
+// then, from kDataOffset on (cache lines no code shares, so writing them never disturbs a
+// line being executed), each slot's SlotData. Code is written once, when the chunk is made,
+// and chunks are never unmapped: slots are type-stable. A slot gets an owner (a site and a
+// direct ops) by its data: ops first, then the tag (the site's body, entry + 5) with release.
+// The data then stays as it is for as long as that ops is attached to that site, even while
+// the site goes through the common entry because other ops joined it: a thread that called
+// the slot earlier and was preempted before its marker still runs the ops, so no call is
+// lost, and the site takes the same slot again when the ops is alone there once more.
+// Retiring a slot (its ops detached, or the object unloaded): the tag is cleared, the site
+// stops calling it (batch), a trace-flavor grace period passes, and only then may another
+// owner have it. A thread that called it before and raised its marker after the clear reads
+// a tag that is 0 or another site's, and returns into the function untraced.
+struct SlotData {
+  std::atomic<std::uintptr_t> tag;  // the owner's body, or 0
+  std::atomic<Ops*> ops;
+};
+constexpr std::size_t kChunkSize = 4096, kSlotCodeSize = 16, kDataOffset = 2048;
+constexpr std::size_t kSlotsPerChunk = (kDataOffset - 8) / kSlotCodeSize;
+static_assert(kDataOffset + kSlotsPerChunk * sizeof(SlotData) <= kChunkSize);
+static_assert(sizeof(SlotData) == kSlotCodeSize, "the lea displacement is the same in every slot");
+
+struct DirectSlot {
+  std::uintptr_t code = 0;  // what the site calls (RX)
+  SlotData* data = nullptr;  // through the RW view
+  explicit operator bool() const noexcept { return code != 0; }
+};
+struct Chunk {
+  text::CodeBlock block;
+  std::vector<std::uint16_t> free;  // slot indices
+};
+std::vector<Chunk> g_chunks;  // under g_mu; permanent
+
+DirectSlot slot_of(const Chunk& c, std::size_t i) {
+  return {reinterpret_cast<std::uintptr_t>(c.block.rx) + i * kSlotCodeSize,
+          reinterpret_cast<SlotData*>(c.block.rw + kDataOffset) + i};
+}
+
+Result<DirectSlot> take_slot_near(std::uintptr_t entry) {
+  for (Chunk& c : g_chunks) {
+    if (c.free.empty() || !arch::encode_call(entry, reinterpret_cast<std::uintptr_t>(c.block.rx)) ||
+        !arch::encode_call(entry, reinterpret_cast<std::uintptr_t>(c.block.rx) + kDataOffset)) {
+      continue;
+    }
+    const std::size_t i = c.free.back();
+    c.free.pop_back();
+    return slot_of(c, i);
+  }
+  auto block = text::allocate_code_near(reinterpret_cast<const void*>(entry), kChunkSize);
+  if (!block.ok()) return block.status();
+  Chunk c{*block, {}};
+  std::memset(c.block.rw, arch::kInt3, kDataOffset);
+  for (std::size_t i = 0; i < kSlotsPerChunk; ++i) {
+    std::uint8_t* code = c.block.rw + i * kSlotCodeSize;
+    const auto lea = static_cast<std::int32_t>(kDataOffset - 7);
+    const auto jmp = static_cast<std::int32_t>(kDataOffset - 8) - static_cast<std::int32_t>(i * kSlotCodeSize + 13);
+    const std::uint8_t lea_r11[3] = {0x4c, 0x8d, 0x1d}, jmp_mem[2] = {0xff, 0x25};
+    std::memcpy(code, lea_r11, 3);
+    std::memcpy(code + 3, &lea, 4);
+    std::memcpy(code + 7, jmp_mem, 2);
+    std::memcpy(code + 9, &jmp, 4);
+  }
+  const auto stub = reinterpret_cast<std::uintptr_t>(&tramway_hook_direct);
+  std::memcpy(c.block.rw + kDataOffset - 8, &stub, sizeof stub);
+  std::memset(c.block.rw + kDataOffset, 0, kChunkSize - kDataOffset);  // every tag 0
+  for (std::size_t i = kSlotsPerChunk; i-- > 1;) c.free.push_back(static_cast<std::uint16_t>(i));
+  g_chunks.push_back(std::move(c));
+  return slot_of(g_chunks.back(), 0);
+}
+
+void give_back_slot(const DirectSlot& slot) {  // after its grace period; under g_mu
+  for (Chunk& c : g_chunks) {
+    const auto rx = reinterpret_cast<std::uintptr_t>(c.block.rx);
+    if (slot.code >= rx && slot.code < rx + kDataOffset) {
+      c.free.push_back(static_cast<std::uint16_t>((slot.code - rx) / kSlotCodeSize));
+      return;
+    }
+  }
+}
+
+enum class Mode : std::uint8_t { off, common, direct };
+
 struct Site {
   std::uintptr_t entry = 0;
   std::string name, object;
   SiteCell* cell = nullptr;  // never freed: the literal slot points at it
   bool literal_written = false;
-  bool enabled = false;  // the entry calls the stub
+  Mode mode = Mode::off;     // what the entry holds: a nop, a call of the thunk or of `slot`
+  DirectSlot slot;           // called in mode direct; kept in the others while slot_ops is attached
+  Ops* slot_ops = nullptr;   // the ops `slot` names; 0 once its tag is cleared
   std::vector<Ops*> ops;
+  bool enabled() const noexcept { return mode != Mode::off; }
+};
+
+// What a site with these ops should be.
+Mode mode_for(const std::vector<Ops*>& ops) {
+  if (ops.empty()) return Mode::off;
+  return ops.size() == 1 && ops[0]->state->direct ? Mode::direct : Mode::common;
+}
+bool site_is(const Site& s, Mode m, const std::vector<Ops*>& ops) {
+  if (s.mode != m) return false;
+  return m != Mode::direct || s.slot_ops == ops[0];
+}
+
+// What may be read by threads still inside a stub: reused or freed after a grace period.
+struct Retired {
+  std::vector<std::uintptr_t> targets;  // cell targets replaced (lists are freed)
+  std::vector<DirectSlot> slots;        // tags cleared, given back to the pool
+  bool empty() const noexcept { return targets.empty() && slots.empty(); }
 };
 
 std::mutex g_mu;
@@ -143,6 +283,19 @@ std::uintptr_t target_for(const std::vector<Ops*>& ops) {
 
 void free_target(std::uintptr_t t) {
   if (t & kListTag) ::operator delete(reinterpret_cast<void*>(t & ~kListTag));
+}
+
+void release(const Retired& r) {  // after a grace period; takes g_mu
+  for (std::uintptr_t t : r.targets) free_target(t);
+  if (r.slots.empty()) return;
+  std::lock_guard lock(g_mu);
+  for (const DirectSlot& slot : r.slots) give_back_slot(slot);
+}
+
+void release_after_grace_period(Retired r) {
+  std::erase_if(r.targets, [](std::uintptr_t t) { return !(t & kListTag); });
+  if (r.empty()) return;
+  (void)grace::call([r = std::move(r)] { release(r); });
 }
 
 // A thunk `jmp *0(%rip); .quad tramway_hook_entry` that a call at `entry` reaches with rel32.
@@ -254,41 +407,97 @@ Result<std::vector<Candidate>> select(const Filter& filter) {
   return out;
 }
 
-// Queues "call the stub" at each site of `enable` and "5-byte nop" at each of `disable`,
-// writing literal slots first, and applies them as one batch.
-Status switch_sites(const std::vector<Site*>& enable, const std::vector<Site*>& disable,
-                    const std::map<std::uintptr_t, EntryForm>& forms) {
-  // Literal slots first, all in one write per page: no thread reads a slot before its site
-  // calls the stub, and the batch's serialisations order these writes before that.
+// A slot whose tag was cleared, once its site no longer calls it, is retired.
+void retire_dead_slot(Site& s, Retired& retired) {
+  if (!s.slot || s.slot_ops || s.mode == Mode::direct) return;
+  retired.slots.push_back(s.slot);
+  s.slot = {};
+}
+
+struct ModeChange {
+  Site* site;
+  Mode mode;
+  Ops* direct_ops;  // mode direct: the ops its slot is to name
+};
+
+// Puts each site in its new mode, all in one batch. Literal slots of sites entering common
+// mode are written first, once, in one write per page (no thread reads one before its site
+// calls the stub, and the batch's serialisations order these writes before that); slots of
+// sites entering direct mode are filled before the batch too (no thread reaches a slot before
+// its site calls it). After the batch, the slots sites left get their tag cleared and go to
+// `retired`. On failure no site changed mode (the slots taken go to `retired`).
+Status apply_modes(const std::vector<ModeChange>& changes, Retired& retired) {
   std::vector<text::UnexecutedWrite> literals;
-  for (Site* s : enable) {
-    if (s->literal_written) continue;
-    literals.push_back({reinterpret_cast<void*>(s->entry - 8),
-                        {reinterpret_cast<const std::uint8_t*>(&s->cell), sizeof s->cell}});
+  for (const ModeChange& c : changes) {
+    Site& s = *c.site;
+    if (c.mode != Mode::common || s.literal_written) continue;
+    literals.push_back({reinterpret_cast<void*>(s.entry - 8),
+                        {reinterpret_cast<const std::uint8_t*>(&s.cell), sizeof s.cell}});
   }
   if (Status st = text::write_unexecuted(literals); !st.ok()) return st;
-  for (Site* s : enable) s->literal_written = true;
+  for (const ModeChange& c : changes) {
+    if (c.mode == Mode::common) c.site->literal_written = true;
+  }
 
+  std::vector<DirectSlot> taken(changes.size());
+  const auto give_up = [&](Status st) {
+    for (const DirectSlot& slot : taken) {
+      if (!slot) continue;
+      slot.data->tag.store(0, std::memory_order_release);
+      retired.slots.push_back(slot);
+    }
+    return st;
+  };
   text::PatchBatch batch;
-  batch.reserve(enable.size() + disable.size());
-  for (Site* s : enable) {
-    auto thunk = thunk_near(s->entry);
-    if (!thunk.ok()) return thunk.status();
-    const auto call = arch::encode_call(s->entry, *thunk);
-    if (!call) return Status::error("internal: the hook thunk is out of rel32 reach of " + common::hex_address(s->entry));
-    // GCC's five 1-byte nops become the call directly: the batch moves threads that are
-    // between two of them to the end of the run before it writes the tail (DESIGN,
-    // "Normalisation of GCC's entries"), for all such sites in one signal round.
-    const auto form = forms.find(s->entry);
-    const bool gcc_entry = form != forms.end() && form->second == EntryForm::nop1x5;
-    Status st = gcc_entry ? batch.add_over_nops(reinterpret_cast<void*>(s->entry), *call)
-                          : batch.add(reinterpret_cast<void*>(s->entry), *call);
-    if (!st.ok()) return st;
+  batch.reserve(changes.size());
+  for (std::size_t i = 0; i < changes.size(); ++i) {
+    const ModeChange& c = changes[i];
+    const Site& s = *c.site;
+    arch::Insn5 insn = arch::kNop5;
+    if (c.mode != Mode::off) {
+      std::uintptr_t callee = 0;
+      if (c.mode == Mode::common) {
+        auto thunk = thunk_near(s.entry);
+        if (!thunk.ok()) return give_up(thunk.status());
+        callee = *thunk;
+      } else if (s.slot && s.slot_ops == c.direct_ops) {
+        callee = s.slot.code;  // the ops' own slot from before other ops joined the site
+      } else {
+        auto slot = take_slot_near(s.entry);
+        if (!slot.ok()) return give_up(slot.status());
+        taken[i] = *slot;
+        slot->data->ops.store(c.direct_ops, std::memory_order_relaxed);
+        slot->data->tag.store(s.entry + 5, std::memory_order_release);
+        callee = slot->code;
+      }
+      const auto call = arch::encode_call(s.entry, callee);
+      if (!call) return give_up(Status::error("internal: hook code out of rel32 reach of " + common::hex_address(s.entry)));
+      insn = *call;
+    }
+    // GCC's five 1-byte nops (only ever at a site's first enable) become the call directly:
+    // the batch moves threads that are between two of them to the end of the run before it
+    // writes the tail (DESIGN, "Normalisation of GCC's entries"), all such sites in one
+    // signal round.
+    const bool gcc_entry = s.mode == Mode::off && sites::hooks::form_at(s.entry) == EntryForm::nop1x5;
+    Status st = gcc_entry ? batch.add_over_nops(reinterpret_cast<void*>(s.entry), insn)
+                          : batch.add(reinterpret_cast<void*>(s.entry), insn);
+    if (!st.ok()) return give_up(st);
   }
-  for (Site* s : disable) {
-    if (Status st = batch.add(reinterpret_cast<void*>(s->entry), arch::kNop5); !st.ok()) return st;
+  if (Status st = text::apply(batch); !st.ok()) return give_up(st);
+  for (std::size_t i = 0; i < changes.size(); ++i) {
+    Site& s = *changes[i].site;
+    s.mode = changes[i].mode;
+    if (taken[i]) {
+      if (s.slot) {  // an earlier owner's, detached since (its tag is cleared)
+        s.slot.data->tag.store(0, std::memory_order_release);
+        retired.slots.push_back(s.slot);
+      }
+      s.slot = taken[i];
+      s.slot_ops = changes[i].direct_ops;
+    }
+    retire_dead_slot(s, retired);
   }
-  return text::apply(batch);
+  return {};
 }
 
 // The address range of the loaded object whose load bias and name are given, if it is loaded.
@@ -322,18 +531,22 @@ void forget_object(const ObjectRange& r) {
   std::lock_guard lock(g_mu);
   if (g_objects.erase({r.base, r.name}) > 0) g_all_stale = true;  // a reload at the same address is read afresh
   const std::uintptr_t begin = r.begin, end = r.end;
-  std::vector<std::uintptr_t> targets;
+  Retired retired;
   std::vector<SiteCell*> cells;  // may still be read by a thread that was inside the stub
   for (auto it = g_sites.lower_bound(begin); it != g_sites.end() && it->first < end;) {
     Site& s = it->second;
     for (Ops* o : s.ops) std::erase(o->state->entries, s.entry);
-    targets.push_back(s.cell->target.exchange(0, std::memory_order_acq_rel));
+    retired.targets.push_back(s.cell->target.exchange(0, std::memory_order_acq_rel));
+    if (s.slot) {
+      s.slot.data->tag.store(0, std::memory_order_release);
+      retired.slots.push_back(s.slot);
+    }
     cells.push_back(s.cell);
     it = g_sites.erase(it);
   }
   if (cells.empty()) return;
-  (void)grace::call([targets, cells] {
-    for (std::uintptr_t t : targets) free_target(t);
+  (void)grace::call([retired = std::move(retired), cells] {
+    release(retired);
     for (SiteCell* c : cells) delete c;
   });
 }
@@ -372,15 +585,32 @@ Status attach(Ops& ops, const Filter& filter) {
 
   for (const Candidate& c : *selected) {
     const auto known = g_sites.find(c.entry);
-    if (c.form == EntryForm::other && (known == g_sites.end() || !known->second.enabled)) {
+    if (c.form == EntryForm::other && (known == g_sites.end() || !known->second.enabled())) {
       return Status::error("the entry of " + (c.name->empty() ? common::hex_address(c.entry) : *c.name) +
                            " does not hold the nops -fpatchable-function-entry put there: another tool patched it, "
                            "or a sanitizer prologue comes first (Clang's -fsanitize=function; build with "
                            "-fno-sanitize=function)");
     }
   }
-  std::vector<Site*> enable;
-  std::map<std::uintptr_t, EntryForm> forms;
+  if (g_free_ids.empty() && g_next_id == kMaxOps) {
+    return Status::error("hooks::attach: " + std::to_string(kMaxOps) + " ops are attached already; detach some first");
+  }
+  if (ops.save_extended_state && !xsave_layout().usable) {
+    return Status::error("hooks::attach: save_extended_state needs XSAVE, which this CPU or kernel does not offer");
+  }
+  // The state first: a direct slot names the ops, and the dispatcher reads its state.
+  auto state = std::make_unique<Ops::State>();
+  state->direct = ops.direct;
+  state->extended = ops.save_extended_state;
+  if (g_free_ids.empty()) {
+    state->id = g_next_id++;
+  } else {
+    state->id = g_free_ids.back();
+    g_free_ids.pop_back();
+  }
+  state->hits_baseline = sum_hits(state->id);
+  ops.state = state.get();
+  std::vector<ModeChange> changes;
   for (const Candidate& c : *selected) {
     Site& s = g_sites[c.entry];
     if (!s.cell) {
@@ -389,68 +619,67 @@ Status attach(Ops& ops, const Filter& filter) {
       s.object = *c.object;
       s.cell = new SiteCell;
     }
-    forms[c.entry] = c.form;
-    if (!s.enabled) enable.push_back(&s);
+    std::vector<Ops*> after = s.ops;
+    after.push_back(&ops);
+    const Mode m = mode_for(after);
+    if (!site_is(s, m, after)) changes.push_back({&s, m, m == Mode::direct ? &ops : nullptr});
   }
-  // Code first: a site that calls the stub before its cell names the ops just returns. So a
-  // failed batch leaves nothing to undo but literal slots no thread reads.
-  if (g_free_ids.empty() && g_next_id == kMaxOps) {
-    return Status::error("hooks::attach: " + std::to_string(kMaxOps) + " ops are attached already; detach some first");
+  // Code first: a site that calls the stub before its cell names the ops just returns, and
+  // a direct slot names the ops before its site calls it. So a failed batch leaves nothing
+  // to undo but literal slots no thread reads and slots given back.
+  Retired retired;
+  if (Status st = apply_modes(changes, retired); !st.ok()) {
+    g_free_ids.push_back(state->id);
+    ops.state = nullptr;
+    release_after_grace_period(std::move(retired));
+    return st;
   }
-  if (Status st = switch_sites(enable, {}, forms); !st.ok()) return st;
-  for (Site* s : enable) s->enabled = true;
-  ops.state = new Ops::State;
-  if (g_free_ids.empty()) {
-    ops.state->id = g_next_id++;
-  } else {
-    ops.state->id = g_free_ids.back();
-    g_free_ids.pop_back();
-  }
-  ops.state->hits_baseline = sum_hits(ops.state->id);
-  std::vector<std::uintptr_t> retired;
+  state.release();
   for (const Candidate& c : *selected) {
     Site& s = g_sites[c.entry];
     s.ops.push_back(&ops);
-    retired.push_back(s.cell->target.exchange(target_for(s.ops), std::memory_order_acq_rel));
+    retired.targets.push_back(s.cell->target.exchange(target_for(s.ops), std::memory_order_acq_rel));
     ops.state->entries.push_back(c.entry);
   }
-  // Lists replaced in cells may still be read by threads inside the stub.
-  std::erase_if(retired, [](std::uintptr_t t) { return !(t & kListTag); });
-  if (!retired.empty()) {
-    (void)grace::call([retired] {
-      for (std::uintptr_t t : retired) free_target(t);
-    });
-  }
+  // Lists replaced in cells and slots sites left may still be read by threads in the stubs.
+  release_after_grace_period(std::move(retired));
   return {};
 }
 
 namespace {
 
-// Takes `ops` out of every site's cell and disables the sites left without ops. Returns the
-// targets it replaced: threads inside the stub may read them until a grace period passes.
-Result<std::vector<std::uintptr_t>> unpublish(Ops& ops, const char* who) {
-  std::vector<std::uintptr_t> retired;
+// Takes `ops` out of every site's cell and puts each site in the mode its remaining ops ask
+// for (off, common, or direct with another slot). Returns what threads inside the stubs may
+// still read until a grace period passes.
+Result<Retired> unpublish(Ops& ops, const char* who) {
+  Retired retired;
   std::lock_guard lock(g_mu);
   if (!ops.state) return Status::error(std::string(who) + ": this ops is not attached");
   if (ops.state->detaching) return Status::error(std::string(who) + ": this ops is being detached already");
   ops.state->detaching = true;
-  std::vector<Site*> disable;
+  std::vector<ModeChange> changes;
   for (std::uintptr_t e : ops.state->entries) {
     Site& s = g_sites[e];
     std::erase(s.ops, &ops);
-    retired.push_back(s.cell->target.exchange(target_for(s.ops), std::memory_order_acq_rel));
-    if (s.ops.empty() && s.enabled) disable.push_back(&s);
+    retired.targets.push_back(s.cell->target.exchange(target_for(s.ops), std::memory_order_acq_rel));
+    if (s.slot_ops == &ops) {  // from now on its slot turns every call away untraced
+      s.slot.data->tag.store(0, std::memory_order_release);
+      s.slot_ops = nullptr;
+    }
+    const Mode m = mode_for(s.ops);
+    if (!site_is(s, m, s.ops)) changes.push_back({&s, m, m == Mode::direct ? s.ops[0] : nullptr});
   }
-  // A failed disable leaves sites calling the stub with an empty cell: correct, only slower.
-  if (Status st = switch_sites({}, disable, {}); st.ok()) {
-    for (Site* s : disable) s->enabled = false;
-  }
+  // On failure the sites keep their code: a common-mode site calls the stub with a cell that
+  // no longer names `ops` (correct, only slower); a direct-mode site of `ops` keeps calling its
+  // slot, whose cleared tag turns calls away, until a later change fixes the site.
+  (void)apply_modes(changes, retired);
+  for (std::uintptr_t e : ops.state->entries) retire_dead_slot(g_sites[e], retired);
   return retired;
 }
 
-// After a grace period: nothing reads the targets or runs the ops any more.
-void free_all(const std::vector<std::uintptr_t>& retired, Ops& ops) {
-  for (std::uintptr_t t : retired) free_target(t);
+// After a grace period: nothing reads the retired targets and slots or runs the ops any more.
+void free_all(const Retired& retired, Ops& ops) {
+  release(retired);
   std::lock_guard lock(g_mu);
   g_free_ids.push_back(ops.state->id);
   delete ops.state;
@@ -516,6 +745,48 @@ Result<std::vector<Function>> patchable_functions() {
 
 }  // namespace tramway::hooks
 
+namespace tramway::hooks {
+namespace {
+
+// Runs `o`'s callback between xsave and xrstor of every state component the OS enabled. No
+// library call may come before the xsave: glibc's string functions use AVX and end with
+// vzeroupper, which would clear the very upper halves this is meant to keep.
+__attribute__((target("xsave"), noinline)) void call_saving_extended_state(Ops& o, std::uintptr_t entry,
+                                                                          std::uintptr_t caller, EntryRegs& regs) noexcept {
+  const XsaveLayout& layout = xsave_layout();
+  auto* raw = static_cast<unsigned char*>(__builtin_alloca(layout.size + 64));
+  auto* area = reinterpret_cast<unsigned char*>((reinterpret_cast<std::uintptr_t>(raw) + 63) & ~std::uintptr_t{63});
+  // xrstor faults on a header it did not write: xsave writes only XSTATE_BV, so zero the rest.
+  for (std::size_t i = 512; i < 576; i += 8) *reinterpret_cast<volatile std::uint64_t*>(area + i) = 0;
+  _xsave64(area, layout.mask);
+  o.entry(o, entry, caller, regs);
+  _xrstor64(area, layout.mask);
+}
+
+// The callbacks of a site, with the recursion guard (DESIGN invariant 7).
+inline void run_callbacks(Ops* const* ops, std::size_t count, std::uintptr_t entry, std::uintptr_t caller,
+                          EntryRegs& regs) noexcept {
+  if (t_in_callback) {  // a callback called a hooked function
+    for (std::size_t i = 0; i < count; ++i) ops[i]->state->recursion_skipped.fetch_add(1, std::memory_order_relaxed);
+    return;
+  }
+  t_in_callback = true;
+  for (std::size_t i = 0; i < count; ++i) {
+    Ops& o = *ops[i];
+    if (!o.state->enabled.load(std::memory_order_relaxed)) continue;
+    count_hit(o.state->id);
+    if (o.state->extended) {
+      call_saving_extended_state(o, entry, caller, regs);
+    } else {
+      o.entry(o, entry, caller, regs);
+    }
+  }
+  t_in_callback = false;
+}
+
+}  // namespace
+}  // namespace tramway::hooks
+
 // Called by tramway_hook_entry with the marker raised.
 extern "C" __attribute__((visibility("hidden"))) void tramway_hook_dispatch(tramway::hooks::EntryRegs* regs,
                                                                             std::uintptr_t body,
@@ -525,26 +796,26 @@ extern "C" __attribute__((visibility("hidden"))) void tramway_hook_dispatch(tram
   const auto* cell = *reinterpret_cast<SiteCell* const*>(entry - 8);
   const std::uintptr_t target = cell->target.load(std::memory_order_acquire);
   if (target == 0) return;  // detached meanwhile
-  Ops* single = reinterpret_cast<Ops*>(target);
-  Ops* const* ops = &single;
-  std::size_t count = 1;
   if (target & kListTag) {
     const auto* list = reinterpret_cast<const OpsList*>(target & ~kListTag);
-    ops = list->ops;
-    count = list->count;
+    run_callbacks(list->ops, list->count, entry, caller, *regs);
+  } else {
+    Ops* single = reinterpret_cast<Ops*>(target);
+    run_callbacks(&single, 1, entry, caller, *regs);
   }
-  if (t_in_callback) {  // a callback called a hooked function (DESIGN invariant 7)
-    for (std::size_t i = 0; i < count; ++i) ops[i]->state->recursion_skipped.fetch_add(1, std::memory_order_relaxed);
-    return;
-  }
-  t_in_callback = true;
-  for (std::size_t i = 0; i < count; ++i) {
-    Ops& o = *ops[i];
-    if (!o.state->enabled.load(std::memory_order_relaxed)) continue;
-    count_hit(o.state->id);
-    o.entry(o, entry, caller, *regs);
-  }
-  t_in_callback = false;
+}
+
+// Called by tramway_hook_direct with the marker raised; `slot` through the RX view.
+extern "C" __attribute__((visibility("hidden"))) void tramway_hook_direct_dispatch(tramway::hooks::EntryRegs* regs,
+                                                                                   std::uintptr_t body,
+                                                                                   std::uintptr_t caller,
+                                                                                   const tramway::hooks::SlotData* slot) noexcept {
+  using namespace tramway::hooks;
+  // Another owner (or none): the slot was retired, and maybe reused, between this thread's
+  // call into it and its marker. The call goes on untraced.
+  if (slot->tag.load(std::memory_order_acquire) != body) return;
+  Ops* ops = slot->ops.load(std::memory_order_relaxed);  // written before the tag
+  run_callbacks(&ops, 1, body - 5, caller, *regs);
 }
 
 // dlclose, interposed: when the object is really unloaded (its last reference dropped), its
