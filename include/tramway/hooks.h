@@ -104,7 +104,7 @@ Status disable(Ops& ops);
 Status enable(Ops& ops);
 
 // Exact: each thread counts in its own block (no locked instruction on the call path), and
-// this sums the blocks. Per function counts are the callback's business (it gets the entry).
+// this sums the blocks. Per function counts: Function::hits of patchable_functions().
 struct OpsCounters {
   std::uint64_t hits = 0;               // callbacks run
   std::uint64_t recursion_skipped = 0;  // calls from inside a callback on the same thread
@@ -118,6 +118,9 @@ struct Function {
   std::string name;    // demangled; empty for a stripped local function
   std::string object;  // the executable or shared library it lives in
   std::size_t ops = 0; // ops attached to it
+  std::uint64_t hits = 0;  // its calls tramway intercepted since it was first hooked (once a
+                           // call, whatever the number of ops; not those the recursion guard
+                           // skipped); exact, like OpsCounters::hits
 };
 // Every patchable function of the objects loaded now.
 Result<std::vector<Function>> patchable_functions();

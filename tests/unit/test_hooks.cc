@@ -49,6 +49,7 @@ int (*volatile p_add)(int, int) = hook_add;
 double (*volatile p_fma)(double, double, double) = hook_fma;
 long (*volatile p_sum)(int, ...) = hook_sum;
 int (*volatile p_other)(int) = hook_other;
+void (*volatile p_leaf)() = hook_leaf;
 
 namespace {
 
@@ -464,4 +465,38 @@ TEST(Hooks, ExtendedStateIsKeptForTheFunctionWhenTheOpsAsks) {
       }
     }
   }
+}
+
+namespace {
+std::uint64_t function_hits(const char* name) {
+  auto functions = hooks::patchable_functions();
+  if (!functions.ok()) return ~std::uint64_t{0};
+  for (const auto& f : *functions) {
+    if (f.name == name) return f.hits;
+  }
+  return ~std::uint64_t{0};
+}
+}  // namespace
+
+TEST(Hooks, PerFunctionHitsCountEachInterceptedCallOnce) {
+  Seen a, b;
+  hooks::Ops oa = make_ops(record, &a), ob = make_ops(record, &b);
+  ob.direct = true;
+  ASSERT_TRUE(hooks::attach(oa, hooks::Filter::names({"hook_other"})).ok());
+  const std::uint64_t other0 = function_hits("hook_other");
+  ASSERT_NE(other0, ~std::uint64_t{0});
+  for (int i = 0; i < 3; ++i) p_other(i);
+  EXPECT_EQ(function_hits("hook_other"), other0 + 3);
+  ASSERT_TRUE(hooks::attach(ob, hooks::Filter::names({"hook_other", "hook_leaf"})).ok());
+  const std::uint64_t leaf0 = function_hits("hook_leaf");
+  for (int i = 0; i < 4; ++i) p_other(i);  // two ops: still once a call
+  for (int i = 0; i < 5; ++i) p_leaf();  // through its direct slot
+  EXPECT_EQ(function_hits("hook_other"), other0 + 7);
+  EXPECT_EQ(function_hits("hook_leaf"), leaf0 + 5);
+  EXPECT_EQ(a.calls.load(), 7);
+  EXPECT_EQ(b.calls.load(), 9);
+  ASSERT_TRUE(hooks::detach(oa).ok());
+  ASSERT_TRUE(hooks::detach(ob).ok());
+  p_other(1);  // not hooked: not counted, and the count stays
+  EXPECT_EQ(function_hits("hook_other"), other0 + 7);
 }

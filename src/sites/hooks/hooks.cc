@@ -72,6 +72,7 @@ struct OpsList {
 
 struct alignas(64) SiteCell {
   std::atomic<std::uintptr_t> target{0};  // Ops*, OpsList* | kListTag, or 0
+  std::uint32_t index = 0;                // of the site's hit counter
 };
 
 // ---- hit counters ----------------------------------------------------------------------------
@@ -80,12 +81,15 @@ struct alignas(64) SiteCell {
 // are mmapped (async-signal-safe: callbacks may run in signal handlers), chained in a list
 // that only grows, and a block whose thread has exited is taken over by the next new thread
 // (its counts stay: only sums are read). An ops id is reused once its ops is detached; the
-// new ops starts from the sum the blocks hold then.
-constexpr std::uint32_t kMaxOps = 4096;
+// new ops starts from the sum the blocks hold then. Sites count too, by an index given when a
+// site is first hooked and never reused (a site past kMaxSites goes uncounted); the block is
+// mapped without reserve, so only the pages of sites a thread ran take memory.
+constexpr std::uint32_t kMaxOps = 4096, kMaxSites = 1u << 20;
 struct CounterBlock {
   std::atomic<pid_t> owner;
   CounterBlock* next;
   std::uint64_t hits[kMaxOps];
+  std::uint64_t site_hits[kMaxSites];
 };
 std::atomic<CounterBlock*> g_blocks{nullptr};
 thread_local constinit CounterBlock* t_block __attribute__((tls_model("initial-exec"))) = nullptr;
@@ -99,7 +103,8 @@ CounterBlock* claim_block() noexcept {
       return t_block = b;
     }
   }
-  void* mem = ::mmap(nullptr, sizeof(CounterBlock), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  void* mem = ::mmap(nullptr, sizeof(CounterBlock), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                     -1, 0);
   if (mem == MAP_FAILED) return nullptr;
   auto* b = static_cast<CounterBlock*>(mem);  // zero-filled
   b->owner.store(me, std::memory_order_relaxed);
@@ -109,12 +114,12 @@ CounterBlock* claim_block() noexcept {
   return t_block = b;
 }
 
-inline void count_hit(std::uint32_t id) noexcept {
-  CounterBlock* b = t_block ? t_block : claim_block();
-  if (!b) return;  // out of memory: the hit goes uncounted rather than the call failing
-  std::atomic_ref<std::uint64_t> c(b->hits[id]);
-  c.store(c.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);  // only this thread writes it
+inline void bump(std::uint64_t& counter) noexcept {  // only this thread writes it
+  std::atomic_ref<std::uint64_t> c(counter);
+  c.store(c.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
 }
+
+inline CounterBlock* my_block() noexcept { return t_block ? t_block : claim_block(); }
 
 std::uint64_t sum_hits(std::uint32_t id) {
   std::uint64_t sum = 0;
@@ -123,6 +128,16 @@ std::uint64_t sum_hits(std::uint32_t id) {
   }
   return sum;
 }
+
+std::uint64_t sum_site_hits(std::uint32_t index) {
+  std::uint64_t sum = 0;
+  for (CounterBlock* b = g_blocks.load(std::memory_order_acquire); b; b = b->next) {
+    sum += std::atomic_ref<std::uint64_t>(b->site_hits[index]).load(std::memory_order_relaxed);
+  }
+  return sum;
+}
+
+std::uint32_t g_next_site_index = 0;  // under g_mu
 
 std::vector<std::uint32_t> g_free_ids;  // under g_mu
 std::uint32_t g_next_id = 0;
@@ -153,7 +168,7 @@ const XsaveLayout& xsave_layout() {
 
 // ---- direct trampoline slots -----------------------------------------------------------------
 // A chunk is one page of generated code near some sites: kSlotsPerChunk slots of 16 bytes,
-//   lea kDataOffset-7(%rip), %r11      ; this slot's SlotData (the same bytes in every slot)
+//   lea data_i(%rip), %r11             ; this slot's SlotData
 //   jmp *stub(%rip)                    ; tramway_hook_direct, its address at kDataOffset - 8
 //   int3 x 3
 // then, from kDataOffset on (cache lines no code shares, so writing them never disturbs a
@@ -171,11 +186,12 @@ const XsaveLayout& xsave_layout() {
 struct SlotData {
   std::atomic<std::uintptr_t> tag;  // the owner's body, or 0
   std::atomic<Ops*> ops;
+  std::atomic<std::uint32_t> index;  // the owner site's hit counter
+  std::uint32_t unused[3];
 };
 constexpr std::size_t kChunkSize = 4096, kSlotCodeSize = 16, kDataOffset = 2048;
-constexpr std::size_t kSlotsPerChunk = (kDataOffset - 8) / kSlotCodeSize;
-static_assert(kDataOffset + kSlotsPerChunk * sizeof(SlotData) <= kChunkSize);
-static_assert(sizeof(SlotData) == kSlotCodeSize, "the lea displacement is the same in every slot");
+constexpr std::size_t kSlotsPerChunk = (kChunkSize - kDataOffset) / sizeof(SlotData);
+static_assert(kSlotsPerChunk * kSlotCodeSize + 8 <= kDataOffset);
 
 struct DirectSlot {
   std::uintptr_t code = 0;  // what the site calls (RX)
@@ -209,7 +225,8 @@ Result<DirectSlot> take_slot_near(std::uintptr_t entry) {
   std::memset(c.block.rw, arch::kInt3, kDataOffset);
   for (std::size_t i = 0; i < kSlotsPerChunk; ++i) {
     std::uint8_t* code = c.block.rw + i * kSlotCodeSize;
-    const auto lea = static_cast<std::int32_t>(kDataOffset - 7);
+    const auto lea = static_cast<std::int32_t>(kDataOffset + i * sizeof(SlotData)) -
+                     static_cast<std::int32_t>(i * kSlotCodeSize + 7);
     const auto jmp = static_cast<std::int32_t>(kDataOffset - 8) - static_cast<std::int32_t>(i * kSlotCodeSize + 13);
     const std::uint8_t lea_r11[3] = {0x4c, 0x8d, 0x1d}, jmp_mem[2] = {0xff, 0x25};
     std::memcpy(code, lea_r11, 3);
@@ -467,6 +484,7 @@ Status apply_modes(const std::vector<ModeChange>& changes, Retired& retired) {
         if (!slot.ok()) return give_up(slot.status());
         taken[i] = *slot;
         slot->data->ops.store(c.direct_ops, std::memory_order_relaxed);
+        slot->data->index.store(s.cell->index, std::memory_order_relaxed);
         slot->data->tag.store(s.entry + 5, std::memory_order_release);
         callee = slot->code;
       }
@@ -618,6 +636,7 @@ Status attach(Ops& ops, const Filter& filter) {
       s.name = *c.name;
       s.object = *c.object;
       s.cell = new SiteCell;
+      s.cell->index = g_next_site_index < kMaxSites ? g_next_site_index++ : kMaxSites;
     }
     std::vector<Ops*> after = s.ops;
     after.push_back(&ops);
@@ -736,8 +755,11 @@ Result<std::vector<Function>> patchable_functions() {
   std::vector<Function> out;
   std::lock_guard lock(g_mu);
   for (const Candidate& c : all_candidates()) {
-    Function f{c.entry, *c.name, *c.object, 0};
-    if (auto it = g_sites.find(c.entry); it != g_sites.end()) f.ops = it->second.ops.size();
+    Function f{c.entry, *c.name, *c.object, 0, 0};
+    if (auto it = g_sites.find(c.entry); it != g_sites.end()) {
+      f.ops = it->second.ops.size();
+      if (it->second.cell->index < kMaxSites) f.hits = sum_site_hits(it->second.cell->index);
+    }
     out.push_back(std::move(f));
   }
   return out;
@@ -764,17 +786,19 @@ __attribute__((target("xsave"), noinline)) void call_saving_extended_state(Ops& 
 }
 
 // The callbacks of a site, with the recursion guard (DESIGN invariant 7).
-inline void run_callbacks(Ops* const* ops, std::size_t count, std::uintptr_t entry, std::uintptr_t caller,
-                          EntryRegs& regs) noexcept {
+inline void run_callbacks(Ops* const* ops, std::size_t count, std::uint32_t site_index, std::uintptr_t entry,
+                          std::uintptr_t caller, EntryRegs& regs) noexcept {
   if (t_in_callback) {  // a callback called a hooked function
     for (std::size_t i = 0; i < count; ++i) ops[i]->state->recursion_skipped.fetch_add(1, std::memory_order_relaxed);
     return;
   }
+  CounterBlock* const block = my_block();  // null when out of memory: nothing counted
+  if (block && site_index < kMaxSites) bump(block->site_hits[site_index]);
   t_in_callback = true;
   for (std::size_t i = 0; i < count; ++i) {
     Ops& o = *ops[i];
     if (!o.state->enabled.load(std::memory_order_relaxed)) continue;
-    count_hit(o.state->id);
+    if (block) bump(block->hits[o.state->id]);
     if (o.state->extended) {
       call_saving_extended_state(o, entry, caller, regs);
     } else {
@@ -798,10 +822,10 @@ extern "C" __attribute__((visibility("hidden"))) void tramway_hook_dispatch(tram
   if (target == 0) return;  // detached meanwhile
   if (target & kListTag) {
     const auto* list = reinterpret_cast<const OpsList*>(target & ~kListTag);
-    run_callbacks(list->ops, list->count, entry, caller, *regs);
+    run_callbacks(list->ops, list->count, cell->index, entry, caller, *regs);
   } else {
     Ops* single = reinterpret_cast<Ops*>(target);
-    run_callbacks(&single, 1, entry, caller, *regs);
+    run_callbacks(&single, 1, cell->index, entry, caller, *regs);
   }
 }
 
@@ -815,7 +839,7 @@ extern "C" __attribute__((visibility("hidden"))) void tramway_hook_direct_dispat
   // call into it and its marker. The call goes on untraced.
   if (slot->tag.load(std::memory_order_acquire) != body) return;
   Ops* ops = slot->ops.load(std::memory_order_relaxed);  // written before the tag
-  run_callbacks(&ops, 1, body - 5, caller, *regs);
+  run_callbacks(&ops, 1, slot->index.load(std::memory_order_relaxed), body - 5, caller, *regs);
 }
 
 // dlclose, interposed: when the object is really unloaded (its last reference dropped), its
