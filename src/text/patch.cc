@@ -51,6 +51,12 @@ struct TrapTable {
 };
 
 std::atomic<TrapTable*> g_table{nullptr};
+// Bumped after every publish and unpublish of g_table. A handler that read the same value
+// before its table lookup and after its look at the int3 knows no batch began meanwhile, so
+// an int3 missing from the table it searched is not ours. Comparing table pointers instead
+// is not enough: between two batches the table is null, and a whole batch (publish, int3,
+// unpublish) can run while a preempted handler looks at the byte.
+std::atomic<std::uint64_t> g_table_generation{0};
 // Trap handlers announce themselves here before they load g_table and leave after their
 // last use of it. A handler that starts after a table was unpublished can only load a newer
 // table (or none), so a retired table is free once this count has been seen at zero.
@@ -113,6 +119,7 @@ TrapTable* take_table(std::size_t n) {
 
 void retire_table() {
   if (TrapTable* old = g_table.exchange(nullptr, std::memory_order_seq_cst)) retired_tables().push_back(old);
+  g_table_generation.fetch_add(1, std::memory_order_seq_cst);
   free_retired_tables_if_unread();
 }
 
@@ -121,33 +128,33 @@ void retire_table() {
 bool handle_int3(ucontext_t* uc) noexcept {
   const std::uintptr_t site = arch::context_pc(uc) - 1;
   g_readers.fetch_add(1, std::memory_order_seq_cst);
-  bool ours = false;
+  bool ours = true;
+  const std::uint64_t generation = g_table_generation.load(std::memory_order_seq_cst);
   const TrapTable* t = g_table.load(std::memory_order_seq_cst);
-  for (int attempt = 0; attempt < 4; ++attempt) {
-    if (t) {
-      if (const TrapEntry* e = find(t, site)) {
-        arch::emulate(e->emulation, site, uc);
-        counters().traps_emulated.fetch_add(1, std::memory_order_relaxed);
-        ours = true;
-        break;
-      }
-    }
+  if (const TrapEntry* e = t ? find(t, site) : nullptr) {
+    arch::emulate(e->emulation, site, uc);
+    counters().traps_emulated.fetch_add(1, std::memory_order_relaxed);
+  } else {
     const auto* p = reinterpret_cast<const volatile std::uint8_t*>(site);
-    // `int $3` (cd 03) traps after 2 bytes; its first byte is in the same page unless the
-    // trap address starts one (then it cannot be that form of ours either).
-    const bool two_byte_int3 = (site & 0xfff) != 0 && p[-1] == 0xcd && p[0] == 0x03;
-    if (p[0] != arch::kInt3 && !two_byte_int3) {
+    if (p[0] == arch::kInt3) {
+      if (g_table_generation.load(std::memory_order_seq_cst) != generation) {
+        // A batch published or unpublished a table since our lookup: the int3 may be that
+        // batch's (its table is published before its int3s are written). Execute the site
+        // again; if the int3 is still there, the next trap decides afresh.
+        arch::set_context_pc(uc, site);
+        counters().traps_restarted.fetch_add(1, std::memory_order_relaxed);
+      } else {
+        ours = false;  // no batch ran meanwhile: the program's int3, or a debugger's
+      }
+    } else if ((site & 0xfff) != 0 && p[-1] == 0xcd && p[0] == 0x03) {
+      // `int $3` (cd 03), which traps after 2 bytes: never ours (no site's instruction starts
+      // with 03). Its first byte is in the same page unless the trap address starts one.
+      ours = false;
+    } else {
       // The int3 we trapped on has been replaced since: run whatever is there now.
       arch::set_context_pc(uc, site);
       counters().traps_restarted.fetch_add(1, std::memory_order_relaxed);
-      ours = true;
-      break;
     }
-    // An int3 is there. If a batch published its table after our first look, this may be
-    // its int3 (the table is published before any int3 is written): look again.
-    const TrapTable* again = g_table.load(std::memory_order_seq_cst);
-    if (again == t) break;  // not ours
-    t = again;
   }
   g_readers.fetch_sub(1, std::memory_order_seq_cst);
   return ours;
@@ -339,6 +346,7 @@ Status apply(const PatchBatch& batch, const PatchLock&) {
   for (std::size_t i = 0; i < sites.size(); ++i) table->entries[i] = {sites[i].address, sites[i].emulation};
   // Published before the first int3 is written: a thread that sees our int3 finds the table.
   detail::g_table.store(table, std::memory_order_seq_cst);
+  detail::g_table_generation.fetch_add(1, std::memory_order_seq_cst);  // before any int3 is written
 
   detail::PageWriter& w = scratch_writer();
   // Puts every old head back while phase 2 has not begun (no tail written yet).
