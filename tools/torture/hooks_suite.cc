@@ -843,10 +843,7 @@ std::string hits_text(const std::uint8_t (&hits)[kSlots]) {
 }  // namespace
 
 int run_hooks(const Options& o) {
-  if (Status st = text::install_signal_router(); !st.ok()) {
-    std::fprintf(stderr, "hooks: %s\n", st.message().c_str());
-    return 1;
-  }
+  if (!install_storm_handler("hooks", on_sigprof)) return 1;
   std::string error;
   if (!load_functions(&error)) {
     std::fprintf(stderr, "hooks: %s\n", error.c_str());
@@ -857,11 +854,6 @@ int run_hooks(const Options& o) {
     g_slots[k].ops.entry = on_entry;
     g_slots[k].ops.data = &g_slots[k];
   }
-  struct sigaction sa {};
-  sa.sa_sigaction = on_sigprof;
-  sa.sa_flags = SA_SIGINFO | SA_RESTART;
-  sigemptyset(&sa.sa_mask);
-  sigaction(SIGPROF, &sa, nullptr);
 
   Shared shared;
   Controller controller(o, shared);

@@ -269,15 +269,7 @@ bool any_writable_executable_mapping(std::string* which) {
 }  // namespace
 
 int run_static(const Options& o) {
-  if (Status st = text::install_signal_router(); !st.ok()) {
-    std::fprintf(stderr, "static: %s\n", st.message().c_str());
-    return 1;
-  }
-  struct sigaction sa {};
-  sa.sa_sigaction = on_sigprof;
-  sa.sa_flags = SA_SIGINFO | SA_RESTART;
-  sigemptyset(&sa.sa_mask);
-  sigaction(SIGPROF, &sa, nullptr);
+  if (!install_storm_handler("static", on_sigprof)) return 1;
 
   Shared shared;
   Spinner spinner;

@@ -6,7 +6,27 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <cstdio>
+
+#include "tramway/text/signal_router.h"
+
 namespace tramway::torture {
+
+// Installs tramway's signal router, then `on_sigprof` as the storm's SIGPROF handler (through
+// the router's interposed sigaction, so it runs behind the wrapper). On failure prints why,
+// prefixed with the suite's name, and returns false.
+inline bool install_storm_handler(const char* suite, void (*on_sigprof)(int, siginfo_t*, void*)) {
+  if (Status st = text::install_signal_router(); !st.ok()) {
+    std::fprintf(stderr, "%s: %s\n", suite, st.message().c_str());
+    return false;
+  }
+  struct sigaction sa {};
+  sa.sa_sigaction = on_sigprof;
+  sa.sa_flags = SA_SIGINFO | SA_RESTART;
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGPROF, &sa, nullptr);
+  return true;
+}
 
 // Fires SIGPROF at this thread every `interval_us` on CLOCK_MONOTONIC (CPU-time timers only
 // fire at scheduler ticks, far too coarse). Disarmed when destroyed.
