@@ -51,6 +51,12 @@ struct EntryRegs {
   alignas(16) std::uint8_t xmm[8][16];        // xmm0-7: floating-point arguments
 };
 
+// The stack slot that holds the return address into the function's caller (the `caller`
+// argument of the entry callback). An entry callback may replace it, to regain control when
+// the function returns (the tracer's exit hooks do); whoever does must put the original back
+// before anything unwinds through that frame.
+std::uintptr_t* caller_return_slot(EntryRegs& regs) noexcept;
+
 struct Ops;
 // `function` is the hooked function's entry, `caller` the return address into its caller.
 using EntryCallback = void (*)(const Ops& ops, std::uintptr_t function, std::uintptr_t caller, EntryRegs& regs);

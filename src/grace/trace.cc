@@ -12,6 +12,7 @@
 // back cannot stall a grace period.
 #include <linux/futex.h>
 #include <pthread.h>
+#include <signal.h>
 #include <sched.h>
 #include <sys/syscall.h>
 #include <time.h>
@@ -363,6 +364,13 @@ bool quiet_since(std::uint64_t flips_before) noexcept {
 }
 
 Marker* register_thread() noexcept {
+  // Signals stay blocked meanwhile: a handler that ran hooked code on this thread would
+  // register it again, inside the registry's lock or its static guard, and deadlock (the
+  // tracer's signal test did). Still not async-signal-safe against the thread's own malloc:
+  // a thread's first hooked call must not be in a handler that interrupted malloc.
+  sigset_t all, old;
+  sigfillset(&all);
+  pthread_sigmask(SIG_SETMASK, &all, &old);
   pthread_once(&g_exit_key_once, init_once);
   auto* m = new Marker;
   m->tid = common::current_tid();
@@ -372,6 +380,7 @@ Marker* register_thread() noexcept {
   pthread_mutex_unlock(&r.mu);
   pthread_setspecific(g_exit_key, m);
   t_marker = m;
+  pthread_sigmask(SIG_SETMASK, &old, nullptr);
   return m;
 }
 

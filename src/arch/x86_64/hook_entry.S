@@ -11,7 +11,9 @@
  * On entry to either:
  *   (%rsp)   the address after the site's call: the function's body (entry + 5)
  *   8(%rsp)  the return address into the function's caller
- * and %rsp is 16-byte aligned (it was 8 mod 16 at the function's entry).
+ * %rsp is usually 16-byte aligned, but not always: GCC's -fipa-stack-alignment (on at -O2)
+ * calls functions of the same unit that need no alignment with %rsp = 0 mod 16 at their
+ * entry, so the stubs align their frame themselves.
  *
  * Each saves every register a function may expect at its entry (rdi, rsi, rdx, rcx, r8, r9,
  * rax for varargs, r10 for the static chain, xmm0-7) as a tramway::hooks::EntryRegs, raises
@@ -24,15 +26,19 @@
  */
 #include "tramway/asm/grace_marker.h"
 
-/* Frame: %rbp, then EntryRegs (192 bytes) at a 16-byte aligned %rsp and 8 spare bytes at
- * 192(%rsp) (the direct stub keeps its slot data pointer there). */
+/* Frame: %rbp, then, at a 16-byte aligned %rsp, EntryRegs (192 bytes), 8 spare bytes at
+ * 192(%rsp) (the direct stub keeps its slot data pointer there) and a copy of %rbp at
+ * 200(%rsp): hooks::caller_return_slot (sites/hooks/hooks.cc) finds the caller's return
+ * address at 16 bytes above it. */
 .macro HOOK_FRAME_ENTER
 	pushq	%rbp
 	.cfi_def_cfa_offset 16
 	.cfi_offset %rbp, -16
 	movq	%rsp, %rbp
 	.cfi_def_cfa_register %rbp
-	subq	$200, %rsp
+	subq	$208, %rsp
+	andq	$-16, %rsp
+	movq	%rbp, 200(%rsp)
 	movq	%rdi, 0(%rsp)
 	movq	%rsi, 8(%rsp)
 	movq	%rdx, 16(%rsp)

@@ -751,6 +751,13 @@ OpsCounters counters(const Ops& ops) {
   return c;
 }
 
+// hook_entry.S's frame: EntryRegs at %rsp, a copy of %rbp at 200(%rsp), and above the saved
+// %rbp the function's body (8(%rbp)) and the return address into its caller (16(%rbp)).
+std::uintptr_t* caller_return_slot(EntryRegs& regs) noexcept {
+  const auto rbp = *reinterpret_cast<const std::uintptr_t*>(reinterpret_cast<const char*>(&regs) + 200);
+  return reinterpret_cast<std::uintptr_t*>(rbp + 16);
+}
+
 Result<std::vector<Function>> patchable_functions() {
   std::vector<Function> out;
   std::lock_guard lock(g_mu);

@@ -1,0 +1,267 @@
+// The function tracer (tramway/trace.h), side by side with uftrace. Figures:
+//   trace/untraced                  ns a call of a patchable function, not traced (CPU time)
+//   trace/traced                    ns a call of it traced: entry and exit events recorded
+//                                   into the trace file (CPU time of the calling thread)
+//   trace/bytes_per_event           the trace file's size over the events it holds
+//   uftrace/record                  ns a call of the same function under `uftrace record -P`,
+//                                   entry and exit recorded into its data directory (thread CPU time)
+//   uftrace/bytes_per_event         uftrace's per-thread data files' size over the events (2 a call)
+//   trace/traced/ratio_to_uftrace   trace/traced over uftrace/record, both from this run: below 1,
+//                                   tramway is faster (the direction of bench_hooks' ratios)
+//
+// A traced run makes kCalls calls: its events are all recorded (none lost; checked), and every
+// kBurst calls the rings are flushed with timing paused, so the figure is what the calling
+// thread pays to record, not what the flusher thread pays to write. uftrace runs as a child, once
+// a repetition, as in bench_hooks.cc (which says why).
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <array>
+#include <cerrno>
+#include <csignal>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <regex>
+#include <string>
+#include <vector>
+
+#include "noinline.h"
+#include "report.h"
+#include "tramway/hooks.h"
+#include "tramway/trace.h"
+#include "tramway/trace/format.h"
+
+// trace_target.cc: compiled with -fpatchable-function-entry=13,8.
+extern "C" void bench_trace_target(std::uint64_t x);
+
+namespace {
+
+using benchmark::State;
+using tramway::Status;
+namespace hooks = tramway::hooks;
+namespace trace = tramway::trace;
+namespace fs = std::filesystem;
+
+constexpr char kGlob[] = "bench_trace_target";
+// Calls a traced run (and a uftrace run) makes: 2 million events, 32 MB of trace at 16 bytes
+// an event, in a scratch directory removed afterwards.
+constexpr benchmark::IterationCount kCalls = 1'000'000;
+// Calls between flushes: their events (2 a call) fill at most half of a default ring
+// (RecordOptions::ring_events, 65,536), so none is lost whether or not the flusher keeps up.
+constexpr std::uint64_t kBurst = 1u << 14;
+
+void fail(State& state, const std::string& what) { state.SkipWithError(what.c_str()); }
+
+// A directory of its own under TMPDIR (or /tmp), removed with everything in it.
+struct ScratchDir {
+  std::string path;
+  ScratchDir() {
+    std::error_code ec;
+    std::string pattern = (fs::temp_directory_path(ec) / "bench_trace.XXXXXX").string();
+    if (!ec && mkdtemp(pattern.data())) path = pattern;
+  }
+  ~ScratchDir() {
+    std::error_code ignored;
+    if (!path.empty()) fs::remove_all(path, ignored);
+  }
+  ScratchDir(const ScratchDir&) = delete;
+  ScratchDir& operator=(const ScratchDir&) = delete;
+};
+
+// ---- calls ------------------------------------------------------------------------------------
+// One loop for both call figures, so that they differ by the tracing only. With `between`,
+// every kBurst calls it runs with timing paused.
+BENCH_NOINLINE void call_loop(State& state, const std::function<void()>* between) {
+  std::uint64_t i = 0;
+  for (auto _ : state) {
+    bench_trace_target(++i);
+    if ((i & (kBurst - 1)) == 0 && between) {
+      state.PauseTiming();
+      (*between)();
+      state.ResumeTiming();
+    }
+  }
+}
+
+void bm_untraced(State& state) { call_loop(state, nullptr); }
+
+// The end chunk (format.h: the last one of a file closed cleanly) holds the totals.
+bool read_end_chunk(const std::string& file, std::uint64_t& events, std::uint64_t& lost) {
+  namespace format = trace::format;
+  std::ifstream in(file, std::ios::binary);
+  format::ChunkHeader header;
+  std::uint64_t totals[2];
+  constexpr auto kTail = static_cast<std::streamoff>(sizeof header + sizeof totals);
+  if (!in.seekg(-kTail, std::ios::end)) return false;
+  if (!in.read(reinterpret_cast<char*>(&header), sizeof header) || !in.read(reinterpret_cast<char*>(totals), sizeof totals))
+    return false;
+  if (header.type != format::ChunkType::end || header.size != sizeof totals) return false;
+  events = totals[0];
+  lost = totals[1];
+  return true;
+}
+
+void bm_traced(State& state) {
+  ScratchDir dir;
+  if (dir.path.empty()) return fail(state, "cannot create a scratch directory");
+  trace::RecordOptions options;
+  options.output = dir.path + "/bench.trace";
+  if (Status s = trace::start(options); !s.ok()) return fail(state, "trace::start: " + s.message());
+  if (auto attached = trace::attach(kGlob); !attached.ok()) {
+    (void)trace::stop();
+    return fail(state, std::string("trace::attach(\"") + kGlob + "\"): " + attached.status().message());
+  }
+  Status flushed;
+  const std::function<void()> flush = [&flushed] {
+    if (flushed.ok()) flushed = trace::flush();
+  };
+  call_loop(state, &flush);
+  if (Status s = trace::stop(); !s.ok()) return fail(state, "trace::stop: " + s.message());
+  if (!flushed.ok()) return fail(state, "trace::flush: " + flushed.message());
+
+  std::uint64_t events = 0, lost = 0;
+  if (!read_end_chunk(options.output, events, lost))
+    return fail(state, options.output + " does not end with an end chunk (tramway/trace/format.h)");
+  const auto expected = 2 * static_cast<std::uint64_t>(state.iterations());
+  if (lost != 0 || events != expected) {
+    return fail(state, "the trace holds " + std::to_string(events) + " events and " + std::to_string(lost) +
+                           " lost for " + std::to_string(state.iterations()) + " calls; expected " +
+                           std::to_string(expected) + " and none lost");
+  }
+  std::error_code ec;
+  const auto bytes = fs::file_size(options.output, ec);
+  if (ec) return fail(state, "size of " + options.output + ": " + ec.message());
+  state.counters["bytes_per_event"] = static_cast<double>(bytes) / static_cast<double>(events);
+}
+
+// ---- uftrace, as a child ------------------------------------------------------------------------
+// Runs `argv` (argv[0]: a path, or a name looked up in PATH) with stdout into `out`; stderr
+// stays ours. The child starts with default signal handling and nothing blocked, whatever
+// tramway's signal router left on this thread. Returns an error message, empty on success.
+std::string run_child(const std::vector<std::string>& argv, std::string& out) {
+  int fds[2];
+  if (pipe(fds) != 0) return "pipe failed";
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  posix_spawn_file_actions_adddup2(&actions, fds[1], STDOUT_FILENO);
+  posix_spawn_file_actions_addclose(&actions, fds[0]);
+  posix_spawn_file_actions_addclose(&actions, fds[1]);
+  posix_spawnattr_t attr;
+  posix_spawnattr_init(&attr);
+  sigset_t none, all;
+  sigemptyset(&none);
+  sigfillset(&all);
+  posix_spawnattr_setsigmask(&attr, &none);
+  posix_spawnattr_setsigdefault(&attr, &all);
+  posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
+  std::vector<char*> args;
+  for (const std::string& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+  args.push_back(nullptr);
+  pid_t pid;
+  const int rc = posix_spawnp(&pid, args[0], &actions, &attr, args.data(), environ);
+  posix_spawn_file_actions_destroy(&actions);
+  posix_spawnattr_destroy(&attr);
+  close(fds[1]);
+  if (rc != 0) {
+    close(fds[0]);
+    return "cannot run " + argv[0] + ": " + std::strerror(rc);
+  }
+  std::array<char, 4096> buf;
+  for (ssize_t n; (n = read(fds[0], buf.data(), buf.size())) != 0;) {
+    if (n > 0) out.append(buf.data(), static_cast<std::size_t>(n));
+    else if (errno != EINTR) break;
+  }
+  close(fds[0]);
+  int status = 0;
+  while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+  }
+  if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
+    return argv[0] + " failed (wait status " + std::to_string(status) + ")";
+  return {};
+}
+
+// A sibling program of this one, in the same build directory.
+std::string sibling(const char* name) {
+  return (fs::read_symlink("/proc/self/exe").parent_path() / name).string();
+}
+
+// uftrace's records of the traced threads: one TID.dat file each (perf-cpuN.dat hold its
+// scheduling events, not calls).
+std::uintmax_t uftrace_record_bytes(const fs::path& data) {
+  static const std::regex tid_file(R"([0-9]+\.dat)");
+  std::uintmax_t bytes = 0;
+  std::error_code ec;
+  for (const fs::directory_entry& e : fs::directory_iterator(data, ec)) {
+    if (std::regex_match(e.path().filename().string(), tid_file)) bytes += e.file_size(ec);
+  }
+  return bytes;
+}
+
+// uftrace 0.13 patches the address __patchable_function_entries lists, so its child is built
+// with -fpatchable-function-entry=5 (hooks_uftrace_child.cc says why); --no-libcall keeps it
+// from also hooking the PLT. One run a repetition (Iterations(1)).
+void bm_uftrace(State& state) {
+  ScratchDir dir;
+  if (dir.path.empty()) return fail(state, "cannot create a scratch directory");
+  const std::string data = dir.path + "/data";
+  std::string out;
+  for (auto _ : state) {
+    if (std::string e = run_child({"uftrace", "record", "--no-libcall", "-d", data, "-P",
+                                   "^bench_trace_uftrace_target$", sibling("bench_trace_uftrace"),
+                                   std::to_string(kCalls)},
+                                  out);
+        !e.empty()) {
+      return fail(state, e);
+    }
+  }
+  static const std::regex line(R"re(\{"name": "uftrace/record", "value": ([^,]+), "unit": "ns"\})re");
+  std::smatch m;
+  if (!std::regex_search(out, m, line)) return fail(state, "bench_trace_uftrace printed no uftrace/record figure in ns");
+  state.counters["uftrace/record"] = std::strtod(m[1].str().c_str(), nullptr);
+  // Its smallest record is 16 bytes: fewer bytes than 8 an event means calls went unrecorded.
+  const double events = 2.0 * static_cast<double>(kCalls);
+  const auto bytes = static_cast<double>(uftrace_record_bytes(data));
+  if (bytes < 8 * events) {
+    return fail(state, "uftrace recorded " + std::to_string(static_cast<std::uint64_t>(bytes)) + " bytes for " +
+                           std::to_string(kCalls) + " calls: not every entry and exit");
+  }
+  state.counters["uftrace/bytes_per_event"] = bytes / events;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  using tramway_bench::add;
+  using tramway_bench::counter_figure;
+  using tramway_bench::Figure;
+  using tramway_bench::ratio_figure;
+  using tramway_bench::time_figure;
+  auto cpu_ns = [](const char* name) { return time_figure(name, Figure::kCpuTime, "ns"); };
+
+  // trace/untraced runs the nops of a site not hooked now, the same ones in every repetition:
+  // GCC's five 1-byte nops become one 5-byte nop at a site's first hook, so that happens here,
+  // before any repetition (as in bench_hooks). Failing, trace/traced fails too, and says why.
+  {
+    hooks::Ops ops;
+    ops.entry = [](const hooks::Ops&, std::uintptr_t, std::uintptr_t, hooks::EntryRegs&) {};
+    Status s = hooks::attach(ops, hooks::Filter::addresses({reinterpret_cast<std::uintptr_t>(&bench_trace_target)}));
+    if (s.ok()) s = hooks::detach(ops);
+    if (!s.ok()) std::fprintf(stderr, "%s: hooking bench_trace_target: %s\n", argv[0], s.message().c_str());
+  }
+  add("trace/untraced", bm_untraced, {cpu_ns("trace/untraced")});
+  add("trace/traced", bm_traced,
+      {cpu_ns("trace/traced"), counter_figure("trace/bytes_per_event", "bytes_per_event", "bytes")})
+      ->Iterations(kCalls);
+  add("uftrace", bm_uftrace,
+      {counter_figure("uftrace/record", "uftrace/record", "ns"),
+       counter_figure("uftrace/bytes_per_event", "uftrace/bytes_per_event", "bytes"),
+       ratio_figure("trace/traced/ratio_to_uftrace", "trace/traced", "uftrace/record")})
+      ->Iterations(1);
+  return tramway_bench::run(argc, argv);
+}

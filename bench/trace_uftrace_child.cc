@@ -1,0 +1,39 @@
+// bench_trace_uftrace CALLS — run by bench_trace under `uftrace record -P bench_trace_uftrace_target`
+// (uftrace's dynamic tracing of a -fpatchable-function-entry=5 build, recording entry and exit
+// into its data directory): times CALLS calls of the function bench_trace traces (same body),
+// with this thread's CPU time as the call figures there, and prints
+// {"name": "uftrace/record", "value": NS_A_CALL, "unit": "ns"}.
+#include <time.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+
+#include "noinline.h"
+
+extern "C" {
+std::uint64_t bench_trace_sink;
+BENCH_NOINLINE void bench_trace_uftrace_target(std::uint64_t x) { bench_trace_sink += x; }
+}
+
+static double thread_seconds() {
+  timespec t;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
+  return static_cast<double>(t.tv_sec) + static_cast<double>(t.tv_nsec) * 1e-9;
+}
+
+int main(int argc, char** argv) {
+  const long calls = argc > 1 ? std::atol(argv[1]) : 1000000;
+  // uftrace turns the entry's 5-byte nop into a call before main; without that (not run under
+  // uftrace, or it did not find the function) the figure would be a plain call's.
+  if (*reinterpret_cast<const unsigned char*>(&bench_trace_uftrace_target) != 0xe8) {
+    std::fprintf(stderr, "%s: bench_trace_uftrace_target is not patched: run it under uftrace record -P\n", argv[0]);
+    return 1;
+  }
+  const double t0 = thread_seconds();
+  for (long i = 0; i < calls; ++i) bench_trace_uftrace_target(static_cast<std::uint64_t>(i));
+  const double t1 = thread_seconds();
+  std::printf("{\"name\": \"uftrace/record\", \"value\": %.4g, \"unit\": \"ns\"}\n",
+              (t1 - t0) * 1e9 / static_cast<double>(calls));
+  return 0;
+}

@@ -1,0 +1,408 @@
+// libtramway_agent.so — preloaded by the `tramway` command (or by hand with LD_PRELOAD) to
+// list, record or control a program from inside it.
+//
+// Preloading by hand: list libtramway.so.0 and libtramway_trace.so.0 before the agent, as the
+// command does. Loaded only as the agent's dependencies they come after libc and libgcc in
+// the lookup order, and their interposers (sigaction, pthread_sigmask, the unwinder's entry
+// points) lose: a program that blocks all signals would then block SIGTRAP too.
+//
+// Its constructor runs before the program's own constructors and main. It reads, then removes
+// from the environment, the variables below, and removes itself (and the libraries the
+// command preloaded with it, TRAMWAY_PRELOAD) from LD_PRELOAD, so the program's children run
+// untraced and without the agent:
+//   TRAMWAY_LIST=GLOB       print the patchable functions matching GLOB (name, address, object),
+//                           sorted by name, and _exit(0) before main; _exit(3) if the
+//                           executable has none (wrong flags), _exit(1) if GLOB matches none.
+//   TRAMWAY_OUTPUT=FILE     record to FILE; TRAMWAY_FILTERS holds one glob per line (default
+//                           `*`). A failure prints `tramway: ...` and _exit(2)s before main.
+//   TRAMWAY_CONTROL=1       serve the control socket (control_io.h); failure: _exit(2).
+//   TRAMWAY_DURATION=S      stop recording S seconds after start; the program runs on untraced
+//                           (`tramway record --duration` also ends the program, from outside).
+// At exit (an atexit handler registered by the constructor, which glibc runs when it finalises
+// this library: after the program's exit handlers and static destructors, before
+// libtramway_trace, whose recorder it still needs, is finalised) the control socket is closed
+// and a running recording is stopped, with a one-line summary on stderr. A fork()ed child does neither. Threads of the agent block every
+// signal. Nothing throws out of the agent.
+#include <dlfcn.h>
+#include <fcntl.h>
+#include <fnmatch.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <climits>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "agent/control.h"
+#include "agent/control_io.h"
+#include "tramway/hooks.h"
+#include "tramway/trace.h"
+
+namespace tramway::agent {
+namespace {
+
+// ---- environment ----
+
+std::optional<std::string> take_env(const char* name) {
+  const char* v = std::getenv(name);
+  if (!v) return std::nullopt;
+  std::string s = v;
+  unsetenv(name);
+  return s;
+}
+
+std::vector<std::string> split(const std::string& s, const char* separators) {
+  std::vector<std::string> out;
+  std::size_t pos = 0;
+  while (pos <= s.size()) {
+    const std::size_t end = s.find_first_of(separators, pos);
+    const std::string part = s.substr(pos, end == std::string::npos ? std::string::npos : end - pos);
+    if (!part.empty()) out.push_back(part);
+    if (end == std::string::npos) break;
+    pos = end + 1;
+  }
+  return out;
+}
+
+std::string real_path(const std::string& p) {
+  char buf[PATH_MAX];
+  return realpath(p.c_str(), buf) ? std::string(buf) : p;
+}
+
+// Removes this library and the entries the command added (`added`, colon-separated) from
+// LD_PRELOAD, so that programs this one executes do not load the agent.
+void remove_from_preload(const std::string& added) {
+  const char* cur = std::getenv("LD_PRELOAD");
+  if (!cur) return;
+  Dl_info info{};
+  std::string self;
+  if (dladdr(reinterpret_cast<void*>(&remove_from_preload), &info) && info.dli_fname) self = real_path(info.dli_fname);
+  const std::vector<std::string> ours = split(added, ":");
+  std::string kept;
+  for (const std::string& e : split(cur, ": ")) {
+    if (std::find(ours.begin(), ours.end(), e) != ours.end()) continue;
+    if (!self.empty() && real_path(e) == self) continue;
+    if (!kept.empty()) kept += ':';
+    kept += e;
+  }
+  if (kept.empty()) unsetenv("LD_PRELOAD");
+  else setenv("LD_PRELOAD", kept.c_str(), 1);
+}
+
+[[noreturn]] void die(int code, const std::string& message) {
+  std::fprintf(stderr, "tramway: %s\n", message.c_str());
+  std::fflush(stderr);
+  _exit(code);
+}
+
+std::string program_name() { return program_invocation_name ? program_invocation_name : "the program"; }
+
+// ---- listing ----
+
+Result<std::vector<std::string>> list_lines(const std::string& glob, std::size_t* loaded = nullptr) {
+  Result<std::vector<hooks::Function>> fns = hooks::patchable_functions();
+  if (!fns.ok()) return fns.status();
+  if (loaded) *loaded = fns->size();
+  std::vector<const hooks::Function*> hits;
+  for (const hooks::Function& f : *fns) {
+    if (fnmatch(glob.c_str(), f.name.c_str(), 0) == 0) hits.push_back(&f);
+  }
+  std::sort(hits.begin(), hits.end(), [](const hooks::Function* a, const hooks::Function* b) {
+    return a->name != b->name ? a->name < b->name : a->entry < b->entry;
+  });
+  std::vector<std::string> lines;
+  lines.reserve(hits.size());
+  for (const hooks::Function* f : hits) lines.push_back(control::function_line(f->name, f->entry, f->object));
+  return lines;
+}
+
+std::string no_match(const std::string& glob, std::size_t loaded) {
+  return "no patchable function matches '" + glob + "' (" + std::to_string(loaded) + " are loaded)";
+}
+
+[[noreturn]] void list_mode(const std::string& glob_arg) {
+  const std::string glob = glob_arg.empty() ? "*" : glob_arg;
+  Result<std::vector<hooks::Function>> fns = hooks::patchable_functions();
+  if (!fns.ok()) die(2, fns.status().message());
+  char buf[PATH_MAX];
+  const ssize_t n = readlink("/proc/self/exe", buf, sizeof buf - 1);
+  const std::string exe = n > 0 ? std::string(buf, static_cast<std::size_t>(n)) : program_name();
+  const auto in_exe = std::count_if(fns->begin(), fns->end(), [&](const hooks::Function& f) { return f.object == exe; });
+  if (in_exe == 0) {
+    std::string msg = exe + " has no patchable function: build it with -fpatchable-function-entry=13,8 (GCC >= 8 and Clang >= 10 take the same flag)";
+    if (!fns->empty()) msg += "; its shared libraries have " + std::to_string(fns->size());
+    die(3, msg);
+  }
+  std::size_t loaded = 0;
+  Result<std::vector<std::string>> lines = list_lines(glob, &loaded);
+  if (!lines.ok()) die(2, lines.status().message());
+  if (lines->empty()) die(1, no_match(glob, loaded));
+  for (const std::string& l : *lines) std::printf("%s\n", l.c_str());
+  std::fflush(stdout);
+  _exit(0);
+}
+
+// ---- recording ----
+
+// The agent's state. Never destroyed: the exit handler may run after this library's static
+// destructors (their order against a constructor function's is not defined).
+struct State {
+  std::mutex mu;  // serialises compound operations (start, stop + summary) between the control
+                  // thread, the duration timer and the exit handler
+  std::string output;  // the recording's file, as the agent started it
+  std::size_t peak_functions = 0;
+  control::Server* server = nullptr;
+  pid_t pid = 0;
+};
+State& state() {
+  static State* s = new State;
+  return *s;
+}
+
+Status start_recording(const std::string& file) {
+  State& st = state();
+  std::lock_guard lock(st.mu);
+  if (const trace::Stats s = trace::stats(); s.recording) {
+    return Status::error("already recording to " + (s.output.empty() ? st.output : s.output));
+  }
+  trace::RecordOptions o;
+  o.output = file;
+  if (Status s = trace::start(o); !s.ok()) return Status::error("cannot record to " + file + ": " + s.message());
+  st.output = file;
+  st.peak_functions = 0;
+  return {};
+}
+
+Result<std::size_t> attach(const std::string& glob) {
+  Result<std::size_t> n = trace::attach(glob);
+  if (!n.ok()) return n.status();
+  State& st = state();
+  std::lock_guard lock(st.mu);
+  st.peak_functions = std::max(st.peak_functions, trace::stats().functions);
+  return n;
+}
+
+// Stops the recording; the summary line (without "tramway: ") or an error.
+Result<std::string> stop_recording() {
+  State& st = state();
+  std::lock_guard lock(st.mu);
+  const trace::Stats before = trace::stats();
+  if (!before.recording) return Status::error("not recording");
+  st.peak_functions = std::max(st.peak_functions, before.functions);
+  const Status stopped = trace::stop();
+  // Final counts: whichever the recorder reports last (it may or may not reset them at stop).
+  const trace::Stats after = trace::stats();
+  const std::string file = before.output.empty() ? st.output : before.output;
+  if (!stopped.ok()) return Status::error("stopping the recording to " + file + " failed: " + stopped.message());
+  return "recorded " + std::to_string(std::max(before.events, after.events)) + " events (" +
+         std::to_string(std::max(before.lost, after.lost)) + " lost) of " + std::to_string(st.peak_functions) +
+         " functions in " + std::to_string(std::max(before.threads, after.threads)) + " threads to " + file;
+}
+
+void print_stop() {
+  Result<std::string> r = stop_recording();
+  if (r.ok()) std::fprintf(stderr, "tramway: %s\n", r->c_str());
+  else if (r.status().message() != "not recording") std::fprintf(stderr, "tramway: %s\n", r.status().message().c_str());
+}
+
+// ---- control requests ----
+
+control::Reply status_reply() {
+  State& st = state();
+  std::lock_guard lock(st.mu);
+  const trace::Stats s = trace::stats();
+  std::vector<std::string> lines = {
+      "pid " + std::to_string(getpid()),
+      std::string("recording ") + (s.recording ? "yes" : "no"),
+  };
+  if (s.recording) {
+    lines.push_back("output " + (s.output.empty() ? st.output : s.output));
+    lines.push_back("functions " + std::to_string(s.functions));
+    lines.push_back("events " + std::to_string(s.events));
+    lines.push_back("lost " + std::to_string(s.lost));
+    lines.push_back("threads " + std::to_string(s.threads));
+    for (const std::string& g : s.globs) lines.push_back("glob " + g);
+  }
+  return control::Reply::success(s.recording ? "recording" : "idle", std::move(lines));
+}
+
+control::Reply handle(const control::Request& req) {
+  using control::Reply;
+  switch (req.verb) {
+    case control::Verb::attach: {
+      if (!trace::stats().recording) return Reply::failure("not recording (send 'start FILE' first)");
+      Result<std::size_t> n = attach(req.arg);
+      if (!n.ok()) return Reply::failure(n.status().message());
+      return Reply::success("attached '" + req.arg + "': " + std::to_string(*n) + " functions");
+    }
+    case control::Verb::detach: {
+      if (Status st = trace::detach(req.arg); !st.ok()) return Reply::failure(st.message());
+      return Reply::success("detached '" + req.arg + "'");
+    }
+    case control::Verb::status:
+      return status_reply();
+    case control::Verb::stop: {
+      Result<std::string> r = stop_recording();
+      if (!r.ok()) return Reply::failure(r.status().message());
+      return Reply::success("stopped: " + *r);
+    }
+    case control::Verb::list: {
+      const std::string glob = req.arg.empty() ? "*" : req.arg;
+      std::size_t loaded = 0;
+      Result<std::vector<std::string>> lines = list_lines(glob, &loaded);
+      if (!lines.ok()) return Reply::failure(lines.status().message());
+      if (lines->empty()) return Reply::failure(no_match(glob, loaded));
+      return Reply::success("functions", std::move(*lines));
+    }
+    case control::Verb::start: {
+      if (Status st = start_recording(req.arg); !st.ok()) return Reply::failure(st.message());
+      return Reply::success("recording to " + req.arg);
+    }
+  }
+  return Reply::failure("unhandled request");
+}
+
+control::Reply handle_safely(const control::Request& req) noexcept {
+  try {
+    return handle(req);
+  } catch (...) {
+    return control::Reply::failure("the agent ran out of memory handling the request");
+  }
+}
+
+// ---- the duration timer ----
+
+struct Timer {
+  pthread_t thread{};
+  int wake[2] = {-1, -1};
+  int timeout_ms = 0;
+  bool running = false;
+
+  static void* main(void* self) {
+    auto* t = static_cast<Timer*>(self);
+    pollfd p{t->wake[0], POLLIN, 0};
+    int r;
+    while ((r = poll(&p, 1, t->timeout_ms)) < 0 && errno == EINTR) {
+    }
+    if (r == 0) {  // the time is up, not a wake-up at exit
+      try {
+        print_stop();
+      } catch (...) {
+      }
+    }
+    return nullptr;
+  }
+};
+
+Timer g_timer;  // trivially destructible
+
+// The thread inherits the mask: block every signal so that none meant for the program lands here.
+int start_thread_blocking_signals(pthread_t* thread, void* (*fn)(void*), void* arg) {
+  sigset_t all, old;
+  sigfillset(&all);
+  pthread_sigmask(SIG_SETMASK, &all, &old);
+  const int err = pthread_create(thread, nullptr, fn, arg);
+  pthread_sigmask(SIG_SETMASK, &old, nullptr);
+  return err;
+}
+
+void at_exit() noexcept {
+  State& st = state();
+  if (getpid() != st.pid) return;  // a fork()ed child: the recording and the socket are the parent's
+  try {
+    if (g_timer.running) {
+      const char byte = 1;
+      if (write(g_timer.wake[1], &byte, 1) == 1) pthread_join(g_timer.thread, nullptr);
+      g_timer.running = false;
+    }
+    if (st.server) st.server->stop();
+    print_stop();
+  } catch (...) {
+  }
+  std::fflush(stderr);
+}
+
+[[noreturn]] void fail_start(const char* output, const std::string& message) {
+  if (state().server) state().server->stop();
+  if (output) {
+    (void)trace::stop();
+    unlink(output);
+  }
+  die(2, message);
+}
+
+void init() {
+  const std::optional<std::string> list = take_env("TRAMWAY_LIST");
+  const std::optional<std::string> output = take_env("TRAMWAY_OUTPUT");
+  const std::optional<std::string> filters = take_env("TRAMWAY_FILTERS");
+  const std::optional<std::string> control = take_env("TRAMWAY_CONTROL");
+  const std::optional<std::string> duration = take_env("TRAMWAY_DURATION");
+  const std::optional<std::string> preload = take_env("TRAMWAY_PRELOAD");
+  remove_from_preload(preload.value_or(""));
+  State& st = state();
+  st.pid = getpid();
+
+  if (list) list_mode(*list);
+
+  int duration_ms = 0;
+  if (duration) {
+    char* end = nullptr;
+    const double s = std::strtod(duration->c_str(), &end);
+    if (end == duration->c_str() || *end != '\0' || !(s > 0) || s > 1e6) {
+      die(2, "TRAMWAY_DURATION='" + *duration + "' is not a positive number of seconds");
+    }
+    duration_ms = static_cast<int>(std::ceil(s * 1000));
+  }
+
+  // A failure from here on undoes what was started (fail_start: no empty trace, no stale
+  // socket), then exits before main so that the user sees it at once.
+  if (output) {
+    if (Status s = start_recording(*output); !s.ok()) die(2, s.message());
+    std::vector<std::string> globs = split(filters.value_or(""), "\n");
+    if (globs.empty()) globs.push_back("*");
+    for (const std::string& g : globs) {
+      Result<std::size_t> n = attach(g);
+      if (!n.ok()) fail_start(output->c_str(), "-f '" + g + "': " + n.status().message() + " (`tramway list " + program_name() + "` lists them)");
+    }
+  }
+
+  if (control && !control->empty() && *control != "0") {
+    Result<std::unique_ptr<control::Server>> s = control::Server::start(&handle_safely);
+    if (!s.ok()) fail_start(output ? output->c_str() : nullptr, "control socket: " + s.status().message());
+    st.server = s->release();  // never destroyed: see State
+  }
+
+  if (duration_ms > 0) {
+    g_timer.timeout_ms = duration_ms;
+    if (pipe2(g_timer.wake, O_CLOEXEC) != 0 ||
+        start_thread_blocking_signals(&g_timer.thread, &Timer::main, &g_timer) != 0) {
+      fail_start(output ? output->c_str() : nullptr, "cannot start the duration timer thread");
+    }
+    g_timer.running = true;
+  }
+
+  // Run when this library is finalised, before the libraries it depends on (libtramway_trace).
+  if (output || st.server || duration_ms > 0) std::atexit([] { at_exit(); });
+}
+
+__attribute__((constructor)) void agent_constructor() noexcept {
+  try {
+    init();
+  } catch (...) {
+    die(2, "the agent ran out of memory while starting");
+  }
+}
+
+}  // namespace
+}  // namespace tramway::agent

@@ -1,0 +1,417 @@
+// The recorder: one trace file per process, a flusher thread draining every thread's ring,
+// and the hooks that make traced calls record (exit_hooks.cc).
+//
+// Each traced function is covered by exactly one of the recorder's ops (two ops on a site
+// would run the entry callback twice and hijack the frame twice): attach(glob) hooks the
+// matching functions not traced yet with a new ops; detach(glob) detaches the ops that cover
+// its functions and re-attaches the ones other globs still want.
+#include <fcntl.h>
+#include <fnmatch.h>
+#include <pthread.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <condition_variable>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <new>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "tramway/hooks.h"
+#include "tramway/trace.h"
+#include "trace/internal.h"
+
+namespace tramway::trace {
+namespace {
+
+using detail::ThreadState;
+namespace fmt = format;
+
+bool tsc_is_invariant() {
+  if (const char* c = std::getenv("TRAMWAY_CLOCK"); c && std::strcmp(c, "monotonic") == 0) return false;
+  FILE* f = std::fopen("/proc/cpuinfo", "r");
+  if (!f) return false;
+  char line[4096];
+  bool constant = false, nonstop = false;
+  while (std::fgets(line, sizeof line, f)) {
+    if (std::strncmp(line, "flags", 5) != 0) continue;
+    constant = std::strstr(line, " constant_tsc") != nullptr;
+    nonstop = std::strstr(line, " nonstop_tsc") != nullptr;
+    break;
+  }
+  std::fclose(f);
+  return constant && nonstop;
+}
+
+void entry_callback(const hooks::Ops&, std::uintptr_t function, std::uintptr_t, hooks::EntryRegs& regs) {
+  detail::on_entry(function, hooks::caller_return_slot(regs));
+}
+
+struct Owner {
+  std::unique_ptr<hooks::Ops> ops;
+  std::set<std::uintptr_t> functions;
+};
+
+class Recording {
+ public:
+  std::mutex mutex;  // control calls; the file
+  bool active = false;
+  int fd = -1;
+  std::string output;
+  Status write_error;
+  std::uint64_t start_tsc = 0, start_mono = 0;
+  unsigned __int128 ns_per_tick_q32 = 0;  // ns per TSC tick, 32.32 fixed point
+  std::map<std::string, std::set<std::uintptr_t>> globs;
+  std::vector<Owner> owners;
+  std::set<std::uintptr_t> named;  // functions in the file's function table
+  std::uint64_t events = 0, lost = 0;
+  std::size_t threads = 0;
+  unsigned flush_interval_ms = 50;
+  std::thread flusher;
+  std::condition_variable wake;
+  bool stopping = false;
+  std::vector<fmt::Event> scratch;
+
+  std::uint64_t to_ns(std::uint64_t t) const {
+    if (!detail::g_use_tsc) return t > start_mono ? t - start_mono : 0;
+    if (t <= start_tsc) return 0;
+    return static_cast<std::uint64_t>((static_cast<unsigned __int128>(t - start_tsc) * ns_per_tick_q32) >> 32);
+  }
+
+  void write_bytes(const void* data, std::size_t size) {
+    if (!write_error.ok()) return;
+    const char* p = static_cast<const char*>(data);
+    while (size > 0) {
+      const ssize_t n = ::write(fd, p, size);
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        const int e = errno;
+        write_error = Status::error("writing the trace file " + output + ": " + std::strerror(e), e);
+        return;
+      }
+      p += n;
+      size -= static_cast<std::size_t>(n);
+    }
+  }
+  void write_chunk(fmt::ChunkType type, const std::string& payload) {
+    const fmt::ChunkHeader h{type, static_cast<std::uint32_t>(payload.size())};
+    std::string buf(reinterpret_cast<const char*>(&h), sizeof h);
+    buf += payload;
+    write_bytes(buf.data(), buf.size());
+  }
+  template <class T>
+  static void put(std::string& s, const T& v) {
+    s.append(reinterpret_cast<const char*>(&v), sizeof v);
+  }
+
+  // Drains every ring into the file. Called with `mutex` held.
+  void flush_locked() {
+    for (ThreadState* t = detail::all_states(); t; t = t->next) {
+      const detail::Life life = t->life.load(std::memory_order_acquire);
+      if (life == detail::Life::free) continue;
+      const std::uint64_t head = t->head.load(std::memory_order_acquire);
+      std::uint64_t tail = t->tail.load(std::memory_order_relaxed);
+      if (head != tail && !t->named) {
+        t->named = true;
+        ++threads;
+        std::string payload, name;
+        char path[64];
+        std::snprintf(path, sizeof path, "/proc/self/task/%u/comm", t->tid);
+        if (FILE* f = std::fopen(path, "r")) {
+          char buf[64] = {};
+          if (std::fgets(buf, sizeof buf, f)) name = buf;
+          std::fclose(f);
+          while (!name.empty() && name.back() == '\n') name.pop_back();
+        }
+        put(payload, t->tid);
+        put(payload, static_cast<std::uint32_t>(name.size()));
+        payload += name;
+        write_chunk(fmt::ChunkType::thread, payload);
+      }
+      while (tail != head) {
+        const std::uint64_t n = std::min<std::uint64_t>(head - tail, 1u << 16);
+        std::string payload;
+        payload.reserve(8 + n * sizeof(fmt::Event));
+        put(payload, t->tid);
+        put(payload, static_cast<std::uint32_t>(n));
+        for (std::uint64_t i = 0; i < n; ++i) {
+          fmt::Event e = t->ring[(tail + i) & t->mask];
+          e.time_ns = to_ns(e.time_ns);
+          put(payload, e);
+        }
+        tail += n;
+        t->tail.store(tail, std::memory_order_release);
+        events += n;
+        write_chunk(fmt::ChunkType::events, payload);
+      }
+      const std::uint64_t lost_now = t->lost.load(std::memory_order_relaxed);
+      if (lost_now != t->lost_reported) {
+        std::string payload;
+        put(payload, t->tid);
+        put(payload, std::uint32_t{0});
+        put(payload, lost_now - t->lost_reported);
+        write_chunk(fmt::ChunkType::lost, payload);
+        lost += lost_now - t->lost_reported;
+        t->lost_reported = lost_now;
+      }
+      if (life == detail::Life::exited) {
+        t->lost.store(0, std::memory_order_relaxed);
+        t->lost_reported = 0;
+        t->life.store(detail::Life::free, std::memory_order_release);
+      }
+    }
+  }
+
+  // Adds to the function table every patchable function not in it yet.
+  void name_functions(const std::vector<hooks::Function>& all) {
+    std::string payload;
+    for (const hooks::Function& f : all) {
+      if (!named.insert(f.entry).second) continue;
+      put(payload, static_cast<std::uint64_t>(f.entry));
+      put(payload, static_cast<std::uint32_t>(f.name.size()));
+      payload += f.name;
+      if (payload.size() > (1u << 20)) {
+        write_chunk(fmt::ChunkType::functions, payload);
+        payload.clear();
+      }
+    }
+    if (!payload.empty()) write_chunk(fmt::ChunkType::functions, payload);
+  }
+
+  std::set<std::uintptr_t> traced() const {
+    std::set<std::uintptr_t> all;
+    for (const Owner& o : owners) all.insert(o.functions.begin(), o.functions.end());
+    return all;
+  }
+
+  Status hook(const std::set<std::uintptr_t>& functions) {
+    if (functions.empty()) return {};
+    Owner owner{std::make_unique<hooks::Ops>(), functions};
+    owner.ops->entry = entry_callback;
+    if (Status s = hooks::attach(*owner.ops, hooks::Filter::addresses({functions.begin(), functions.end()})); !s.ok()) {
+      return s;
+    }
+    owners.push_back(std::move(owner));
+    return {};
+  }
+
+  void flusher_loop() {
+    std::unique_lock lock(mutex);
+    while (!stopping) {
+      wake.wait_for(lock, std::chrono::milliseconds(flush_interval_ms));
+      flush_locked();
+    }
+  }
+};
+
+Recording& recording() {
+  static auto* r = new Recording;  // never destroyed: hijacked frames may return at exit
+  return *r;
+}
+
+// fork(): the child gets a copy of the rings but no flusher, and shares the file, so it does
+// not write to the parent's recording (its hijacked frames still return through the stub).
+void lock_for_fork() { recording().mutex.lock(); }
+void unlock_after_fork() { recording().mutex.unlock(); }
+void forget_in_child() {
+  Recording& r = recording();
+  if (r.active) {
+    ::close(r.fd);
+    r.fd = -1;
+    r.active = false;
+    // The child's sites still name these ops: leak them rather than free them under it.
+    for (Owner& o : r.owners) (void)o.ops.release();
+    r.owners.clear();
+    r.globs.clear();
+    new (&r.flusher) std::thread();  // the parent's flusher does not exist here
+  }
+  r.mutex.unlock();
+}
+
+}  // namespace
+
+Status start(const RecordOptions& options) {
+  Recording& r = recording();
+  std::lock_guard lock(r.mutex);
+  if (r.active) return Status::error("trace::start: already recording to " + r.output + " (stop it first)");
+  if (options.output.empty()) return Status::error("trace::start: no output file given");
+  if (options.ring_events < 64 || (options.ring_events & (options.ring_events - 1)) != 0) {
+    return Status::error("trace::start: ring_events must be a power of two of at least 64");
+  }
+  static std::once_flag atfork;
+  std::call_once(atfork, [] { pthread_atfork(lock_for_fork, unlock_after_fork, forget_in_child); });
+  const int fd = ::open(options.output.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) {
+    const int e = errno;
+    return Status::error("cannot create the trace file " + options.output + ": " + std::strerror(e), e);
+  }
+  r.fd = fd;
+  r.output = options.output;
+  r.write_error = {};
+  r.events = r.lost = 0;
+  r.threads = 0;
+  r.named.clear();
+  r.flush_interval_ms = options.flush_interval_ms ? options.flush_interval_ms : 50;
+  detail::set_ring_events(options.ring_events);
+
+  // Calibrate the TSC against CLOCK_MONOTONIC over 20 ms (a few ppm: a few µs a second).
+  detail::g_use_tsc = tsc_is_invariant();
+  const std::uint64_t tsc0 = __rdtsc(), mono0 = detail::monotonic_ns();
+  if (detail::g_use_tsc) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    const std::uint64_t tsc1 = __rdtsc(), mono1 = detail::monotonic_ns();
+    r.ns_per_tick_q32 = (static_cast<unsigned __int128>(mono1 - mono0) << 32) / (tsc1 - tsc0);
+  }
+  r.start_tsc = tsc0;
+  r.start_mono = mono0;
+  detail::g_epoch.fetch_add(1, std::memory_order_relaxed);
+  // Rings keep counting across recordings: start each one empty.
+  for (ThreadState* t = detail::all_states(); t; t = t->next) {
+    t->tail.store(t->head.load(std::memory_order_acquire), std::memory_order_release);
+    t->lost_reported = t->lost.load(std::memory_order_relaxed);
+    t->named = false;
+  }
+
+  fmt::FileHeader h{};
+  std::memcpy(h.magic, fmt::kMagic, sizeof h.magic);
+  h.version = fmt::kVersion;
+  h.header_size = sizeof h;
+  timespec now;
+  clock_gettime(CLOCK_REALTIME, &now);
+  h.start_realtime_ns = std::uint64_t(now.tv_sec) * 1'000'000'000u + std::uint64_t(now.tv_nsec);
+  h.pid = static_cast<std::uint64_t>(::getpid());
+  h.clock = detail::g_use_tsc ? fmt::Clock::tsc : fmt::Clock::monotonic;
+  r.write_bytes(&h, sizeof h);
+  if (!r.write_error.ok()) {
+    ::close(fd);
+    return r.write_error;
+  }
+  r.active = true;
+  r.stopping = false;
+  // The flusher must not take the program's signals.
+  sigset_t all, old;
+  sigfillset(&all);
+  pthread_sigmask(SIG_SETMASK, &all, &old);
+  r.flusher = std::thread([&r] { r.flusher_loop(); });
+  pthread_sigmask(SIG_SETMASK, &old, nullptr);
+  return {};
+}
+
+Result<std::size_t> attach(const std::string& glob) {
+  Recording& r = recording();
+  std::lock_guard lock(r.mutex);
+  if (!r.active || r.stopping) return Status::error("trace::attach: not recording (start a recording first)");
+  if (r.globs.count(glob)) return Status::error("'" + glob + "' is traced already");
+  auto all = hooks::patchable_functions();
+  if (!all.ok()) return all.status();
+  std::set<std::uintptr_t> matched;
+  for (const hooks::Function& f : *all) {
+    if (fnmatch(glob.c_str(), f.name.c_str(), 0) == 0) matched.insert(f.entry);
+  }
+  if (matched.empty()) {
+    return Status::error("'" + glob + "' matches no patchable function of this process (" + std::to_string(all->size()) +
+                         " patchable; `tramway list` shows them)");
+  }
+  r.name_functions(*all);
+  std::set<std::uintptr_t> fresh;
+  const std::set<std::uintptr_t> traced = r.traced();
+  for (std::uintptr_t f : matched) {
+    if (!traced.count(f)) fresh.insert(f);
+  }
+  if (Status s = r.hook(fresh); !s.ok()) return s;
+  r.globs.emplace(glob, std::move(matched));
+  return r.globs[glob].size();
+}
+
+Status detach(const std::string& glob) {
+  Recording& r = recording();
+  std::lock_guard lock(r.mutex);
+  auto it = r.globs.find(glob);
+  if (it == r.globs.end()) return Status::error("'" + glob + "' is not traced");
+  r.globs.erase(it);
+  std::set<std::uintptr_t> wanted;
+  for (const auto& [g, functions] : r.globs) wanted.insert(functions.begin(), functions.end());
+  std::vector<Owner> kept;
+  std::set<std::uintptr_t> orphans;
+  Status result;
+  for (Owner& o : r.owners) {
+    bool all_wanted = true;
+    for (std::uintptr_t f : o.functions) all_wanted = all_wanted && wanted.count(f);
+    if (all_wanted) {
+      kept.push_back(std::move(o));
+      continue;
+    }
+    if (Status s = hooks::detach(*o.ops); !s.ok()) {
+      result = s;
+      kept.push_back(std::move(o));
+      continue;
+    }
+    for (std::uintptr_t f : o.functions) {
+      if (wanted.count(f)) orphans.insert(f);
+    }
+  }
+  r.owners = std::move(kept);
+  if (Status s = r.hook(orphans); !s.ok() && result.ok()) result = s;
+  return result;
+}
+
+Stats stats() {
+  Recording& r = recording();
+  std::lock_guard lock(r.mutex);
+  Stats s;
+  s.recording = r.active;
+  s.output = r.output;
+  for (const auto& [g, functions] : r.globs) s.globs.push_back(g);
+  s.functions = r.traced().size();
+  s.events = r.events;
+  s.lost = r.lost;
+  s.threads = r.threads;
+  return s;
+}
+
+Status flush() {
+  Recording& r = recording();
+  std::lock_guard lock(r.mutex);
+  if (!r.active) return Status::error("trace::flush: not recording");
+  r.flush_locked();
+  return r.write_error;
+}
+
+Status stop() {
+  Recording& r = recording();
+  std::unique_lock lock(r.mutex);
+  if (!r.active) return Status::error("trace::stop: not recording");
+  Status result;
+  for (Owner& o : r.owners) {
+    if (Status s = hooks::detach(*o.ops); !s.ok() && result.ok()) result = s;
+  }
+  r.owners.clear();
+  r.globs.clear();
+  r.stopping = true;
+  r.wake.notify_all();
+  lock.unlock();
+  r.flusher.join();
+  lock.lock();
+  r.flush_locked();
+  std::string end;
+  Recording::put(end, r.events);
+  Recording::put(end, r.lost);
+  r.write_chunk(fmt::ChunkType::end, end);
+  if (::close(r.fd) != 0 && r.write_error.ok()) {
+    const int e = errno;
+    r.write_error = Status::error("closing the trace file " + r.output + ": " + std::strerror(e), e);
+  }
+  r.fd = -1;
+  r.active = false;
+  if (!r.write_error.ok()) return r.write_error;
+  return result;
+}
+
+}  // namespace tramway::trace

@@ -1,0 +1,70 @@
+// `tramway report`: one pass over the file, then the table and whichever outputs were asked
+// for. Every frame is kept in memory only when the Chrome output needs them.
+#include <cerrno>
+#include <cstring>
+
+#include "trace/report/report.h"
+
+namespace tramway::trace::report {
+namespace {
+
+template <class Write>
+Status write_file(const std::string& path, const char* what, Write write) {
+  std::FILE* f = std::fopen(path.c_str(), "w");
+  if (!f) {
+    const int e = errno;
+    return Status::error(std::string("cannot write the ") + what + " to " + path + ": " + std::strerror(e) +
+                             " (does the directory exist and is it writable?)",
+                         e);
+  }
+  Status st = write(f);
+  if (std::fclose(f) != 0 && st.ok()) {
+    const int e = errno;
+    st = Status::error(std::string("cannot write the ") + what + " to " + path + ": " + std::strerror(e), e);
+  }
+  if (!st.ok()) return Status::error(st.message() + " (" + path + ")", st.sys_errno());
+  return st;
+}
+
+}  // namespace
+
+Status run(const Options& options, std::FILE* out) {
+  ReadOptions read;
+  read.progress = options.progress;
+  read.diagnostics = stderr;
+  BuildOptions build;
+  build.keep_calls = !options.chrome.empty();
+  Result<Profile> profile = load_profile(options.input, read, build);
+  if (!profile.ok()) return profile.status();
+
+  const std::string report = format_report(*profile, options);
+  std::fputs(report.c_str(), out);
+
+  std::string written;
+  if (!options.chrome.empty()) {
+    Status st = write_file(options.chrome, "Chrome trace", [&](std::FILE* f) { return write_chrome(*profile, f); });
+    if (!st.ok()) return st;
+    written += "wrote " + options.chrome + " (Chrome trace: open it in https://ui.perfetto.dev or chrome://tracing)\n";
+  }
+  if (!options.folded.empty()) {
+    Status st = write_file(options.folded, "folded stacks",
+                           [&](std::FILE* f) { return write_folded(*profile, f, options.per_thread); });
+    if (!st.ok()) return st;
+    written += "wrote " + options.folded + " (folded stacks: for flamegraph.pl or https://speedscope.app)\n";
+  }
+  if (!options.svg.empty()) {
+    SvgOptions svg;
+    svg.title = "tramway: " + options.input;
+    Status st = write_file(options.svg, "SVG flame graph", [&](std::FILE* f) { return write_svg(*profile, f, svg); });
+    if (!st.ok()) return st;
+    written += "wrote " + options.svg + " (flame graph: open it in a browser)\n";
+  }
+  if (!written.empty()) std::fputs(("\n" + written).c_str(), out);
+  if (std::fflush(out) != 0 || std::ferror(out)) {
+    const int e = errno;
+    return Status::error(std::string("cannot print the report: ") + std::strerror(e), e);
+  }
+  return {};
+}
+
+}  // namespace tramway::trace::report

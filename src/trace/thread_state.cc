@@ -1,0 +1,105 @@
+// Per-thread trace state: claimed on a thread's first traced call, released at its exit.
+#include <pthread.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <new>
+
+#include "trace/internal.h"
+
+namespace tramway::trace::detail {
+
+bool g_use_tsc = true;
+std::atomic<std::uint32_t> g_epoch{0};
+
+std::uint64_t monotonic_ns() noexcept {
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return std::uint64_t(ts.tv_sec) * 1'000'000'000u + std::uint64_t(ts.tv_nsec);
+}
+
+namespace {
+
+std::atomic<ThreadState*> g_states{nullptr};
+std::atomic<std::size_t> g_ring_events{1u << 16};
+thread_local constinit ThreadState* t_state __attribute__((tls_model("initial-exec"))) = nullptr;
+
+pthread_key_t g_exit_key;
+pthread_once_t g_exit_key_once = PTHREAD_ONCE_INIT;
+
+// Thread exit: close the frames left (pthread_exit and cancellation skip them) and hand the
+// state to the flusher, which frees it for reuse once drained.
+void on_thread_exit(void* arg) {
+  auto* t = static_cast<ThreadState*>(arg);
+  close_all_frames(t);
+  t_state = nullptr;
+  t->life.store(Life::exited, std::memory_order_release);
+}
+
+void make_exit_key() { (void)pthread_key_create(&g_exit_key, on_thread_exit); }
+
+ThreadState* make_state() noexcept {
+  std::size_t events = g_ring_events.load(std::memory_order_relaxed);
+  const std::size_t bytes = sizeof(ThreadState) + events * sizeof(format::Event);
+  void* mem = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (mem == MAP_FAILED) return nullptr;
+  auto* t = new (mem) ThreadState;
+  t->ring = reinterpret_cast<format::Event*>(static_cast<char*>(mem) + sizeof(ThreadState));
+  t->mask = events - 1;
+  t->life.store(Life::live, std::memory_order_relaxed);
+  ThreadState* head = g_states.load(std::memory_order_relaxed);
+  do {
+    t->next = head;
+  } while (!g_states.compare_exchange_weak(head, t, std::memory_order_release, std::memory_order_relaxed));
+  return t;
+}
+
+ThreadState* claim_blocked() noexcept {
+  ThreadState* t = nullptr;
+  for (ThreadState* s = g_states.load(std::memory_order_acquire); s && !t; s = s->next) {
+    Life expected = Life::free;
+    if (s->life.compare_exchange_strong(expected, Life::live, std::memory_order_acquire)) t = s;
+  }
+  if (!t) t = make_state();
+  if (!t) return nullptr;
+  t->tid = static_cast<std::uint32_t>(::syscall(SYS_gettid));
+  t->named = false;
+  t->depth = 0;
+  t->overflow = 0;
+  // The key's destructor runs at thread exit. pthread_once and pthread_setspecific are not on
+  // the async-signal-safe list; for a key below PTHREAD_KEY_2NDLEVEL_SIZE glibc's setspecific
+  // is a store into the thread descriptor, and the once runs when recording starts.
+  pthread_once(&g_exit_key_once, make_exit_key);
+  (void)pthread_setspecific(g_exit_key, t);
+  t_state = t;
+  return t;
+}
+
+// With signals blocked, so a handler running traced code cannot claim a second state for
+// this thread half-way through.
+ThreadState* claim() noexcept {
+  sigset_t all, old;
+  sigfillset(&all);
+  pthread_sigmask(SIG_SETMASK, &all, &old);
+  ThreadState* t = claim_blocked();
+  pthread_sigmask(SIG_SETMASK, &old, nullptr);
+  return t;
+}
+
+}  // namespace
+
+ThreadState* current() noexcept { return t_state ? t_state : claim(); }
+
+ThreadState* existing() noexcept { return t_state; }
+
+ThreadState* all_states() noexcept { return g_states.load(std::memory_order_acquire); }
+
+void set_ring_events(std::size_t events) noexcept {
+  pthread_once(&g_exit_key_once, make_exit_key);
+  g_ring_events.store(events, std::memory_order_relaxed);
+}
+
+}  // namespace tramway::trace::detail

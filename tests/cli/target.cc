@@ -1,0 +1,110 @@
+// The program the `tramway` command tests drive. Built twice: with -fpatchable-function-entry=13,8
+// (tramway_cli_target) and without (tramway_cli_plain). Its output never depends on timing or
+// on being traced, so a traced run must print exactly what an untraced one does.
+//
+//   (no arguments)  calls cli_target::alpha 11 times, beta 23 times, gamma 37 times (each call
+//                   of alpha calls leaf once, of beta twice: leaf 57 times), prints the sums.
+//   --serve         also runs the same workload on 2 threads in a loop until stdin reaches EOF,
+//                   checking every result, then prints "serve: mismatches 0" and the sums.
+//   --exit N        prints the sums and exits with status N.
+//   --sigmask       blocks every signal with pthread_sigmask and prints whether SIGTRAP stayed
+//                   blocked (libtramway, when it interposes, keeps it open), then the sums.
+//   --env           prints LD_PRELOAD and the names of TRAMWAY_* variables it was left with
+//                   (what its own children would inherit), then the sums.
+#include <unistd.h>
+
+#include <atomic>
+#include <csignal>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <thread>
+
+extern char** environ;
+
+// GCC's IPA could clone a function for constant arguments (alpha.constprop.0): keep each one a
+// single, real, called function. Clang does not clone and has no noipa.
+#if defined(__clang__)
+#define TARGET_FN __attribute__((noinline))
+#else
+#define TARGET_FN __attribute__((noipa))
+#endif
+
+namespace cli_target {
+
+TARGET_FN int leaf(int x) {
+  asm volatile("" : "+r"(x));  // no constant folding across the call
+  return x * 3 + 1;
+}
+
+TARGET_FN int alpha(int x) {
+  int r = leaf(x);
+  asm volatile("" : "+r"(r));  // and no tail call: the call returns here
+  return r + 2;
+}
+
+TARGET_FN int beta(int x) {
+  int r = leaf(x) + leaf(x + 1);
+  asm volatile("" : "+r"(r));
+  return r;
+}
+
+TARGET_FN int gamma(int x) {
+  asm volatile("" : "+r"(x));
+  return x ^ 0x55;
+}
+
+struct Sums {
+  long alpha = 0, beta = 0, gamma = 0;
+  bool operator==(const Sums&) const = default;
+};
+
+TARGET_FN Sums workload() {
+  Sums s;
+  for (int i = 0; i < 11; ++i) s.alpha += alpha(i);
+  for (int i = 0; i < 23; ++i) s.beta += beta(i);
+  for (int i = 0; i < 37; ++i) s.gamma += gamma(i);
+  return s;
+}
+
+}  // namespace cli_target
+
+int main(int argc, char** argv) {
+  const bool serve = argc > 1 && std::strcmp(argv[1], "--serve") == 0;
+  if (argc > 1 && std::strcmp(argv[1], "--sigmask") == 0) {
+    sigset_t all, now;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, nullptr);
+    pthread_sigmask(SIG_BLOCK, nullptr, &now);
+    std::printf("SIGTRAP blocked: %s\n", sigismember(&now, SIGTRAP) ? "yes" : "no");
+  }
+  if (argc > 1 && std::strcmp(argv[1], "--env") == 0) {
+    const char* preload = std::getenv("LD_PRELOAD");
+    std::printf("LD_PRELOAD=%s\n", preload ? preload : "(unset)");
+    for (char** e = environ; *e; ++e) {
+      if (std::strncmp(*e, "TRAMWAY_", 8) == 0) std::printf("left: %.*s\n", static_cast<int>(std::strcspn(*e, "=")), *e);
+    }
+  }
+  if (serve) {
+    const cli_target::Sums expected = cli_target::workload();
+    std::atomic<bool> stop{false};
+    std::atomic<long> mismatches{0};
+    std::thread workers[2];
+    for (auto& w : workers) {
+      w = std::thread([&] {
+        while (!stop.load(std::memory_order_relaxed)) {
+          if (!(cli_target::workload() == expected)) mismatches.fetch_add(1);
+        }
+      });
+    }
+    char buf[256];
+    while (read(0, buf, sizeof buf) > 0) {
+    }
+    stop = true;
+    for (auto& w : workers) w.join();
+    std::printf("serve: mismatches %ld\n", mismatches.load());
+  }
+  const cli_target::Sums s = cli_target::workload();
+  std::printf("alpha %ld\nbeta %ld\ngamma %ld\n", s.alpha, s.beta, s.gamma);
+  return argc > 2 && std::strcmp(argv[1], "--exit") == 0 ? std::atoi(argv[2]) : 0;
+}

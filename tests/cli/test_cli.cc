@@ -1,0 +1,631 @@
+// End-to-end tests of the `tramway` command and its agent, driving the built binaries on
+// tests/cli/target.cc (built with patchable entries, and without). Tests named Record* and
+// RunLive.AttachDetachCycles need the recorder (libtramway_trace); the others need only the
+// agent, hooks' listing and the control socket.
+#include <gtest/gtest.h>
+#include <fcntl.h>
+#include <sys/prctl.h>
+#include <linux/securebits.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <map>
+#include <regex>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "agent/control.h"
+#include "agent/control_io.h"
+#include "tramway/trace/format.h"
+
+namespace {
+
+using namespace std::chrono_literals;
+namespace control = tramway::control;
+
+const std::string kCli = TRAMWAY_CLI_EXE;
+const std::string kTarget = TRAMWAY_CLI_TARGET;
+const std::string kPlain = TRAMWAY_CLI_PLAIN;
+
+std::string read_file(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+
+bool contains(const std::string& hay, const std::string& needle) { return hay.find(needle) != std::string::npos; }
+
+std::vector<std::string> lines_of(const std::string& s) {
+  std::vector<std::string> out;
+  std::istringstream in(s);
+  for (std::string l; std::getline(in, l);) out.push_back(l);
+  return out;
+}
+
+class Cli : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    char tmpl[] = "/tmp/tramway-test-cli-XXXXXX";
+    ASSERT_NE(mkdtemp(tmpl), nullptr);
+    dir_ = tmpl;
+  }
+  void TearDown() override {
+    const std::string cmd = "rm -rf '" + dir_ + "'";
+    ASSERT_EQ(std::system(cmd.c_str()), 0);
+  }
+
+  // A child whose stdout and stderr go to files and whose stdin is a pipe we hold.
+  struct Proc {
+    pid_t pid = -1;
+    int stdin_fd = -1;
+    std::string out_path, err_path;
+    int status = 0;
+    bool reaped = false;
+
+    void close_stdin() {
+      if (stdin_fd >= 0) close(stdin_fd);
+      stdin_fd = -1;
+    }
+    // Exit code, or 128 + signal; -1 on timeout (the child is killed then).
+    int wait(std::chrono::milliseconds timeout = 20s) {
+      const auto deadline = std::chrono::steady_clock::now() + timeout;
+      while (!reaped) {
+        const pid_t r = waitpid(pid, &status, WNOHANG);
+        if (r == pid) {
+          reaped = true;
+          break;
+        }
+        if (std::chrono::steady_clock::now() > deadline) {
+          kill(pid, SIGKILL);
+          waitpid(pid, &status, 0);
+          reaped = true;
+          return -1;
+        }
+        std::this_thread::sleep_for(2ms);
+      }
+      return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    }
+    std::string out() const { return read_file(out_path); }
+    std::string err() const { return read_file(err_path); }
+  };
+
+  Proc spawn(const std::vector<std::string>& argv, const std::vector<std::pair<std::string, std::string>>& env = {}) {
+    Proc p;
+    const int n = counter_++;
+    p.out_path = dir_ + "/out" + std::to_string(n);
+    p.err_path = dir_ + "/err" + std::to_string(n);
+    int in[2];
+    EXPECT_EQ(pipe2(in, O_CLOEXEC), 0);
+    p.pid = fork();
+    if (p.pid == 0) {
+      dup2(in[0], 0);
+      const int o = open(p.out_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+      const int e = open(p.err_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+      dup2(o, 1);
+      dup2(e, 2);
+      if (chdir(dir_.c_str()) != 0) _exit(120);
+      for (const auto& [k, v] : env) setenv(k.c_str(), v.c_str(), 1);
+      std::vector<char*> args;
+      for (const std::string& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+      args.push_back(nullptr);
+      execv(args[0], args.data());
+      _exit(121);
+    }
+    close(in[0]);
+    p.stdin_fd = in[1];
+    return p;
+  }
+
+  // Runs to completion with an empty stdin.
+  Proc run(const std::vector<std::string>& argv, const std::vector<std::pair<std::string, std::string>>& env = {}) {
+    Proc p = spawn(argv, env);
+    p.close_stdin();
+    code_ = p.wait();
+    return p;
+  }
+
+  // `tramway run -- TARGET --serve`, once its hint says the agent listens; its pid in `pid`.
+  Proc serve(pid_t& pid) {
+    Proc p = spawn({kCli, "run", "--", kTarget, "--serve"});
+    const std::regex hint("is running as pid ([0-9]+); trace it with: tramway live ([0-9]+) attach");
+    for (int i = 0; i < 1000; ++i) {
+      std::smatch m;
+      const std::string err = p.err();
+      if (std::regex_search(err, m, hint)) {
+        pid = static_cast<pid_t>(std::stol(m[1]));
+        return p;
+      }
+      std::this_thread::sleep_for(5ms);
+    }
+    ADD_FAILURE() << "no hint from tramway run: " << p.err();
+    pid = -1;
+    return p;
+  }
+
+  // What the target prints untraced.
+  std::string untraced(const std::vector<std::string>& args, int expected_code = 0) {
+    std::vector<std::string> argv = {kTarget};
+    argv.insert(argv.end(), args.begin(), args.end());
+    Proc p = run(argv);
+    EXPECT_EQ(code_, expected_code);
+    return p.out();
+  }
+
+  std::string dir_;
+  int counter_ = 0;
+  int code_ = 0;
+};
+
+// ---- list ----
+
+TEST_F(Cli, ListShowsTheProgramsFunctionsSorted) {
+  Proc p = run({kCli, "list", kTarget, "cli_target::*"});
+  ASSERT_EQ(code_, 0) << p.err();
+  const std::vector<std::string> lines = lines_of(p.out());
+  const std::vector<std::string> names = {"cli_target::alpha(int)", "cli_target::beta(int)", "cli_target::gamma(int)",
+                                          "cli_target::leaf(int)", "cli_target::workload()"};
+  ASSERT_EQ(lines.size(), names.size()) << p.out();
+  const std::regex line("([^\t]+)\t0x[0-9a-f]+\t(.+)");
+  for (std::size_t i = 0; i < names.size(); ++i) {
+    std::smatch m;
+    ASSERT_TRUE(std::regex_match(lines[i], m, line)) << lines[i];
+    EXPECT_EQ(m[1], names[i]);
+    EXPECT_EQ(m[2], kTarget);
+  }
+  EXPECT_EQ(p.out().find("alpha 198"), std::string::npos) << "the program's main ran";
+}
+
+TEST_F(Cli, ListWithoutGlobShowsAll) {
+  Proc p = run({kCli, "list", kTarget});
+  ASSERT_EQ(code_, 0) << p.err();
+  EXPECT_TRUE(contains(p.out(), "main\t0x")) << p.out();
+  EXPECT_TRUE(contains(p.out(), "cli_target::leaf(int)\t")) << p.out();
+}
+
+TEST_F(Cli, ListOfProgramWithoutPatchableEntriesNamesTheFlag) {
+  Proc p = run({kCli, "list", kPlain});
+  EXPECT_EQ(code_, 3);
+  EXPECT_TRUE(contains(p.err(), "has no patchable function")) << p.err();
+  EXPECT_TRUE(contains(p.err(), "-fpatchable-function-entry=13,8")) << p.err();
+  EXPECT_TRUE(contains(p.err(), "GCC")) << p.err();
+  EXPECT_TRUE(contains(p.err(), "Clang")) << p.err();
+  EXPECT_EQ(p.out(), "");
+}
+
+TEST_F(Cli, ListNothingMatches) {
+  Proc p = run({kCli, "list", kTarget, "no_such_function*"});
+  EXPECT_EQ(code_, 1);
+  EXPECT_TRUE(contains(p.err(), "no patchable function matches 'no_such_function*'")) << p.err();
+}
+
+TEST_F(Cli, ProgramNotFound) {
+  Proc p = run({kCli, "list", "tramway-no-such-program"});
+  EXPECT_EQ(code_, 127);
+  EXPECT_TRUE(contains(p.err(), "tramway: tramway-no-such-program: no such program")) << p.err();
+  p = run({kCli, "record", "--", "./not/here"});
+  EXPECT_EQ(code_, 127);
+  EXPECT_TRUE(contains(p.err(), "tramway: ./not/here: no such program")) << p.err();
+}
+
+TEST_F(Cli, ProgramFoundThroughPath) {
+  const std::string target_dir = kTarget.substr(0, kTarget.rfind('/'));
+  const std::string name = kTarget.substr(kTarget.rfind('/') + 1);
+  Proc p = run({kCli, "list", name, "cli_target::leaf*"}, {{"PATH", "/nonexistent:" + target_dir}});
+  ASSERT_EQ(code_, 0) << p.err();
+  EXPECT_TRUE(contains(p.out(), "cli_target::leaf(int)")) << p.out();
+}
+
+TEST_F(Cli, MissingAgentSaysHowToFindIt) {
+  Proc p = run({kCli, "list", kTarget}, {{"TRAMWAY_AGENT", "/nonexistent/libtramway_agent.so"}});
+  EXPECT_EQ(code_, 1);
+  EXPECT_TRUE(contains(p.err(), "TRAMWAY_AGENT=/nonexistent/libtramway_agent.so: no such file")) << p.err();
+}
+
+TEST_F(Cli, StaticProgramIsRefusedBeforeItRuns) {
+  // A static executable would run its main with the agent silently ignored.
+  const std::string src = dir_ + "/static.c", exe = dir_ + "/static";
+  {
+    std::ofstream(src) << "#include <stdio.h>\nint main(void) { puts(\"main ran\"); return 0; }\n";
+  }
+  const std::string cc = "cc -static -o '" + exe + "' '" + src + "' 2>/dev/null";
+  if (std::system(cc.c_str()) != 0) GTEST_SKIP() << "no static libc to build a static program with";
+  Proc p = run({kCli, "list", exe});
+  EXPECT_NE(code_, 0);
+  EXPECT_TRUE(contains(p.err(), "statically linked")) << p.err();
+  EXPECT_EQ(p.out(), "");
+}
+
+// ---- run, live and the control socket (no recorder needed) ----
+
+TEST_F(Cli, RunPassesExitStatusAndLeavesChildrenUnagented) {
+  Proc p = run({kCli, "run", "--", kTarget, "--exit", "7"});
+  EXPECT_EQ(code_, 7) << p.err();
+  EXPECT_EQ(p.out(), untraced({"--exit", "7"}, 7));
+
+  // The program's environment (what its children inherit) has neither the agent nor our
+  // variables; a user's own LD_PRELOAD stays.
+  p = run({kCli, "run", "--", kTarget, "--env"}, {{"LD_PRELOAD", "libm.so.6"}});
+  ASSERT_EQ(code_, 0) << p.err();
+  EXPECT_TRUE(contains(p.out(), "LD_PRELOAD=libm.so.6\n")) << p.out();
+  EXPECT_FALSE(contains(p.out(), "left: TRAMWAY_")) << p.out();
+  p = run({kCli, "run", "--", kTarget, "--env"});
+  EXPECT_TRUE(contains(p.out(), "LD_PRELOAD=(unset)\n")) << p.out();
+}
+
+TEST_F(Cli, LibtramwayInterposesBeforeLibc) {
+  // The command preloads libtramway ahead of the agent, so its pthread_sigmask, not libc's, is
+  // what the program calls: SIGTRAP (tramway's int3 traps) stays deliverable.
+  EXPECT_TRUE(contains(untraced({"--sigmask"}), "SIGTRAP blocked: yes\n"));
+  Proc p = run({kCli, "run", "--", kTarget, "--sigmask"});
+  ASSERT_EQ(code_, 0) << p.err();
+  EXPECT_TRUE(contains(p.out(), "SIGTRAP blocked: no\n")) << p.out();
+}
+
+TEST_F(Cli, RunForwardsTerminationSignals) {
+  pid_t pid = -1;
+  Proc p = serve(pid);
+  ASSERT_GT(pid, 0);
+  kill(p.pid, SIGTERM);  // to tramway, which passes it on
+  EXPECT_EQ(p.wait(), 128 + SIGTERM) << p.err();
+  EXPECT_NE(kill(pid, 0), 0);
+  p.close_stdin();
+}
+
+TEST_F(Cli, LiveStatusListAndSocketRemovedAtExit) {
+  pid_t pid = -1;
+  Proc p = serve(pid);
+  ASSERT_GT(pid, 0);
+  Proc s = run({kCli, "live", std::to_string(pid), "status"});
+  EXPECT_EQ(code_, 0) << s.err();
+  EXPECT_TRUE(contains(s.out(), "recording no")) << s.out();
+  EXPECT_TRUE(contains(s.out(), "pid " + std::to_string(pid))) << s.out();
+
+  s = run({kCli, "list", std::to_string(pid), "cli_target::[ab]*"});
+  EXPECT_EQ(code_, 0) << s.err();
+  EXPECT_EQ(lines_of(s.out()).size(), 2u) << s.out();
+  s = run({kCli, "list", std::to_string(pid), "nothing*"});
+  EXPECT_EQ(code_, 1);
+  EXPECT_TRUE(contains(s.err(), "no patchable function matches")) << s.err();
+
+  s = run({kCli, "live", std::to_string(pid), "stop"});
+  EXPECT_EQ(code_, 1);
+  EXPECT_TRUE(contains(s.err(), "error: not recording")) << s.err();
+
+  auto path = control::find_socket(pid);
+  ASSERT_TRUE(path.ok()) << path.status().message();
+  p.close_stdin();
+  EXPECT_EQ(p.wait(), 0) << p.err();
+  EXPECT_EQ(p.out(), untraced({"--serve"}));
+  struct stat st;
+  EXPECT_NE(lstat(path->c_str(), &st), 0) << *path << " left behind";
+}
+
+TEST_F(Cli, LiveWithoutAgentSaysHowToStartOne) {
+  Proc s = run({kCli, "live", std::to_string(getpid()), "status"});
+  EXPECT_EQ(code_, 1);
+  EXPECT_TRUE(contains(s.err(), "no tramway agent in process " + std::to_string(getpid()) +
+                                    " (start the program with `tramway run -- PROG` or `tramway record`)"))
+      << s.err();
+  s = run({kCli, "list", std::to_string(getpid())});
+  EXPECT_EQ(code_, 1);
+  EXPECT_TRUE(contains(s.err(), "no tramway agent in process")) << s.err();
+
+  // A pid nobody has: the process that just exited.
+  const pid_t gone = s.pid;
+  s = run({kCli, "live", std::to_string(gone), "status"});
+  EXPECT_EQ(code_, 1);
+  EXPECT_TRUE(contains(s.err(), "no process " + std::to_string(gone))) << s.err();
+}
+
+TEST_F(Cli, MalformedRequestsGetErrorsAndTheTargetRuns) {
+  pid_t pid = -1;
+  Proc p = serve(pid);
+  ASSERT_GT(pid, 0);
+  {
+    auto c = control::Connection::open(pid, 5000);
+    ASSERT_TRUE(c.ok()) << c.status().message();
+    for (std::string bad : {std::string("bogus\n"), std::string("attach\n"), std::string("\x01\x02garbage\n"),
+                            std::string("start relative.trace\n"), std::string(5000, 'a') + "\n",
+                            std::string("attach ") + std::string(8000, '*') + "\n"}) {
+      ASSERT_TRUE(c->send_raw(bad).ok());
+      auto r = c->read_reply();
+      ASSERT_TRUE(r.ok()) << r.status().message();
+      EXPECT_FALSE(r->ok) << bad.substr(0, 30);
+    }
+    auto r = c->call({control::Verb::status, ""});  // the same connection still works
+    ASSERT_TRUE(r.ok()) << r.status().message();
+    EXPECT_TRUE(r->ok);
+  }
+  {
+    // No newline within the limit: an error, then the connection is closed.
+    auto c = control::Connection::open(pid, 5000);
+    ASSERT_TRUE(c.ok());
+    ASSERT_TRUE(c->send_raw(std::string(20000, 'x')).ok());
+    auto r = c->read_reply();
+    ASSERT_TRUE(r.ok()) << r.status().message();
+    EXPECT_FALSE(r->ok);
+  }
+  {
+    // Truncated: the client goes away mid-line.
+    auto c = control::Connection::open(pid, 5000);
+    ASSERT_TRUE(c.ok());
+    ASSERT_TRUE(c->send_raw("list cli_").ok());
+    c->shutdown_write();
+    auto r = c->read_reply();
+    ASSERT_TRUE(r.ok()) << r.status().message();
+    EXPECT_FALSE(r->ok);
+    EXPECT_TRUE(contains(r->text, "truncated")) << r->text;
+  }
+  // A client stuck mid-request does not hold up another one.
+  auto stuck = control::Connection::open(pid, 5000);
+  ASSERT_TRUE(stuck.ok());
+  ASSERT_TRUE(stuck->send_raw("sta").ok());
+  Proc s = run({kCli, "live", std::to_string(pid), "status"});
+  EXPECT_EQ(code_, 0) << s.err();
+
+  p.close_stdin();
+  EXPECT_EQ(p.wait(), 0) << p.err();
+  EXPECT_EQ(p.out(), untraced({"--serve"}));
+}
+
+TEST_F(Cli, ConnectionFromAnotherUidIsRefused) {
+  if (geteuid() != 0) {
+    GTEST_SKIP() << "needs root to connect from another uid (this runs as uid " << geteuid() << ")";
+  }
+  pid_t pid = -1;
+  Proc p = serve(pid);
+  ASSERT_GT(pid, 0);
+  auto path = control::find_socket(pid);
+  ASSERT_TRUE(path.ok()) << path.status().message();
+
+  // The child keeps root's capabilities across setuid (SECBIT_NO_SETUID_FIXUP), so the 0700
+  // directory lets it through and only the agent's SO_PEERCRED check can refuse it.
+  int fds[2];
+  ASSERT_EQ(pipe(fds), 0);
+  const pid_t child = fork();
+  if (child == 0) {
+    close(fds[0]);
+    std::string reply = "setup failed";
+    if (prctl(PR_SET_SECUREBITS, SECBIT_NO_SETUID_FIXUP) == 0 && setresgid(65534, 65534, 65534) == 0 &&
+        setresuid(65534, 65534, 65534) == 0) {
+      const int fd = socket(AF_UNIX, SOCK_STREAM, 0);
+      sockaddr_un addr{};
+      addr.sun_family = AF_UNIX;
+      std::strncpy(addr.sun_path, path->c_str(), sizeof addr.sun_path - 1);
+      if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0) {
+        (void)!send(fd, "stop\n", 5, MSG_NOSIGNAL);  // the agent may have closed already
+        char buf[512];
+        ssize_t n, total = 0;
+        while ((n = read(fd, buf + total, sizeof buf - 1 - total)) > 0) total += n;
+        reply.assign(buf, static_cast<std::size_t>(total));
+      } else {
+        reply = std::string("connect: ") + std::strerror(errno);
+      }
+    }
+    (void)!write(fds[1], reply.data(), reply.size());
+    _exit(0);
+  }
+  close(fds[1]);
+  std::string reply;
+  char buf[512];
+  ssize_t n;
+  while ((n = read(fds[0], buf, sizeof buf)) > 0) reply.append(buf, static_cast<std::size_t>(n));
+  close(fds[0]);
+  waitpid(child, nullptr, 0);
+  EXPECT_EQ(reply, "error: permission denied (tramway control socket accepts only uid 0)\n");
+
+  Proc s = run({kCli, "live", std::to_string(pid), "status"});
+  EXPECT_EQ(code_, 0) << s.err();
+  p.close_stdin();
+  EXPECT_EQ(p.wait(), 0) << p.err();
+}
+
+// ---- recording (needs the recorder) ----
+
+struct TraceCounts {
+  std::map<std::string, std::uint64_t> entries, exits;
+  bool ended_cleanly = false;
+  std::string error;
+};
+
+TraceCounts read_trace(const std::string& path) {
+  namespace fmt = tramway::trace::format;
+  TraceCounts tc;
+  const std::string data = read_file(path);
+  if (data.size() < sizeof(fmt::FileHeader)) {
+    tc.error = "short file (" + std::to_string(data.size()) + " bytes)";
+    return tc;
+  }
+  fmt::FileHeader h;
+  std::memcpy(&h, data.data(), sizeof h);
+  if (std::memcmp(h.magic, fmt::kMagic, sizeof h.magic) != 0) {
+    tc.error = "bad magic";
+    return tc;
+  }
+  std::map<std::uint64_t, std::string> names;
+  std::map<std::uint64_t, std::uint64_t> entries, exits;
+  for (std::size_t pos = h.header_size; pos + sizeof(fmt::ChunkHeader) <= data.size();) {
+    fmt::ChunkHeader ch;
+    std::memcpy(&ch, data.data() + pos, sizeof ch);
+    pos += sizeof ch;
+    if (pos + ch.size > data.size()) break;  // cut short
+    const char* p = data.data() + pos;
+    if (ch.type == fmt::ChunkType::functions) {
+      for (std::size_t off = 0; off + 12 <= ch.size;) {
+        std::uint64_t addr;
+        std::uint32_t len;
+        std::memcpy(&addr, p + off, 8);
+        std::memcpy(&len, p + off + 8, 4);
+        names[addr].assign(p + off + 12, len);
+        off += 12 + len;
+      }
+    } else if (ch.type == fmt::ChunkType::events && ch.size >= 8) {
+      std::uint32_t count;
+      std::memcpy(&count, p + 4, 4);
+      for (std::uint32_t i = 0; i < count && 8 + (i + 1) * sizeof(fmt::Event) <= ch.size; ++i) {
+        fmt::Event e;
+        std::memcpy(&e, p + 8 + i * sizeof e, sizeof e);
+        if (e.kind() == fmt::EventKind::entry) ++entries[e.address()];
+        else if (e.kind() == fmt::EventKind::exit) ++exits[e.address()];
+      }
+    } else if (ch.type == fmt::ChunkType::end) {
+      tc.ended_cleanly = true;
+    }
+    pos += ch.size;
+  }
+  auto name = [&](std::uint64_t a) { return names.count(a) ? names[a] : "0x" + std::to_string(a); };
+  for (auto [a, n] : entries) tc.entries[name(a)] += n;
+  for (auto [a, n] : exits) tc.exits[name(a)] += n;
+  return tc;
+}
+
+// Known calls of one run of target.cc without arguments.
+const std::map<std::string, std::uint64_t> kCalls = {
+    {"cli_target::alpha(int)", 11}, {"cli_target::beta(int)", 23}, {"cli_target::gamma(int)", 37},
+    {"cli_target::leaf(int)", 57},  {"cli_target::workload()", 1},
+};
+
+TEST_F(Cli, RecordCountsEveryCallAndReportAgrees) {
+  const std::string trace = dir_ + "/calls.trace";
+  Proc p = run({kCli, "record", "-f", "cli_target::*", "-o", trace, "--", kTarget});
+  ASSERT_EQ(code_, 0) << p.err();
+  EXPECT_EQ(p.out(), untraced({}));
+  EXPECT_TRUE(contains(p.err(), "tramway: recorded ")) << p.err();
+  EXPECT_TRUE(contains(p.err(), "tramway report " + trace)) << p.err();
+
+  const TraceCounts tc = read_trace(trace);
+  ASSERT_EQ(tc.error, "");
+  EXPECT_TRUE(tc.ended_cleanly);
+  EXPECT_EQ(tc.entries, kCalls);
+  EXPECT_EQ(tc.exits, kCalls);
+
+  Proc r = run({kCli, "report", trace, "--sort", "name", "--limit", "0"});
+  ASSERT_EQ(code_, 0) << r.err();
+  for (const auto& [fn, calls] : kCalls) {
+    bool found = false;
+    for (const std::string& line : lines_of(r.out())) {
+      if (!contains(line, fn)) continue;
+      std::istringstream words(line);
+      for (std::string w; words >> w;) found |= w == std::to_string(calls);
+    }
+    EXPECT_TRUE(found) << fn << " with " << calls << " calls not in:\n" << r.out();
+  }
+}
+
+TEST_F(Cli, RecordSeveralFiltersAndDefaultOutput) {
+  Proc p = run({kCli, "record", "-f", "cli_target::alpha*", "-f", "cli_target::gamma*", "--", kTarget});
+  ASSERT_EQ(code_, 0) << p.err();
+  const TraceCounts tc = read_trace(dir_ + "/tramway.trace");  // -o defaults to ./tramway.trace
+  ASSERT_EQ(tc.error, "");
+  EXPECT_EQ(tc.entries, (std::map<std::string, std::uint64_t>{{"cli_target::alpha(int)", 11}, {"cli_target::gamma(int)", 37}}));
+}
+
+TEST_F(Cli, RecordWithBadFilterStopsBeforeMain) {
+  const std::string trace = dir_ + "/bad.trace";
+  Proc p = run({kCli, "record", "-f", "cli_target::*", "-f", "nothing_like_this*", "-o", trace, "--", kTarget});
+  EXPECT_EQ(code_, 2);
+  EXPECT_TRUE(contains(p.err(), "tramway: -f 'nothing_like_this*'")) << p.err();
+  EXPECT_EQ(p.out(), "") << "main ran";
+  struct stat st;
+  EXPECT_NE(stat(trace.c_str(), &st), 0) << "an empty trace was left behind";
+  EXPECT_FALSE(contains(p.err(), "tramway report")) << p.err();
+}
+
+TEST_F(Cli, RecordDurationStopsRecordingThenTheProgram) {
+  const std::string trace = dir_ + "/duration.trace";
+  Proc p = spawn({kCli, "record", "--duration", "0.5", "-f", "cli_target::gamma*", "-o", trace, "--", kTarget, "--serve"});
+  // stdin stays open: only --duration can end the program.
+  EXPECT_EQ(p.wait(15s), 0) << p.err();
+  p.close_stdin();
+  EXPECT_TRUE(contains(p.err(), "stopped: recorded ")) << p.err();
+  const TraceCounts tc = read_trace(trace);
+  ASSERT_EQ(tc.error, "");
+  EXPECT_TRUE(tc.ended_cleanly);
+  ASSERT_EQ(tc.entries.count("cli_target::gamma(int)"), 1u);
+  EXPECT_GT(tc.entries.at("cli_target::gamma(int)"), 0u);
+}
+
+TEST_F(Cli, AgentDurationStopsRecordingAndTheProgramRunsOn) {
+  // TRAMWAY_DURATION, for users of the agent without --duration: recording stops, the program
+  // goes on untraced until it ends by itself.
+  const std::string trace = dir_ + "/agent-duration.trace";
+  Proc p = spawn({kCli, "record", "-f", "cli_target::leaf*", "-o", trace, "--", kTarget, "--serve"},
+                 {{"TRAMWAY_DURATION", "0.3"}});
+  bool stopped = false;
+  for (int i = 0; i < 2000 && !stopped; ++i) {
+    stopped = contains(p.err(), "tramway: recorded ");
+    if (!stopped) std::this_thread::sleep_for(5ms);
+  }
+  EXPECT_TRUE(stopped) << p.err();
+  EXPECT_EQ(waitpid(p.pid, nullptr, WNOHANG), 0) << "the program ended with the recording";
+  const TraceCounts tc = read_trace(trace);
+  ASSERT_EQ(tc.error, "");
+  EXPECT_TRUE(tc.ended_cleanly);
+  p.close_stdin();
+  EXPECT_EQ(p.wait(), 0) << p.err();
+  EXPECT_EQ(p.out(), untraced({"--serve"}));
+}
+
+TEST_F(Cli, LiveAttachTypoLeavesNoRecording) {
+  pid_t pid = -1;
+  Proc p = serve(pid);
+  ASSERT_GT(pid, 0);
+  const std::string trace = dir_ + "/typo.trace";
+  Proc a = run({kCli, "live", std::to_string(pid), "attach", "no_such_fn*", "-o", trace});
+  EXPECT_EQ(code_, 1);
+  EXPECT_TRUE(contains(a.err(), "error: ")) << a.err();
+  Proc s = run({kCli, "live", std::to_string(pid), "status"});
+  EXPECT_TRUE(contains(s.out(), "recording no")) << s.out() << s.err();
+  struct stat st;
+  EXPECT_NE(stat(trace.c_str(), &st), 0);
+  p.close_stdin();
+  EXPECT_EQ(p.wait(), 0) << p.err();
+}
+
+TEST_F(Cli, RunLiveAttachDetachCycles) {
+  const char* env = std::getenv("TRAMWAY_CLI_LIVE_CYCLES");
+  const int cycles = env ? std::atoi(env) : 50;
+  pid_t pid = -1;
+  Proc p = serve(pid);
+  ASSERT_GT(pid, 0);
+  const std::string spid = std::to_string(pid);
+  const std::string trace = dir_ + "/live.trace";
+  for (int i = 0; i < cycles; ++i) {
+    Proc a = run({kCli, "live", spid, "attach", "cli_target::*", "-o", trace});
+    ASSERT_EQ(code_, 0) << "cycle " << i << ": " << a.err();
+    EXPECT_TRUE(contains(a.out(), "ok attached 'cli_target::*': 5 functions")) << a.out();
+    if (i == 0) {
+      EXPECT_TRUE(contains(a.out(), "ok recording to " + trace)) << a.out();
+    }
+    Proc d = run({kCli, "live", spid, "detach", "cli_target::*"});
+    ASSERT_EQ(code_, 0) << "cycle " << i << ": " << d.err();
+  }
+  Proc s = run({kCli, "live", spid, "status"});
+  EXPECT_EQ(code_, 0) << s.err();
+  EXPECT_TRUE(contains(s.out(), "recording yes")) << s.out();
+  s = run({kCli, "live", spid, "stop"});
+  EXPECT_EQ(code_, 0) << s.err();
+  EXPECT_TRUE(contains(s.out(), "ok stopped: recorded ")) << s.out();
+  EXPECT_EQ(kill(pid, 0), 0) << "the program died";
+
+  p.close_stdin();
+  EXPECT_EQ(p.wait(), 0) << p.err();
+  EXPECT_EQ(p.out(), untraced({"--serve"}));
+  const TraceCounts tc = read_trace(trace);
+  ASSERT_EQ(tc.error, "");
+  EXPECT_TRUE(tc.ended_cleanly);
+  Proc r = run({kCli, "report", trace});
+  EXPECT_EQ(code_, 0) << r.err();
+}
+
+}  // namespace

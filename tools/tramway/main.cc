@@ -1,0 +1,344 @@
+// tramway — list, record and live-trace the patchable functions of a program, and report on
+// the traces (perf/uftrace-like). See `tramway --help`.
+//
+//   tramway list PROG [GLOB] | list PID [GLOB]
+//   tramway record [-f GLOB]... [-o FILE] [--duration S] -- PROG ARGS...
+//   tramway run -- PROG ARGS...
+//   tramway live PID attach GLOB [-o FILE] | detach GLOB | status | stop
+//   tramway report FILE [--sort KEY] [--limit N] [--per-thread] [--chrome F] [--folded F] [--svg F]
+//
+// Programs run with libtramway_agent.so preloaded (src/agent/agent.cc), configured through
+// TRAMWAY_* variables; `live` and `list PID` talk to the agent's control socket
+// (src/agent/control.h). Exit status: the program's for list PROG/record/run (128 + signal if
+// it was killed); 0 or 1 for live and report (1 = an `error:` reply or a failure); 126/127 when
+// the program cannot be executed or found.
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "agent/control.h"
+#include "agent/control_io.h"
+#include "launch.h"
+#include "trace/report/report.h"
+
+namespace tramway::cli {
+namespace {
+
+int fail(const std::string& message, int code = 1) {
+  std::fprintf(stderr, "tramway: %s\n", message.c_str());
+  return code;
+}
+
+int fail(const Status& s) {
+  // 127: not found, 126: found but not executable, as a shell says.
+  const int code = s.sys_errno() == ENOENT ? 127 : (s.sys_errno() == EACCES || s.sys_errno() == ENOEXEC ? 126 : 1);
+  return fail(s.message(), code);
+}
+
+bool is_pid(const std::string& s) {
+  return !s.empty() && s.size() < 10 && s.find_first_not_of("0123456789") == std::string::npos && s != "0";
+}
+
+// The program to run, resolved and checked, with the agent found: or why not.
+struct Prepared {
+  std::string path;
+  Agent agent;
+};
+Result<Prepared> prepare(const std::string& program) {
+  Result<std::string> path = find_program(program);
+  if (!path.ok()) return path.status();
+  if (Status s = check_preloadable(*path, program); !s.ok()) return s;
+  Result<Agent> agent = find_agent();
+  if (!agent.ok()) return agent.status();
+  return Prepared{*path, *agent};
+}
+
+// ---- list ----
+
+int list_process(pid_t pid, const std::string& glob) {
+  Result<control::Connection> c = control::Connection::open(pid);
+  if (!c.ok()) return fail(c.status().message());
+  control::Request req{control::Verb::list, glob};
+  Result<control::Reply> r = c->call(req);
+  if (!r.ok()) return fail(r.status().message());
+  if (!r->ok) return fail(r->text);
+  for (const std::string& l : r->lines) std::printf("%s\n", l.c_str());
+  return 0;
+}
+
+int list_program(const std::string& program, const std::string& glob) {
+  Result<Prepared> p = prepare(program);
+  if (!p.ok()) return fail(p.status());
+  Launch l = with_agent(p->agent, p->path, {program});
+  l.env.emplace_back("TRAMWAY_LIST", glob.empty() ? "*" : glob);
+  Result<Supervisor> s = Supervisor::start(l);
+  if (!s.ok()) return fail(s.status());
+  s->wait(-1);
+  // The agent exits before main with 0 (listed), 1 (no match), 3 (not built with the flag) or
+  // 2 (another failure), having said why on stderr; anything else came from elsewhere.
+  if (WIFSIGNALED(s->wait_status())) return fail(program + " " + s->describe() + " while being listed", s->exit_code());
+  return s->exit_code();
+}
+
+// ---- record and run ----
+
+struct RecordArgs {
+  std::vector<std::string> filters;
+  std::string output = "tramway.trace";
+  double duration = 0;
+};
+
+struct FileStamp {
+  bool exists = false;
+  struct timespec mtime {};
+};
+FileStamp stamp(const std::string& path) {
+  struct stat st;
+  if (stat(path.c_str(), &st) != 0) return {};
+  return {true, st.st_mtim};
+}
+
+// Ends a --duration recording: the agent closes the trace (the `stop` request returns when the
+// file is complete), then the program gets SIGTERM, and SIGKILL if it lingers.
+void end_after_duration(Supervisor& s) {
+  Result<control::Connection> c = control::Connection::open(s.pid());
+  if (c.ok()) {
+    Result<control::Reply> r = c->call({control::Verb::stop, {}});
+    if (r.ok() && r->ok) std::fprintf(stderr, "tramway: %s\n", r->text.c_str());
+    else if (!s.exited()) std::fprintf(stderr, "tramway: stopping the recording: %s\n", r.ok() ? r->text.c_str() : r.status().message().c_str());
+  } else if (!s.exited()) {
+    std::fprintf(stderr, "tramway: cannot reach the agent to stop the recording (%s)\n", c.status().message().c_str());
+  }
+  if (s.exited()) return;
+  kill(s.pid(), SIGTERM);
+  if (!s.wait(5000)) {
+    std::fprintf(stderr, "tramway: the program did not exit within 5 s of SIGTERM; killing it\n");
+    kill(s.pid(), SIGKILL);
+    s.wait(-1);
+  }
+}
+
+int record(const RecordArgs& a, const std::vector<std::string>& command) {
+  if (command.empty()) return fail("record needs a program: tramway record [-f GLOB]... [-o FILE] -- PROG ARGS...", 2);
+  Result<Prepared> p = prepare(command[0]);
+  if (!p.ok()) return fail(p.status());
+  const std::string output = absolute(a.output);
+  const FileStamp before = stamp(output);
+
+  Launch l = with_agent(p->agent, p->path, command);
+  std::string filters;
+  for (const std::string& f : a.filters.empty() ? std::vector<std::string>{"*"} : a.filters) {
+    filters += (filters.empty() ? "" : "\n") + f;
+  }
+  l.env.emplace_back("TRAMWAY_OUTPUT", output);
+  l.env.emplace_back("TRAMWAY_FILTERS", filters);
+  if (a.duration > 0) l.env.emplace_back("TRAMWAY_CONTROL", "1");
+  Result<Supervisor> s = Supervisor::start(l);
+  if (!s.ok()) return fail(s.status());
+
+  bool ended_by_us = false;
+  if (a.duration > 0 && !s->wait(static_cast<int>(a.duration * 1000))) {
+    end_after_duration(*s);
+    ended_by_us = true;
+  }
+  s->wait(-1);
+  const int code = ended_by_us ? 0 : s->exit_code();
+
+  const FileStamp after = stamp(output);
+  const bool written = after.exists && (!before.exists || after.mtime.tv_sec != before.mtime.tv_sec ||
+                                        after.mtime.tv_nsec != before.mtime.tv_nsec);
+  if (!written) return code;  // the agent said why (a filter matched nothing, ...)
+  if (WIFSIGNALED(s->wait_status()) && !ended_by_us) {
+    std::fprintf(stderr, "tramway: %s %s: the trace ends where it was last flushed\n", command[0].c_str(),
+                 s->describe().c_str());
+  }
+  std::fprintf(stderr, "tramway: trace in %s; see it with: tramway report %s\n", output.c_str(), shell_quote(output).c_str());
+  return code;
+}
+
+int run(const std::vector<std::string>& command) {
+  if (command.empty()) return fail("run needs a program: tramway run -- PROG ARGS...", 2);
+  Result<Prepared> p = prepare(command[0]);
+  if (!p.ok()) return fail(p.status());
+  Launch l = with_agent(p->agent, p->path, command);
+  l.env.emplace_back("TRAMWAY_CONTROL", "1");
+  Result<Supervisor> s = Supervisor::start(l);
+  if (!s.ok()) return fail(s.status());
+  // Say how to attach only once the agent listens, so the hint can be acted on at once.
+  for (int i = 0; i < 500 && !s->exited(); ++i) {
+    if (control::find_socket(s->pid()).ok()) {
+      std::fprintf(stderr,
+                   "tramway: %s is running as pid %d; trace it with: tramway live %d attach 'GLOB' "
+                   "(tramway list %d lists the functions)\n",
+                   command[0].c_str(), static_cast<int>(s->pid()), static_cast<int>(s->pid()), static_cast<int>(s->pid()));
+      break;
+    }
+    s->wait(10);
+  }
+  s->wait(-1);
+  return s->exit_code();
+}
+
+// ---- live ----
+
+// Prints a reply as it came (ok to stdout, error to stderr); 0 on ok, 1 on error.
+int print_reply(const Result<control::Reply>& r) {
+  if (!r.ok()) return fail(r.status().message());
+  const std::string wire = control::format_reply(*r);
+  std::fputs(wire.c_str(), r->ok ? stdout : stderr);
+  return r->ok ? 0 : 1;
+}
+
+int live(pid_t pid, control::Verb verb, const std::string& arg, const std::string& output) {
+  Result<control::Connection> c = control::Connection::open(pid, 120000);
+  if (!c.ok()) return fail(c.status().message());
+  std::string started;  // the file of a recording this command started
+  if (verb == control::Verb::attach) {
+    Result<control::Reply> st = c->call({control::Verb::status, {}});
+    if (!st.ok() || !st->ok) return print_reply(st);
+    if (st->text != "recording") {
+      started = absolute(output.empty() ? "tramway-" + std::to_string(pid) + ".trace" : output);
+      if (int rc = print_reply(c->call({control::Verb::start, started})); rc != 0) return rc;
+    }
+  }
+  const int rc = print_reply(c->call({verb, arg}));
+  if (rc != 0 && !started.empty()) {
+    // A mistyped glob should not leave an empty recording running.
+    Result<control::Reply> r = c->call({control::Verb::stop, {}});
+    if (r.ok() && r->ok) unlink(started.c_str());
+  }
+  return rc;
+}
+
+// ---- report ----
+
+int report(trace::report::Options o) {
+  if (Status s = trace::report::run(o, stdout); !s.ok()) return fail(s.message());
+  return 0;
+}
+
+int main_cli(int argc, char** argv) {
+  // CLI11 2.1 keeps parsing options after a subcommand's `--`; split there ourselves.
+  std::vector<std::string> tail;
+  int cli_argc = argc;
+  for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--") == 0) {
+      tail.assign(argv + i + 1, argv + argc);
+      cli_argc = i;
+      break;
+    }
+  }
+
+  CLI::App app{"tramway: trace the patchable functions (-fpatchable-function-entry=13,8) of a program", "tramway"};
+  app.require_subcommand(1);
+  app.footer(
+      "Examples:\n"
+      "  tramway list ./app 'app::*'\n"
+      "  tramway record -f 'app::*' -o app.trace -- ./app --flag\n"
+      "  tramway report app.trace --sort self\n"
+      "  tramway run -- ./server        # then: tramway live PID attach 'handle_*'\n");
+
+  std::string list_target, list_glob;
+  CLI::App* list = app.add_subcommand("list", "list the patchable functions of a program (PROG) or of a running agent (PID)");
+  list->add_option("target", list_target, "a program to start (it exits before its main), or the PID of a program started by `tramway run`/`record`")->required();
+  list->add_option("glob", list_glob, "shell glob on function names (default: all)");
+
+  RecordArgs rec;
+  std::vector<std::string> rec_command;
+  CLI::App* record_cmd = app.add_subcommand("record", "run a program and record its function calls to a trace file");
+  // One glob per -f, so that `-f GLOB PROG` does not take PROG for a second glob.
+  record_cmd->add_option("-f,--filter", rec.filters, "trace the functions matching this glob (repeatable; default: *)")
+      ->allow_extra_args(false);
+  record_cmd->add_option("-o,--output", rec.output, "the trace file")->capture_default_str();
+  record_cmd->add_option("--duration", rec.duration, "stop recording after S seconds and end the program")->check(CLI::PositiveNumber);
+  record_cmd->add_option("command", rec_command, "-- PROG ARGS...");
+
+  std::vector<std::string> run_command;
+  CLI::App* run_cmd = app.add_subcommand("run", "run a program with the agent idle, to be traced later with `tramway live`");
+  run_cmd->add_option("command", run_command, "-- PROG ARGS...");
+
+  pid_t live_pid = 0;
+  std::string live_glob, live_output;
+  CLI::App* live_cmd = app.add_subcommand("live", "control the agent of a running program");
+  live_cmd->add_option("pid", live_pid, "the program's process id")->required();
+  live_cmd->require_subcommand(1);
+  CLI::App* live_attach = live_cmd->add_subcommand("attach", "trace the functions matching GLOB (starts recording if needed)");
+  live_attach->add_option("glob", live_glob, "shell glob on function names")->required();
+  live_attach->add_option("-o,--output", live_output, "the trace file if recording starts now (default: tramway-PID.trace)");
+  std::string live_detach_glob;
+  CLI::App* live_detach = live_cmd->add_subcommand("detach", "stop tracing the functions of an earlier attach GLOB");
+  live_detach->add_option("glob", live_detach_glob, "the glob given to attach")->required();
+  CLI::App* live_status = live_cmd->add_subcommand("status", "show what is being recorded");
+  CLI::App* live_stop = live_cmd->add_subcommand("stop", "stop recording and close the trace file");
+
+  trace::report::Options rep;
+  std::string sort = "total";
+  CLI::App* report_cmd = app.add_subcommand("report", "summarise a trace file; write Chrome JSON, folded stacks or an SVG flame graph");
+  report_cmd->add_option("file", rep.input, "the trace file")->required();
+  report_cmd->add_option("--sort", sort, "calls, total, self, mean, p99 or name")
+      ->check(CLI::IsMember({"calls", "total", "self", "mean", "p99", "name"}))
+      ->capture_default_str();
+  report_cmd->add_option("--limit", rep.limit, "table rows (0: all)")->capture_default_str();
+  report_cmd->add_flag("--per-thread", rep.per_thread, "one table per thread");
+  report_cmd->add_option("--chrome", rep.chrome, "write Chrome trace-event JSON (Perfetto) here");
+  report_cmd->add_option("--folded", rep.folded, "write folded stacks here");
+  report_cmd->add_option("--svg", rep.svg, "write an SVG flame graph here");
+
+  try {
+    app.parse(cli_argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+  if (!tail.empty() && !record_cmd->parsed() && !run_cmd->parsed()) {
+    return fail("`--` is for `tramway record` and `tramway run`", 2);
+  }
+
+  if (list->parsed()) {
+    return is_pid(list_target) ? list_process(static_cast<pid_t>(std::stol(list_target)), list_glob)
+                               : list_program(list_target, list_glob);
+  }
+  if (record_cmd->parsed()) {
+    rec_command.insert(rec_command.end(), tail.begin(), tail.end());
+    return record(rec, rec_command);
+  }
+  if (run_cmd->parsed()) {
+    run_command.insert(run_command.end(), tail.begin(), tail.end());
+    return run(run_command);
+  }
+  if (live_cmd->parsed()) {
+    if (live_attach->parsed()) return live(live_pid, control::Verb::attach, live_glob, live_output);
+    if (live_detach->parsed()) return live(live_pid, control::Verb::detach, live_detach_glob, {});
+    if (live_status->parsed()) return live(live_pid, control::Verb::status, {}, {});
+    if (live_stop->parsed()) return live(live_pid, control::Verb::stop, {}, {});
+  }
+  if (report_cmd->parsed()) {
+    using trace::report::SortKey;
+    rep.sort = sort == "calls" ? SortKey::calls
+               : sort == "self" ? SortKey::self
+               : sort == "mean" ? SortKey::mean
+               : sort == "p99"  ? SortKey::p99
+               : sort == "name" ? SortKey::name
+                                : SortKey::total;
+    return report(rep);
+  }
+  return 2;
+}
+
+}  // namespace
+}  // namespace tramway::cli
+
+int main(int argc, char** argv) {
+  try {
+    return tramway::cli::main_cli(argc, argv);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "tramway: %s\n", e.what());
+    return 1;
+  }
+}
