@@ -22,8 +22,8 @@ namespace tramway::trace {
 
 struct RecordOptions {
   std::string output;                     // the trace file to create (truncated if it exists)
-  std::size_t ring_events = 1u << 16;     // per-thread ring capacity, in events (power of two)
-  unsigned flush_interval_ms = 50;        // how often the flusher drains the rings
+  std::size_t ring_events = 1u << 18;     // per-thread ring capacity, in events (power of two)
+  unsigned flush_interval_ms = 10;        // how often the flusher drains the rings
 };
 
 // Opens `options.output` and starts recording (no function is traced until attach).
