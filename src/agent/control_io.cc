@@ -230,33 +230,37 @@ void Server::stop() {
 
 namespace {
 
-// Binds a listening socket at `path` in a private directory. A socket file left there by a dead
-// process of the same pid is replaced; one that still answers is not.
+// Binds a listening socket at `path` in a private directory. It is bound and listening under a
+// temporary name first and then renamed: a client that sees `path` can connect at once (between
+// bind and listen it would be refused). A socket file left at `path` by a dead process of the
+// same pid is replaced; one that still answers is not.
 Result<int> listen_at(const std::string& path) {
   Result<sockaddr_un> addr = unix_address(path);
   if (!addr.ok()) return addr.status();
-  const int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-  if (fd < 0) return sys_error("cannot create the control socket");
+  const std::size_t slash = path.rfind('/');
+  const std::string temp = path.substr(0, slash + 1) + "." + path.substr(slash + 1) + ".new";
+  Result<sockaddr_un> temp_addr = unix_address(temp);
+  if (!temp_addr.ok()) return temp_addr.status();
+
   struct stat st;
   if (lstat(path.c_str(), &st) == 0) {
     const int probe = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     const bool live = probe >= 0 && connect(probe, reinterpret_cast<const sockaddr*>(&*addr), sizeof *addr) == 0;
     if (probe >= 0) close(probe);
-    if (live) {
-      close(fd);
-      return Status::error("another agent serves " + path + " (a process of the same pid in another pid namespace?)");
-    }
-    unlink(path.c_str());
+    if (live) return Status::error("another agent serves " + path + " (a process of the same pid in another pid namespace?)");
   }
-  if (bind(fd, reinterpret_cast<const sockaddr*>(&*addr), sizeof *addr) != 0) {
-    Status s = sys_error("cannot bind the control socket " + path);
+  const int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (fd < 0) return sys_error("cannot create the control socket");
+  unlink(temp.c_str());
+  if (bind(fd, reinterpret_cast<const sockaddr*>(&*temp_addr), sizeof *temp_addr) != 0) {
+    Status s = sys_error("cannot bind the control socket " + temp);
     close(fd);
     return s;
   }
   // The directory is 0700 already; 0600 on the socket says the same to anyone who looks.
-  if (chmod(path.c_str(), 0600) != 0 || listen(fd, 16) != 0) {
+  if (chmod(temp.c_str(), 0600) != 0 || listen(fd, 16) != 0 || rename(temp.c_str(), path.c_str()) != 0) {
     Status s = sys_error("cannot set up the control socket " + path);
-    unlink(path.c_str());
+    unlink(temp.c_str());
     close(fd);
     return s;
   }

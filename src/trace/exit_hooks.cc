@@ -96,12 +96,14 @@ void on_entry(std::uintptr_t function, std::uintptr_t* slot) noexcept {
     leave_busy(t);
     return;
   }
-  // A full ring loses the entry: then leave the call alone, so no exit shows up unpaired.
-  if (!record(t, time, function, format::EventKind::entry)) {
-    t->lost.fetch_add(1, std::memory_order_relaxed);  // and its exit
+  // An entry is recorded only with room left for its exit and for the exit of every frame
+  // open below it: a full ring loses whole calls, and the frames in the file stay balanced.
+  if (!has_room(t, std::uint64_t{t->depth} + 2)) {
+    t->lost.fetch_add(2, std::memory_order_relaxed);  // its entry and exit
     leave_busy(t);
     return;
   }
+  (void)record(t, time, function, format::EventKind::entry);
   t->stack[t->depth++] = ShadowEntry{slot, ret, function, g_epoch.load(std::memory_order_relaxed), false};
   *slot = kStub;
   leave_busy(t);

@@ -72,6 +72,14 @@ ThreadState* all_states() noexcept;
 // Ring capacity for states made from now on.
 void set_ring_events(std::size_t events) noexcept;
 
+// Whether the ring has room for `needed` more events.
+inline bool has_room(ThreadState* t, std::uint64_t needed) noexcept {
+  const std::uint64_t h = t->head.load(std::memory_order_relaxed);
+  if (t->mask + 1 - (h - t->cached_tail) >= needed) return true;
+  t->cached_tail = t->tail.load(std::memory_order_acquire);
+  return t->mask + 1 - (h - t->cached_tail) >= needed;
+}
+
 // Appends one event to the calling thread's ring; false (and counted lost) if it is full.
 inline bool record(ThreadState* t, std::uint64_t time, std::uintptr_t function, format::EventKind kind) noexcept {
   const std::uint64_t h = t->head.load(std::memory_order_relaxed);

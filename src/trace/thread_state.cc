@@ -59,7 +59,9 @@ ThreadState* make_state() noexcept {
 
 ThreadState* claim_blocked() noexcept {
   ThreadState* t = nullptr;
+  const std::size_t events = g_ring_events.load(std::memory_order_relaxed);
   for (ThreadState* s = g_states.load(std::memory_order_acquire); s && !t; s = s->next) {
+    if (s->mask + 1 != events) continue;  // made for another recording's ring size
     Life expected = Life::free;
     if (s->life.compare_exchange_strong(expected, Life::live, std::memory_order_acquire)) t = s;
   }

@@ -327,6 +327,28 @@ TEST(TraceSignals, HandlersRunTracedCodeOverTracedCode) {
   expect_balanced(p);
 }
 
+TEST(TraceRing, AFullRingLosesWholeCallsAndTheFramesStayBalanced) {
+  const std::string path = ::testing::TempDir() + "tramway_ring_" + std::to_string(::getpid()) + ".trace";
+  tramway::trace::RecordOptions options{path};
+  options.ring_events = 64;            // a new thread gets a ring this small
+  options.flush_interval_ms = 100000;  // and nothing drains it before stop()
+  ASSERT_TRUE(tramway::trace::start(options).ok());
+  ASSERT_TRUE(tramway::trace::attach("trace_fx::*").ok());
+  int sum = 0;
+  std::thread([&] {
+    for (int i = 0; i < 20; ++i) sum += trace_fx::outer(i);  // 400 events
+  }).join();
+  ASSERT_TRUE(tramway::trace::stop().ok());
+  Parsed p = parse(path);
+  std::remove(path.c_str());
+  EXPECT_EQ(sum, 20 * 33 + 18 * 190);
+  std::size_t events = 0;
+  for (const auto& [tid, v] : p.by_thread) events += v.size();
+  EXPECT_LE(events, 64u);
+  EXPECT_EQ(events + p.lost, 400u);  // every event either in the file or counted lost
+  expect_balanced(p);
+}
+
 TEST(TraceApi, ErrorsSayWhatToDo) {
   EXPECT_FALSE(tramway::trace::attach("trace_fx::*").ok());  // not recording
   tramway::Status s = tramway::trace::start({"/nonexistent-dir/x.trace"});
