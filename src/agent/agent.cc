@@ -1,10 +1,11 @@
 // libtramway_agent.so — preloaded by the `tramway` command (or by hand with LD_PRELOAD) to
 // list, record or control a program from inside it.
 //
-// Preloading by hand: list libtramway.so.0 and libtramway_trace.so.0 before the agent, as the
-// command does. Loaded only as the agent's dependencies they come after libc and libgcc in
-// the lookup order, and their interposers (sigaction, pthread_sigmask, the unwinder's entry
-// points) lose: a program that blocks all signals would then block SIGTRAP too.
+// Preloading by hand: list libtramway.so.0 before the agent, as the command does. Loaded only
+// as the agent's dependency it comes after libc in the lookup order and its interposers
+// (sigaction, pthread_sigmask, ...) lose: a program that blocks all signals would then block
+// SIGTRAP too. (The unwinder's wrappers are compiled into the agent for the same reason;
+// preloading libtramway_trace.so.0 as well would run them twice.)
 //
 // Its constructor runs before the program's own constructors and main. It reads, then removes
 // from the environment, the variables below, and removes itself (and the libraries the

@@ -21,6 +21,7 @@ namespace tramway::trace::detail {
 namespace {
 
 const std::uintptr_t kStub = reinterpret_cast<std::uintptr_t>(&tramway_trace_return);
+constexpr std::uint32_t kPruneWindow = 4;
 
 inline void enter_busy(ThreadState* t) noexcept {
   t->busy = true;
@@ -77,7 +78,10 @@ void on_entry(std::uintptr_t function, std::uintptr_t* slot) noexcept {
     // A new frame in this slot: an older entry for it is gone (skipped by a longjmp), with
     // the entries pushed after it for frames below it (its callees). Entries pushed after it
     // for frames above this slot belong to callers that ran after the jump and may be live.
-    for (std::uint32_t k = t->depth; k > 0; --k) {
+    // Only the newest few entries are looked at (stale ones sit near the top; one missed here
+    // is closed when a frame under it returns), so a call costs the same at any depth.
+    const std::uint32_t lowest = t->depth > kPruneWindow ? t->depth - kPruneWindow : 0;
+    for (std::uint32_t k = t->depth; k > lowest; --k) {
       if (t->stack[k - 1].slot != slot) continue;
       for (std::uint32_t j = t->depth; j >= k; --j) {  // innermost first
         if (t->stack[j - 1].slot <= slot) record_close(t, t->stack[j - 1], time, format::EventKind::unwound);

@@ -195,6 +195,7 @@ class Recording {
     if (functions.empty()) return {};
     Owner owner{std::make_unique<hooks::Ops>(), functions};
     owner.ops->entry = entry_callback;
+    owner.ops->direct = true;  // one recorder ops a function: each site gets its own slot
     if (Status s = hooks::attach(*owner.ops, hooks::Filter::addresses({functions.begin(), functions.end()})); !s.ok()) {
       return s;
     }

@@ -4,16 +4,20 @@
 //
 //   (no arguments)  calls cli_target::alpha 11 times, beta 23 times, gamma 37 times (each call
 //                   of alpha calls leaf once, of beta twice: leaf 57 times), prints the sums.
-//   --serve         also runs the same workload on 2 threads in a loop until stdin reaches EOF,
-//                   checking every result, then prints "serve: mismatches 0" and the sums.
+//   --serve         also runs the same workload on 2 threads in a loop (pausing 1 ms every 100
+//                   rounds) until stdin reaches EOF, checking every result, then prints
+//                   "serve: mismatches 0" and the sums.
 //   --exit N        prints the sums and exits with status N.
 //   --sigmask       blocks every signal with pthread_sigmask and prints whether SIGTRAP stayed
 //                   blocked (libtramway, when it interposes, keeps it open), then the sums.
+//   --throw         calls cli_throw::catcher 30 times; every third call's cli_throw::thrower
+//                   throws through cli_throw::middle to it; prints the sum, then the sums.
 //   --env           prints LD_PRELOAD and the names of TRAMWAY_* variables it was left with
 //                   (what its own children would inherit), then the sums.
 #include <unistd.h>
 
 #include <atomic>
+#include <stdexcept>
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
@@ -69,7 +73,39 @@ TARGET_FN Sums workload() {
 
 }  // namespace cli_target
 
+// Exceptions through traced frames (a namespace of their own: cli_target::* stays 5 functions).
+namespace cli_throw {
+
+TARGET_FN int thrower(int x) {
+  asm volatile("" : "+r"(x));
+  if (x % 3 == 0) throw std::runtime_error("every third");
+  return x;
+}
+
+TARGET_FN int middle(int x) {
+  int r = thrower(x);
+  asm volatile("" : "+r"(r));
+  return r + 1;
+}
+
+TARGET_FN int catcher(int x) {
+  try {
+    int r = middle(x);
+    asm volatile("" : "+r"(r));
+    return r;
+  } catch (const std::exception&) {
+    return -1;
+  }
+}
+
+}  // namespace cli_throw
+
 int main(int argc, char** argv) {
+  if (argc > 1 && std::strcmp(argv[1], "--throw") == 0) {
+    long sum = 0;
+    for (int i = 0; i < 30; ++i) sum += cli_throw::catcher(i);
+    std::printf("throw sum %ld\n", sum);
+  }
   const bool serve = argc > 1 && std::strcmp(argv[1], "--serve") == 0;
   if (argc > 1 && std::strcmp(argv[1], "--sigmask") == 0) {
     sigset_t all, now;
@@ -92,8 +128,11 @@ int main(int argc, char** argv) {
     std::thread workers[2];
     for (auto& w : workers) {
       w = std::thread([&] {
-        while (!stop.load(std::memory_order_relaxed)) {
+        // Busy in traced functions about half the time: the rest leaves a core to the tests'
+        // tramway commands on a 2-core machine.
+        for (unsigned n = 1; !stop.load(std::memory_order_relaxed); ++n) {
           if (!(cli_target::workload() == expected)) mismatches.fetch_add(1);
+          if (n % 100 == 0) usleep(1000);
         }
       });
     }

@@ -138,7 +138,7 @@ class Cli : public ::testing::Test {
   Proc serve(pid_t& pid) {
     Proc p = spawn({kCli, "run", "--", kTarget, "--serve"});
     const std::regex hint("is running as pid ([0-9]+); trace it with: tramway live ([0-9]+) attach");
-    for (int i = 0; i < 1000; ++i) {
+    for (int i = 0; i < 6000; ++i) {  // 30 s: a loaded machine can be that slow
       std::smatch m;
       const std::string err = p.err();
       if (std::regex_search(err, m, hint)) {
@@ -528,6 +528,32 @@ TEST_F(Cli, RecordSeveralFiltersAndDefaultOutput) {
   const TraceCounts tc = read_trace(dir_ + "/tramway.trace");  // -o defaults to ./tramway.trace
   ASSERT_EQ(tc.error, "");
   EXPECT_EQ(tc.entries, (std::map<std::string, std::uint64_t>{{"cli_target::alpha(int)", 11}, {"cli_target::gamma(int)", 37}}));
+}
+
+TEST_F(Cli, RecordExceptionsThroughTracedFrames) {
+  const std::string trace = dir_ + "/throw.trace";
+  // LD_DEBUG shows where the program's unwinder calls go: to the agent's wrappers, and only
+  // to them (a second copy ahead of them would run every wrapper twice).
+  Proc p = run({kCli, "record", "-f", "cli_throw::*", "-o", trace, "--", kTarget, "--throw"},
+               {{"LD_DEBUG", "bindings"}, {"LD_DEBUG_OUTPUT", dir_ + "/ld"}});
+  ASSERT_EQ(code_, 0) << p.err();
+  EXPECT_EQ(p.out(), untraced({"--throw"}));
+  const TraceCounts tc = read_trace(trace);
+  ASSERT_EQ(tc.error, "");
+  EXPECT_EQ(tc.entries, (std::map<std::string, std::uint64_t>{
+                            {"cli_throw::catcher(int)", 30}, {"cli_throw::middle(int)", 30}, {"cli_throw::thrower(int)", 30}}));
+  // 10 throws leave thrower and middle without returning.
+  EXPECT_EQ(tc.exits, (std::map<std::string, std::uint64_t>{
+                          {"cli_throw::catcher(int)", 30}, {"cli_throw::middle(int)", 20}, {"cli_throw::thrower(int)", 20}}));
+
+  std::string bindings;
+  const std::string ls = "cat '" + dir_ + "'/ld.* > '" + dir_ + "/ld-all'";
+  ASSERT_EQ(std::system(ls.c_str()), 0);
+  for (const std::string& line : lines_of(read_file(dir_ + "/ld-all"))) {
+    if (contains(line, "binding file " + kTarget + " ") && contains(line, "__cxa_begin_catch")) bindings += line + "\n";
+  }
+  EXPECT_TRUE(contains(bindings, "libtramway_agent.so")) << bindings;
+  EXPECT_FALSE(contains(bindings, "libtramway_trace")) << bindings;
 }
 
 TEST_F(Cli, RecordWithBadFilterStopsBeforeMain) {

@@ -15,6 +15,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <thread>
 
 #include "agent/control.h"
 #include "agent/control_io.h"
@@ -289,6 +290,27 @@ TEST_F(ServerTest, SocketIsPrivateAndRemovedAtStop) {
   const std::string path = server_->path();
   server_->stop();
   EXPECT_NE(lstat(path.c_str(), &st), 0);
+}
+
+TEST_F(ServerTest, SocketPathAppearsOnlyOnceItAccepts) {
+  // `tramway run` waits for the file and then tells the user to connect: the file must never be
+  // there before listen().
+  const std::string path = socket_path(dir_ + "/sock", getpid());
+  for (int i = 0; i < 500; ++i) {  // the old bind-then-listen order failed within ~150
+    std::atomic<bool> connected{false};
+    std::thread watcher([&] {
+      struct stat st;
+      while (lstat(path.c_str(), &st) != 0) {
+      }
+      auto c = Connection::open_path(path, 2000);
+      connected = c.ok();
+    });
+    start();
+    watcher.join();
+    ASSERT_TRUE(connected) << "iteration " << i;
+    server_->stop();
+    server_.reset();
+  }
 }
 
 TEST_F(ServerTest, RefusesAnOpenDirectory) {

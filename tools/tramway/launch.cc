@@ -123,20 +123,13 @@ Result<Agent> find_agent() {
     return Status::error(msg + "); set TRAMWAY_AGENT=/path/to/libtramway_agent.so");
   }
   a.path = absolute(a.path);
-  // libtramway and libtramway_trace: beside the agent (installed), else the build tree's. If
-  // neither exists the loader still finds them through the agent's run path, only later in the
-  // search order.
-  const std::vector<std::string> built = split_colon(TRAMWAY_BUILD_PRELOAD);
-  for (const char* soname : {"libtramway.so.0", "libtramway_trace.so.0"}) {
-    const std::string beside = dir_of(a.path) + "/" + soname;
-    if (is_file(beside)) {
-      a.preload.push_back(beside);
-      continue;
-    }
-    for (const std::string& b : built) {
-      if (b.size() >= std::strlen(soname) && b.ends_with(std::string("/") + soname) && is_file(b)) a.preload.push_back(b);
-    }
-  }
+  // libtramway: beside the agent (installed), else the build tree's. If neither exists the
+  // loader still finds it through the agent's run path, only after libc in the lookup order.
+  // Not libtramway_trace: the agent carries the unwinder wrappers itself, and a second copy
+  // ahead of it would run them twice (each calls the next definition).
+  const std::string beside = dir_of(a.path) + "/libtramway.so.0";
+  if (is_file(beside)) a.preload.push_back(beside);
+  else if (is_file(TRAMWAY_BUILD_LIBTRAMWAY)) a.preload.push_back(TRAMWAY_BUILD_LIBTRAMWAY);
   a.preload.push_back(a.path);
   return a;
 }

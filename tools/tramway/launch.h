@@ -26,8 +26,8 @@ Result<std::string> find_program(const std::string& name);
 // Fails when the loader would not preload the agent into `path` (shown as `name`).
 Status check_preloadable(const std::string& path, const std::string& name);
 
-// The agent and the libraries to preload with it (libtramway and libtramway_trace first, so
-// that their interposed functions come before libc's and libgcc's), agent last.
+// The agent and the libraries to preload with it: libtramway first, so that its interposed
+// signal functions come before libc's, then the agent (which defines the unwinder wrappers).
 struct Agent {
   std::string path;
   std::vector<std::string> preload;

@@ -105,6 +105,17 @@ FileStamp stamp(const std::string& path) {
   return {true, st.st_mtim};
 }
 
+// Waits until the agent of `s` listens on its control socket (true), or the program has exited.
+// The agent creates the socket in its constructor, before main; the bound is for a machine so
+// loaded that this takes long, not for a normal start.
+bool wait_for_agent(Supervisor& s) {
+  for (int i = 0; i < 6000 && !s.exited(); ++i) {
+    if (control::find_socket(s.pid()).ok()) return true;
+    s.wait(10);
+  }
+  return false;
+}
+
 // Ends a --duration recording: the agent closes the trace (the `stop` request returns when the
 // file is complete), then the program gets SIGTERM, and SIGKILL if it lingers.
 void end_after_duration(Supervisor& s) {
@@ -143,8 +154,9 @@ int record(const RecordArgs& a, const std::vector<std::string>& command) {
   Result<Supervisor> s = Supervisor::start(l);
   if (!s.ok()) return fail(s.status());
 
+  // The duration counts from when the agent is up: recording and listening for `stop`.
   bool ended_by_us = false;
-  if (a.duration > 0 && !s->wait(static_cast<int>(a.duration * 1000))) {
+  if (a.duration > 0 && wait_for_agent(*s) && !s->wait(static_cast<int>(a.duration * 1000))) {
     end_after_duration(*s);
     ended_by_us = true;
   }
@@ -172,15 +184,11 @@ int run(const std::vector<std::string>& command) {
   Result<Supervisor> s = Supervisor::start(l);
   if (!s.ok()) return fail(s.status());
   // Say how to attach only once the agent listens, so the hint can be acted on at once.
-  for (int i = 0; i < 500 && !s->exited(); ++i) {
-    if (control::find_socket(s->pid()).ok()) {
-      std::fprintf(stderr,
-                   "tramway: %s is running as pid %d; trace it with: tramway live %d attach 'GLOB' "
-                   "(tramway list %d lists the functions)\n",
-                   command[0].c_str(), static_cast<int>(s->pid()), static_cast<int>(s->pid()), static_cast<int>(s->pid()));
-      break;
-    }
-    s->wait(10);
+  if (wait_for_agent(*s)) {
+    std::fprintf(stderr,
+                 "tramway: %s is running as pid %d; trace it with: tramway live %d attach 'GLOB' "
+                 "(tramway list %d lists the functions)\n",
+                 command[0].c_str(), static_cast<int>(s->pid()), static_cast<int>(s->pid()), static_cast<int>(s->pid()));
   }
   s->wait(-1);
   return s->exit_code();
@@ -257,7 +265,7 @@ int main_cli(int argc, char** argv) {
   record_cmd->add_option("-f,--filter", rec.filters, "trace the functions matching this glob (repeatable; default: *)")
       ->allow_extra_args(false);
   record_cmd->add_option("-o,--output", rec.output, "the trace file")->capture_default_str();
-  record_cmd->add_option("--duration", rec.duration, "stop recording after S seconds and end the program")->check(CLI::PositiveNumber);
+  record_cmd->add_option("--duration", rec.duration, "record for S seconds (from when the agent is up), then end the program")->check(CLI::PositiveNumber);
   record_cmd->add_option("command", rec_command, "-- PROG ARGS...");
 
   std::vector<std::string> run_command;
