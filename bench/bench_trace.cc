@@ -8,12 +8,15 @@
 //   uftrace/bytes_per_event         uftrace's per-thread data files' size over the events (2 a call)
 //   trace/traced/ratio_to_uftrace   trace/traced over uftrace/record, both from this run: below 1,
 //                                   tramway is faster (the direction of bench_hooks' ratios)
+//   trace/timestamp                 ns one TSC read (rdtsc) costs here: a traced call takes two,
+//                                   the floor under trace/traced (uftrace reads clock_gettime twice)
 //
 // A traced run makes kCalls calls: its events are all recorded (none lost; checked), and every
 // kBurst calls the rings are flushed with timing paused, so the figure is what the calling
 // thread pays to record, not what the flusher thread pays to write. uftrace runs as a child, once
 // a repetition, as in bench_hooks.cc (which says why).
 #include <spawn.h>
+#include <x86intrin.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -57,6 +60,10 @@ constexpr benchmark::IterationCount kCalls = 1'000'000;
 constexpr std::uint64_t kBurst = 1u << 14;
 
 void fail(State& state, const std::string& what) { state.SkipWithError(what.c_str()); }
+
+void bm_timestamp(benchmark::State& state) {
+  for (auto _ : state) benchmark::DoNotOptimize(__rdtsc());
+}
 
 // A directory of its own under TMPDIR (or /tmp), removed with everything in it.
 struct ScratchDir {
@@ -255,6 +262,7 @@ int main(int argc, char** argv) {
     if (!s.ok()) std::fprintf(stderr, "%s: hooking bench_trace_target: %s\n", argv[0], s.message().c_str());
   }
   add("trace/untraced", bm_untraced, {cpu_ns("trace/untraced")});
+  add("trace/timestamp", bm_timestamp, {cpu_ns("trace/timestamp")});
   add("trace/traced", bm_traced,
       {cpu_ns("trace/traced"), counter_figure("trace/bytes_per_event", "bytes_per_event", "bytes")})
       ->Iterations(kCalls);

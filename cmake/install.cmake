@@ -2,7 +2,7 @@
 include(CMakePackageConfigHelpers)
 # Include directories come from the target's INSTALL_INTERFACE (src/CMakeLists.txt); an
 # `INCLUDES DESTINATION` here would list them twice.
-install(TARGETS tramway EXPORT tramwayTargets
+install(TARGETS tramway tramway_trace EXPORT tramwayTargets
   LIBRARY DESTINATION ${CMAKE_INSTALL_LIBDIR})
 install(DIRECTORY ${PROJECT_SOURCE_DIR}/include/tramway DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
 install(EXPORT tramwayTargets NAMESPACE tramway:: DESTINATION ${CMAKE_INSTALL_LIBDIR}/cmake/tramway)

@@ -62,11 +62,14 @@ extern bool g_use_tsc;
 std::uint64_t monotonic_ns() noexcept;
 inline std::uint64_t now() noexcept { return g_use_tsc ? __rdtsc() : monotonic_ns(); }
 
-// The calling thread's state, claimed on first use (async-signal-safe: mmap and atomics);
-// null if memory ran out.
-ThreadState* current() noexcept;
-// The calling thread's state if it has one.
-ThreadState* existing() noexcept;
+// The calling thread's state if it has one (initial-exec TLS: one load, no call).
+extern thread_local constinit ThreadState* t_state __attribute__((tls_model("initial-exec")));
+inline ThreadState* existing() noexcept { return t_state; }
+// Claims a state for the calling thread (async-signal-safe: mmap and atomics); null if
+// memory ran out.
+ThreadState* claim() noexcept;
+// The calling thread's state, claimed on first use.
+inline ThreadState* current() noexcept { return t_state ? t_state : claim(); }
 // Every state, for the flusher.
 ThreadState* all_states() noexcept;
 // Ring capacity for states made from now on.

@@ -77,7 +77,7 @@ class Recording {
   std::thread flusher;
   std::condition_variable wake;
   bool stopping = false;
-  std::vector<fmt::Event> scratch;
+  std::vector<char> buffer;  // the flusher's: one events chunk
 
   std::uint64_t to_ns(std::uint64_t t) const {
     if (!detail::g_use_tsc) return t > start_mono ? t - start_mono : 0;
@@ -136,20 +136,24 @@ class Recording {
         write_chunk(fmt::ChunkType::thread, payload);
       }
       while (tail != head) {
+        // One chunk: header, tid, count, events converted to ns straight into the buffer.
         const std::uint64_t n = std::min<std::uint64_t>(head - tail, 1u << 16);
-        std::string payload;
-        payload.reserve(8 + n * sizeof(fmt::Event));
-        put(payload, t->tid);
-        put(payload, static_cast<std::uint32_t>(n));
+        const std::uint32_t count = static_cast<std::uint32_t>(n);
+        const fmt::ChunkHeader ch{fmt::ChunkType::events, static_cast<std::uint32_t>(8 + n * sizeof(fmt::Event))};
+        buffer.resize(sizeof ch + ch.size);
+        char* out = buffer.data();
+        std::memcpy(out, &ch, sizeof ch);
+        std::memcpy(out + sizeof ch, &t->tid, 4);
+        std::memcpy(out + sizeof ch + 4, &count, 4);
+        auto* events_out = reinterpret_cast<fmt::Event*>(out + sizeof ch + 8);
         for (std::uint64_t i = 0; i < n; ++i) {
-          fmt::Event e = t->ring[(tail + i) & t->mask];
-          e.time_ns = to_ns(e.time_ns);
-          put(payload, e);
+          const fmt::Event& e = t->ring[(tail + i) & t->mask];
+          events_out[i] = fmt::Event{to_ns(e.time_ns), e.word};
         }
         tail += n;
         t->tail.store(tail, std::memory_order_release);
         events += n;
-        write_chunk(fmt::ChunkType::events, payload);
+        write_bytes(buffer.data(), buffer.size());
       }
       const std::uint64_t lost_now = t->lost.load(std::memory_order_relaxed);
       if (lost_now != t->lost_reported) {

@@ -13,6 +13,7 @@
 namespace tramway::trace::detail {
 
 bool g_use_tsc = true;
+thread_local constinit ThreadState* t_state __attribute__((tls_model("initial-exec"))) = nullptr;
 std::atomic<std::uint32_t> g_epoch{0};
 
 std::uint64_t monotonic_ns() noexcept {
@@ -25,7 +26,6 @@ namespace {
 
 std::atomic<ThreadState*> g_states{nullptr};
 std::atomic<std::size_t> g_ring_events{1u << 16};
-thread_local constinit ThreadState* t_state __attribute__((tls_model("initial-exec"))) = nullptr;
 
 pthread_key_t g_exit_key;
 pthread_once_t g_exit_key_once = PTHREAD_ONCE_INIT;
@@ -80,6 +80,8 @@ ThreadState* claim_blocked() noexcept {
   return t;
 }
 
+}  // namespace
+
 // With signals blocked, so a handler running traced code cannot claim a second state for
 // this thread half-way through.
 ThreadState* claim() noexcept {
@@ -90,12 +92,6 @@ ThreadState* claim() noexcept {
   pthread_sigmask(SIG_SETMASK, &old, nullptr);
   return t;
 }
-
-}  // namespace
-
-ThreadState* current() noexcept { return t_state ? t_state : claim(); }
-
-ThreadState* existing() noexcept { return t_state; }
 
 ThreadState* all_states() noexcept { return g_states.load(std::memory_order_acquire); }
 
