@@ -46,6 +46,14 @@ void close_from(ThreadState* t, std::uint32_t from, std::uint64_t time) noexcept
   }
 }
 
+// Closes the entries marked dead (no slot) that are on top of the stack, innermost first.
+void close_dead_on_top(ThreadState* t, std::uint64_t time) noexcept {
+  while (t->depth > 0 && t->stack[t->depth - 1].slot == nullptr) {
+    --t->depth;
+    record_close(t, t->stack[t->depth], time, format::EventKind::unwound);
+  }
+}
+
 [[noreturn]] void lost_return(std::uintptr_t* slot) noexcept {
   // Cannot happen unless the shadow stack was corrupted; say so and stop rather than jump
   // anywhere. write(2) is async-signal-safe.
@@ -77,20 +85,18 @@ void on_entry(std::uintptr_t function, std::uintptr_t* slot) noexcept {
   } else {
     // A new frame in this slot: an older entry for it is gone (skipped by a longjmp), with
     // the entries pushed after it for frames below it (its callees). Entries pushed after it
-    // for frames above this slot belong to callers that ran after the jump and may be live.
+    // for frames above this slot belong to callers that ran after the jump and may be live:
+    // the file has them open inside the dead ones, so the dead are only marked (no slot, never
+    // matched again) and closed once nothing live is above them.
     // Only the newest few entries are looked at (stale ones sit near the top; one missed here
     // is closed when a frame under it returns), so a call costs the same at any depth.
     const std::uint32_t lowest = t->depth > kPruneWindow ? t->depth - kPruneWindow : 0;
     for (std::uint32_t k = t->depth; k > lowest; --k) {
       if (t->stack[k - 1].slot != slot) continue;
-      for (std::uint32_t j = t->depth; j >= k; --j) {  // innermost first
-        if (t->stack[j - 1].slot <= slot) record_close(t, t->stack[j - 1], time, format::EventKind::unwound);
+      for (std::uint32_t j = k; j <= t->depth; ++j) {
+        if (t->stack[j - 1].slot <= slot) t->stack[j - 1].slot = nullptr;
       }
-      std::uint32_t kept = k - 1;
-      for (std::uint32_t j = k; j < t->depth; ++j) {
-        if (t->stack[j].slot > slot) t->stack[kept++] = t->stack[j];
-      }
-      t->depth = kept;
+      close_dead_on_top(t, time);
       break;
     }
   }
@@ -119,7 +125,7 @@ void before_unwind() noexcept {
   enter_busy(t);
   for (std::uint32_t k = t->depth; k > 0; --k) {
     ShadowEntry& e = t->stack[k - 1];
-    if (e.restored) continue;
+    if (e.restored || e.slot == nullptr) continue;
     if (*e.slot == kStub) *e.slot = e.ret;
     // Entries sharing a slot (tail calls) see `ret` written back by the first one.
     if (*e.slot == e.ret) e.restored = true;
@@ -155,6 +161,7 @@ void after_catch(std::uintptr_t caller_sp) noexcept {
     t->stack[kept++] = e;
   }
   t->depth = kept;
+  close_dead_on_top(t, time);
   leave_busy(t);
 }
 
@@ -185,6 +192,7 @@ extern "C" __attribute__((visibility("hidden"))) std::uintptr_t tramway_trace_ex
     --t->depth;
     record_close(t, t->stack[t->depth], time, tramway::trace::format::EventKind::exit);
   }
+  close_dead_on_top(t, time);
   leave_busy(t);
   return ret;
 }

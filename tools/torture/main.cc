@@ -4,7 +4,9 @@
 // poisoning, pipe histograms: the trace and tasks flavors of grace periods); hooks (1,000
 // functions built by GCC and Clang, ops attached and detached in cycles while callers and a
 // SIGPROF storm call them: every call inside an attach window ran each callback exactly once,
-// none ran late, the counts agree).
+// none ran late, the counts agree); trace (the tracer's exit hooks: nested, tail, recursive,
+// throwing and longjmp-ing traced calls under a SIGPROF storm whose handler calls traced code,
+// globs attached and detached, recordings restarted and read back balanced).
 #include <CLI/CLI.hpp>
 
 #include <cstdio>
@@ -16,7 +18,7 @@
 int main(int argc, char** argv) {
   using namespace tramway::torture;
   const std::map<std::string, int (*)(const Options&)> suites = {
-      {"static", run_static}, {"grace", run_grace}, {"hooks", run_hooks}};
+      {"static", run_static}, {"grace", run_grace}, {"hooks", run_hooks}, {"trace", run_trace}};
 
   CLI::App app{"tramway-torture: many threads, a signal storm and a controller patching as fast as it can"};
   std::string suite;

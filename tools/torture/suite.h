@@ -20,5 +20,6 @@ struct Options {
 int run_static(const Options& options);
 int run_grace(const Options& options);
 int run_hooks(const Options& options);
+int run_trace(const Options& options);
 
 }  // namespace tramway::torture
