@@ -69,7 +69,7 @@ void on_entry(std::uintptr_t function, std::uintptr_t* slot) noexcept {
   ThreadState* t = current();
   if (!t) return;
   if (t->busy) {  // a signal handler over our own bookkeeping: leave this call untraced
-    t->lost.fetch_add(1, std::memory_order_relaxed);
+    t->lost.fetch_add(2, std::memory_order_relaxed);  // its entry and exit
     return;
   }
   enter_busy(t);
