@@ -16,28 +16,24 @@
 // with call/plain (<= 0.3 ns) and hook/common/empty with hook/disabled (<= 4 ns).
 //
 // XRay needs Clang and uftrace its own process, so both run as children: bench_xray (xray_bench.cc,
-// built by clang++-14, see CMakeLists.txt) and bench_hooks_uftrace (hooks_uftrace_child.cc) print
+// built by clang++-14, see CMakeLists.txt) and bench_uftrace_child (uftrace_child.cc) print
 // report.h's JSON lines, and a benchmark here runs the child once per repetition and turns its
 // lines into counters. So their repetitions interleave with tramway's (a noisy spell on the
 // shared cores hits both), and report.h's ratio figures divide medians of one run.
-#include <spawn.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
-#include <array>
 #include <cerrno>
 #include <chrono>
-#include <csignal>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
-#include <regex>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include "child.h"
 #include "noinline.h"
 #include "report.h"
 #include "tramway/hooks.h"
@@ -46,7 +42,7 @@
 // ---- the measured function, twice ---------------------------------------------------------
 // Identical bodies; the attribute is -fpatchable-function-entry=13,8 for one function, so that
 // both are compiled in this one unit with the same flags otherwise. xray_bench.cc and
-// hooks_uftrace_child.cc measure the same body.
+// uftrace_child.cc measure the same body.
 std::uint64_t bench_sink;
 BENCH_NOINLINE void plain_target(std::uint64_t x) { bench_sink += x; }
 BENCH_NOINLINE __attribute__((patchable_function_entry(13, 8))) void patchable_target(std::uint64_t x) {
@@ -61,6 +57,10 @@ namespace {
 
 using benchmark::State;
 using tramway::Status;
+using tramway_bench::ChildFigure;
+using tramway_bench::run_child;
+using tramway_bench::sibling;
+using tramway_bench::take_child_figures;
 namespace hooks = tramway::hooks;
 
 void fail(State& state, const std::string& what) { state.SkipWithError(what.c_str()); }
@@ -160,56 +160,7 @@ void bm_detach(State& state, const hooks::Filter& filter) {
   if (ops.state) (void)hooks::detach(ops);
 }
 
-// ---- peers, as child processes ------------------------------------------------------------------
-// Runs `argv` (argv[0]: a path, or a name looked up in PATH) with stdout into `out`; stderr
-// stays ours. Returns an error message, empty on success.
-std::string run_child(const std::vector<std::string>& argv, std::string& out) {
-  int fds[2];
-  if (pipe(fds) != 0) return "pipe failed";
-  posix_spawn_file_actions_t actions;
-  posix_spawn_file_actions_init(&actions);
-  posix_spawn_file_actions_adddup2(&actions, fds[1], STDOUT_FILENO);
-  posix_spawn_file_actions_addclose(&actions, fds[0]);
-  posix_spawn_file_actions_addclose(&actions, fds[1]);
-  // The child starts with default signal handling and nothing blocked, whatever this thread has.
-  posix_spawnattr_t attr;
-  posix_spawnattr_init(&attr);
-  sigset_t none, all;
-  sigemptyset(&none);
-  sigfillset(&all);
-  posix_spawnattr_setsigmask(&attr, &none);
-  posix_spawnattr_setsigdefault(&attr, &all);
-  posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
-  std::vector<char*> args;
-  for (const std::string& a : argv) args.push_back(const_cast<char*>(a.c_str()));
-  args.push_back(nullptr);
-  pid_t pid;
-  const int rc = posix_spawnp(&pid, args[0], &actions, &attr, args.data(), environ);
-  posix_spawn_file_actions_destroy(&actions);
-  posix_spawnattr_destroy(&attr);
-  close(fds[1]);
-  if (rc != 0) {
-    close(fds[0]);
-    return "cannot run " + argv[0] + ": " + std::strerror(rc);
-  }
-  std::array<char, 4096> buf;
-  for (ssize_t n; (n = read(fds[0], buf.data(), buf.size())) != 0;) {
-    if (n > 0) out.append(buf.data(), static_cast<std::size_t>(n));
-    else if (errno != EINTR) break;
-  }
-  close(fds[0]);
-  int status = 0;
-  while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
-  }
-  if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) return argv[0] + " failed (wait status " + std::to_string(status) + ")";
-  return {};
-}
-
-struct ChildFigure {
-  const char* name;
-  const char* unit;
-};
-
+// ---- peers, as child processes (bench/child.h) --------------------------------------------------
 // One run of the child a repetition (Iterations(1)): each of its figures becomes the counter
 // of the same name here, checked for its unit.
 void bm_child(State& state, const std::vector<std::string>& argv, const std::vector<ChildFigure>& figures) {
@@ -217,22 +168,7 @@ void bm_child(State& state, const std::vector<std::string>& argv, const std::vec
   for (auto _ : state) {
     if (std::string e = run_child(argv, out); !e.empty()) return fail(state, e);
   }
-  static const std::regex line(R"re(\{"name": "([^"]+)", "value": ([^,]+), "unit": "([^"]+)"\})re");
-  for (const ChildFigure& f : figures) {
-    bool found = false;
-    for (auto it = std::sregex_iterator(out.begin(), out.end(), line); it != std::sregex_iterator() && !found; ++it) {
-      if ((*it)[1] != f.name) continue;
-      if ((*it)[3] != f.unit) return fail(state, std::string(f.name) + ": unit " + (*it)[3].str() + ", expected " + f.unit);
-      state.counters[f.name] = std::strtod((*it)[2].str().c_str(), nullptr);
-      found = true;
-    }
-    if (!found) return fail(state, argv[0] + " printed no figure " + f.name);
-  }
-}
-
-// A sibling program of this one, in the same build directory.
-std::string sibling(const char* name) {
-  return (std::filesystem::read_symlink("/proc/self/exe").parent_path() / name).string();
+  if (std::string e = take_child_figures(out, figures, state, argv[0]); !e.empty()) fail(state, e);
 }
 
 const std::vector<ChildFigure> kXrayFigures = {{"xray/unpatched", "ns"},
@@ -254,7 +190,7 @@ void bm_uftrace(State& state) {
   if (!mkdtemp(dir)) return fail(state, "mkdtemp failed");
   bm_child(state,
            {"uftrace", "record", "--no-libcall", "-d", std::string(dir) + "/data", "-P", "^bench_uftrace_target$",
-            sibling("bench_hooks_uftrace"), "200000"},
+            sibling("bench_uftrace_child"), "200000", "uftrace/dynamic"},
            {{"uftrace/dynamic", "ns"}});
   std::error_code ignored;
   std::filesystem::remove_all(dir, ignored);

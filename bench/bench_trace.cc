@@ -15,14 +15,10 @@
 // kBurst calls the rings are flushed with timing paused, so the figure is what the calling
 // thread pays to record, not what the flusher thread pays to write. uftrace runs as a child, once
 // a repetition, as in bench_hooks.cc (which says why).
-#include <spawn.h>
 #include <x86intrin.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
-#include <array>
 #include <cerrno>
-#include <csignal>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -34,6 +30,7 @@
 #include <string>
 #include <vector>
 
+#include "child.h"
 #include "noinline.h"
 #include "report.h"
 #include "tramway/hooks.h"
@@ -47,6 +44,9 @@ namespace {
 
 using benchmark::State;
 using tramway::Status;
+using tramway_bench::run_child;
+using tramway_bench::sibling;
+using tramway_bench::take_child_figures;
 namespace hooks = tramway::hooks;
 namespace trace = tramway::trace;
 namespace fs = std::filesystem;
@@ -147,57 +147,7 @@ void bm_traced(State& state) {
   state.counters["bytes_per_event"] = static_cast<double>(bytes) / static_cast<double>(events);
 }
 
-// ---- uftrace, as a child ------------------------------------------------------------------------
-// Runs `argv` (argv[0]: a path, or a name looked up in PATH) with stdout into `out`; stderr
-// stays ours. The child starts with default signal handling and nothing blocked, whatever
-// tramway's signal router left on this thread. Returns an error message, empty on success.
-std::string run_child(const std::vector<std::string>& argv, std::string& out) {
-  int fds[2];
-  if (pipe(fds) != 0) return "pipe failed";
-  posix_spawn_file_actions_t actions;
-  posix_spawn_file_actions_init(&actions);
-  posix_spawn_file_actions_adddup2(&actions, fds[1], STDOUT_FILENO);
-  posix_spawn_file_actions_addclose(&actions, fds[0]);
-  posix_spawn_file_actions_addclose(&actions, fds[1]);
-  posix_spawnattr_t attr;
-  posix_spawnattr_init(&attr);
-  sigset_t none, all;
-  sigemptyset(&none);
-  sigfillset(&all);
-  posix_spawnattr_setsigmask(&attr, &none);
-  posix_spawnattr_setsigdefault(&attr, &all);
-  posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
-  std::vector<char*> args;
-  for (const std::string& a : argv) args.push_back(const_cast<char*>(a.c_str()));
-  args.push_back(nullptr);
-  pid_t pid;
-  const int rc = posix_spawnp(&pid, args[0], &actions, &attr, args.data(), environ);
-  posix_spawn_file_actions_destroy(&actions);
-  posix_spawnattr_destroy(&attr);
-  close(fds[1]);
-  if (rc != 0) {
-    close(fds[0]);
-    return "cannot run " + argv[0] + ": " + std::strerror(rc);
-  }
-  std::array<char, 4096> buf;
-  for (ssize_t n; (n = read(fds[0], buf.data(), buf.size())) != 0;) {
-    if (n > 0) out.append(buf.data(), static_cast<std::size_t>(n));
-    else if (errno != EINTR) break;
-  }
-  close(fds[0]);
-  int status = 0;
-  while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
-  }
-  if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
-    return argv[0] + " failed (wait status " + std::to_string(status) + ")";
-  return {};
-}
-
-// A sibling program of this one, in the same build directory.
-std::string sibling(const char* name) {
-  return (fs::read_symlink("/proc/self/exe").parent_path() / name).string();
-}
-
+// ---- uftrace, as a child (bench/child.h) -------------------------------------------------------
 // uftrace's records of the traced threads: one TID.dat file each (perf-cpuN.dat hold its
 // scheduling events, not calls).
 std::uintmax_t uftrace_record_bytes(const fs::path& data) {
@@ -211,7 +161,7 @@ std::uintmax_t uftrace_record_bytes(const fs::path& data) {
 }
 
 // uftrace 0.13 patches the address __patchable_function_entries lists, so its child is built
-// with -fpatchable-function-entry=5 (hooks_uftrace_child.cc says why); --no-libcall keeps it
+// with -fpatchable-function-entry=5 (bench_hooks.cc's bm_uftrace says why); --no-libcall keeps it
 // from also hooking the PLT. One run a repetition (Iterations(1)).
 void bm_uftrace(State& state) {
   ScratchDir dir;
@@ -219,18 +169,16 @@ void bm_uftrace(State& state) {
   const std::string data = dir.path + "/data";
   std::string out;
   for (auto _ : state) {
-    if (std::string e = run_child({"uftrace", "record", "--no-libcall", "-d", data, "-P",
-                                   "^bench_trace_uftrace_target$", sibling("bench_trace_uftrace"),
-                                   std::to_string(kCalls)},
+    if (std::string e = run_child({"uftrace", "record", "--no-libcall", "-d", data, "-P", "^bench_uftrace_target$",
+                                   sibling("bench_uftrace_child"), std::to_string(kCalls), "uftrace/record"},
                                   out);
         !e.empty()) {
       return fail(state, e);
     }
   }
-  static const std::regex line(R"re(\{"name": "uftrace/record", "value": ([^,]+), "unit": "ns"\})re");
-  std::smatch m;
-  if (!std::regex_search(out, m, line)) return fail(state, "bench_trace_uftrace printed no uftrace/record figure in ns");
-  state.counters["uftrace/record"] = std::strtod(m[1].str().c_str(), nullptr);
+  if (std::string e = take_child_figures(out, {{"uftrace/record", "ns"}}, state, "bench_uftrace_child"); !e.empty()) {
+    return fail(state, e);
+  }
   // Its smallest record is 16 bytes: fewer bytes than 8 an event means calls went unrecorded.
   const double events = 2.0 * static_cast<double>(kCalls);
   const auto bytes = static_cast<double>(uftrace_record_bytes(data));

@@ -1,6 +1,6 @@
 // The function bench_trace traces (bench_trace.cc). It is alone in this object so that it is
 // the only code compiled with -fpatchable-function-entry=13,8 (CMakeLists.txt); the body is the
-// one bench_hooks measures, and the uftrace child's (trace_uftrace_child.cc).
+// one bench_hooks measures, and the uftrace child's (uftrace_child.cc).
 #include <cstdint>
 
 #include "noinline.h"

@@ -1,7 +1,8 @@
-// bench_hooks_uftrace CALLS — run by bench_hooks under `uftrace record -P bench_uftrace_target`
-// (uftrace's dynamic tracing of a -fpatchable-function-entry build): times CALLS calls of the
-// function bench_hooks measures (same body), with this thread's CPU time as the call figures
-// there, and prints {"name": "uftrace/dynamic", "value": NS_A_CALL, "unit": "ns"}.
+// bench_uftrace_child CALLS FIGURE — run by bench_hooks (FIGURE uftrace/dynamic) and bench_trace
+// (uftrace/record) under `uftrace record -P bench_uftrace_target`, uftrace's dynamic tracing of a
+// -fpatchable-function-entry=5 build recording entry and exit into its data directory: times
+// CALLS calls of the function those benchmarks measure (same body), with this thread's CPU time
+// as their call figures, and prints {"name": FIGURE, "value": NS_A_CALL, "unit": "ns"}.
 #include <time.h>
 
 #include <cstdint>
@@ -22,7 +23,11 @@ static double thread_seconds() {
 }
 
 int main(int argc, char** argv) {
-  const long calls = argc > 1 ? std::atol(argv[1]) : 100000;
+  if (argc != 3) {
+    std::fprintf(stderr, "usage: %s CALLS FIGURE (run by bench_hooks and bench_trace under uftrace record)\n", argv[0]);
+    return 2;
+  }
+  const long calls = std::atol(argv[1]);
   // uftrace turns the entry's 5-byte nop into a call before main; without it (not run under
   // uftrace, or uftrace did not find the function) the figure would be a plain call's.
   if (*reinterpret_cast<const unsigned char*>(&bench_uftrace_target) != 0xe8) {
@@ -32,6 +37,7 @@ int main(int argc, char** argv) {
   const double t0 = thread_seconds();
   for (long i = 0; i < calls; ++i) bench_uftrace_target(static_cast<std::uint64_t>(i));
   const double t1 = thread_seconds();
-  std::printf("{\"name\": \"uftrace/dynamic\", \"value\": %.4g, \"unit\": \"ns\"}\n", (t1 - t0) * 1e9 / static_cast<double>(calls));
+  std::printf("{\"name\": \"%s\", \"value\": %.4g, \"unit\": \"ns\"}\n", argv[2],
+              (t1 - t0) * 1e9 / static_cast<double>(calls));
   return 0;
 }
