@@ -4,8 +4,6 @@
 // agent, hooks' listing and the control socket.
 #include <gtest/gtest.h>
 #include <fcntl.h>
-#include <sys/prctl.h>
-#include <linux/securebits.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -25,6 +23,7 @@
 
 #include "agent/control.h"
 #include "agent/control_io.h"
+#include "other_uid.h"
 #include "tramway/trace/format.h"
 
 namespace {
@@ -388,40 +387,7 @@ TEST_F(Cli, ConnectionFromAnotherUidIsRefused) {
   auto path = control::find_socket(pid);
   ASSERT_TRUE(path.ok()) << path.status().message();
 
-  // The child keeps root's capabilities across setuid (SECBIT_NO_SETUID_FIXUP), so the 0700
-  // directory lets it through and only the agent's SO_PEERCRED check can refuse it.
-  int fds[2];
-  ASSERT_EQ(pipe(fds), 0);
-  const pid_t child = fork();
-  if (child == 0) {
-    close(fds[0]);
-    std::string reply = "setup failed";
-    if (prctl(PR_SET_SECUREBITS, SECBIT_NO_SETUID_FIXUP) == 0 && setresgid(65534, 65534, 65534) == 0 &&
-        setresuid(65534, 65534, 65534) == 0) {
-      const int fd = socket(AF_UNIX, SOCK_STREAM, 0);
-      sockaddr_un addr{};
-      addr.sun_family = AF_UNIX;
-      std::strncpy(addr.sun_path, path->c_str(), sizeof addr.sun_path - 1);
-      if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0) {
-        (void)!send(fd, "stop\n", 5, MSG_NOSIGNAL);  // the agent may have closed already
-        char buf[512];
-        ssize_t n, total = 0;
-        while ((n = read(fd, buf + total, sizeof buf - 1 - total)) > 0) total += n;
-        reply.assign(buf, static_cast<std::size_t>(total));
-      } else {
-        reply = std::string("connect: ") + std::strerror(errno);
-      }
-    }
-    (void)!write(fds[1], reply.data(), reply.size());
-    _exit(0);
-  }
-  close(fds[1]);
-  std::string reply;
-  char buf[512];
-  ssize_t n;
-  while ((n = read(fds[0], buf, sizeof buf)) > 0) reply.append(buf, static_cast<std::size_t>(n));
-  close(fds[0]);
-  waitpid(child, nullptr, 0);
+  const std::string reply = request_as_other_uid(*path, "stop\n");
   EXPECT_EQ(reply, "error: permission denied (tramway control socket accepts only uid 0)\n");
 
   Proc s = run({kCli, "live", std::to_string(pid), "status"});

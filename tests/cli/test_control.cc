@@ -2,8 +2,6 @@
 // request parsing, reply framing, line splitting, socket paths, the directory check, and a
 // server in this process facing malformed, over-long, truncated, slow and foreign clients.
 #include <gtest/gtest.h>
-#include <sys/prctl.h>
-#include <linux/securebits.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -19,6 +17,7 @@
 
 #include "agent/control.h"
 #include "agent/control_io.h"
+#include "other_uid.h"
 
 namespace {
 
@@ -417,48 +416,10 @@ TEST_F(ServerTest, TooManyConnectionsAreTurnedAway) {
   EXPECT_NE(r->text.find("too many connections"), std::string::npos);
 }
 
-// Connects to `path` as uid/gid 65534 in a child that keeps root's capabilities (so that the
-// 0700 directory does not stop it first) and returns the reply line it read.
-std::string reply_to_other_uid(const std::string& path) {
-  int p[2];
-  if (pipe(p) != 0) return "pipe failed";
-  const pid_t pid = fork();
-  if (pid == 0) {
-    close(p[0]);
-    std::string line = "child setup failed";
-    if (prctl(PR_SET_SECUREBITS, SECBIT_NO_SETUID_FIXUP) == 0 && setresgid(65534, 65534, 65534) == 0 &&
-        setresuid(65534, 65534, 65534) == 0) {
-      const int fd = socket(AF_UNIX, SOCK_STREAM, 0);
-      sockaddr_un addr{};
-      addr.sun_family = AF_UNIX;
-      std::strncpy(addr.sun_path, path.c_str(), sizeof addr.sun_path - 1);
-      if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
-        line = std::string("connect failed: ") + std::strerror(errno);
-      } else {
-        (void)!send(fd, "status\n", 7, MSG_NOSIGNAL);  // the agent may have closed already
-        char buf[512];
-        ssize_t n, total = 0;
-        while ((n = read(fd, buf + total, sizeof buf - 1 - total)) > 0) total += n;
-        line.assign(buf, static_cast<std::size_t>(total));
-      }
-    }
-    (void)!write(p[1], line.data(), line.size());
-    _exit(0);
-  }
-  close(p[1]);
-  std::string out;
-  char buf[512];
-  ssize_t n;
-  while ((n = read(p[0], buf, sizeof buf)) > 0) out.append(buf, static_cast<std::size_t>(n));
-  close(p[0]);
-  waitpid(pid, nullptr, 0);
-  return out;
-}
-
 TEST_F(ServerTest, PeerOfAnotherUidIsRefused) {
   if (geteuid() != 0) GTEST_SKIP() << "needs root to connect from another uid (this runs as uid " << geteuid() << ")";
   start();
-  EXPECT_EQ(reply_to_other_uid(server_->path()),
+  EXPECT_EQ(request_as_other_uid(server_->path(), "status\n"),
             "error: permission denied (tramway control socket accepts only uid 0)\n");
   EXPECT_EQ(handled_.load(), 0);
   EXPECT_TRUE(connect().call({Verb::status, ""}).ok());
