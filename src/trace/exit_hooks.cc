@@ -54,12 +54,11 @@ void close_dead_on_top(ThreadState* t, std::uint64_t time) noexcept {
   }
 }
 
-[[noreturn]] void lost_return(std::uintptr_t* slot) noexcept {
+[[noreturn]] void lost_return() noexcept {
   // Cannot happen unless the shadow stack was corrupted; say so and stop rather than jump
   // anywhere. write(2) is async-signal-safe.
   static const char msg[] = "tramway: a traced function returned through a slot the tracer has no record of; aborting\n";
   (void)!::write(2, msg, sizeof msg - 1);
-  (void)slot;
   std::abort();
 }
 
@@ -79,7 +78,7 @@ void on_entry(std::uintptr_t function, std::uintptr_t* slot) noexcept {
     // A tail call from a traced function: its entry owns this slot and the real return.
     std::uint32_t k = t->depth;
     while (k > 0 && t->stack[k - 1].slot != slot) --k;
-    if (k == 0) lost_return(slot);
+    if (k == 0) lost_return();
     close_from(t, k, time);  // anything above it is gone
     ret = t->stack[k - 1].ret;
   } else {
@@ -179,12 +178,12 @@ using namespace tramway::trace::detail;
 extern "C" __attribute__((visibility("hidden"))) std::uintptr_t tramway_trace_exit(std::uintptr_t sp) noexcept {
   auto* const slot = reinterpret_cast<std::uintptr_t*>(sp - 8);
   ThreadState* t = existing();
-  if (!t) lost_return(slot);
+  if (!t) lost_return();
   enter_busy(t);
   const std::uint64_t time = now();
   std::uint32_t k = t->depth;
   while (k > 0 && t->stack[k - 1].slot != slot) --k;
-  if (k == 0) lost_return(slot);
+  if (k == 0) lost_return();
   close_from(t, k, time);  // skipped by a longjmp or a handler that never returned
   const std::uintptr_t ret = t->stack[k - 1].ret;
   // Innermost first: a tail-call chain shares the slot and returns together.
