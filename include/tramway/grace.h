@@ -11,8 +11,9 @@
 //
 // Flavor trace: the read side is a per-thread marker — initial-exec TLS, a nesting counter
 // with a phase snapshot, no atomic read-modify-write and no fence; the grace period pays
-// instead with membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED) and a two-phase scan of the
-// registered markers (the algorithm of liburcu's memb flavor). Threads register on their first
+// instead with one membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED) and a two-phase scan of the
+// registered markers (liburcu's memb algorithm, minus its closing membarrier, which x86's
+// store ordering makes redundant: src/grace/trace.cc). Threads register on their first
 // read-side region; a thread may exit at any time, even inside a region. Concurrent
 // synchronize() callers share grace periods.
 //
