@@ -500,3 +500,42 @@ TEST(Hooks, PerFunctionHitsCountEachInterceptedCallOnce) {
   p_other(1);  // not hooked: not counted, and the count stays
   EXPECT_EQ(function_hits("hook_other"), other0 + 7);
 }
+
+// The stubs run the usual case inline (one ops, enabled, this thread's counter block there)
+// and leave the rest to the C++ dispatchers: both must call and count alike, in both modes.
+TEST(Hooks, InlineAndDispatcherPathsCallAndCountAlike) {
+  for (const bool direct : {false, true}) {
+    SCOPED_TRACE(direct ? "direct" : "common entry");
+    Seen seen;
+    hooks::Ops ops = make_ops(record, &seen);
+    ops.direct = direct;
+    ASSERT_TRUE(hooks::attach(ops, hooks::Filter::names({"hook_add"})).ok());
+    const std::uint64_t fn0 = function_hits("hook_add");
+    // A new thread's first hooked call has no counter block yet (the dispatcher claims it);
+    // its next ones go inline.
+    std::thread([] {
+      for (int i = 0; i < 3; ++i) EXPECT_EQ(p_add(i, 1), i + 1);
+    }).join();
+    EXPECT_EQ(seen.calls.load(), 3);
+    EXPECT_EQ(seen.function, reinterpret_cast<std::uintptr_t>(&hook_add));
+    EXPECT_EQ(seen.rdi, 2u);
+    EXPECT_EQ(seen.rsi, 1u);
+    EXPECT_NE(seen.caller, 0u);
+    EXPECT_EQ(p_add(40, 2), 42);
+    EXPECT_EQ(seen.rdi, 40u);
+    EXPECT_EQ(hooks::counters(ops).hits, 4u);
+    EXPECT_EQ(function_hits("hook_add"), fn0 + 4);
+    // Disabled: the dispatcher's case; the function's calls still count, the ops' do not.
+    ASSERT_TRUE(hooks::disable(ops).ok());
+    EXPECT_EQ(p_add(1, 1), 2);
+    EXPECT_EQ(seen.calls.load(), 4) << "a disabled ops ran";
+    EXPECT_EQ(hooks::counters(ops).hits, 4u);
+    EXPECT_EQ(function_hits("hook_add"), fn0 + 5);
+    ASSERT_TRUE(hooks::enable(ops).ok());
+    EXPECT_EQ(p_add(1, 1), 2);
+    EXPECT_EQ(seen.calls.load(), 5);
+    EXPECT_EQ(hooks::counters(ops).hits, 5u);
+    EXPECT_EQ(function_hits("hook_add"), fn0 + 6);
+    ASSERT_TRUE(hooks::detach(ops).ok());
+  }
+}

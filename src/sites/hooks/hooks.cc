@@ -30,12 +30,14 @@
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <cstddef>
 #include <cstring>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <set>
 
+#include "arch/x86_64/hook_layout.h"
 #include "arch/x86_64/insn.h"
 #include "common/format.h"
 #include "sites/hooks/discovery.h"
@@ -59,6 +61,35 @@ struct Ops::State {
   std::vector<std::uintptr_t> entries;  // functions attached to (under g_mu)
 };
 
+// Read by the stubs' fast path (arch/x86_64/hook_entry.S) under their assembler names, so
+// outside the anonymous namespace; hidden, so still private to the library.
+namespace detail {
+constexpr std::uint32_t kMaxOps = 4096, kMaxSites = TRAMWAY_MAX_SITES;
+struct CounterBlock {  // hit counters of one thread (see "hit counters" below)
+  std::atomic<pid_t> owner;
+  CounterBlock* next;
+  std::uint64_t hits[kMaxOps];
+  std::uint64_t site_hits[kMaxSites];
+};
+__attribute__((visibility("hidden"))) thread_local constinit CounterBlock* t_block
+    __asm__("tramway_hook_counter_block") __attribute__((tls_model("initial-exec"))) = nullptr;
+// Set while this thread runs callbacks: the recursion guard (DESIGN invariant 7).
+__attribute__((visibility("hidden"))) thread_local constinit bool t_in_callback
+    __asm__("tramway_hook_in_callback") __attribute__((tls_model("initial-exec"))) = false;
+}  // namespace detail
+using detail::CounterBlock, detail::kMaxOps, detail::kMaxSites, detail::t_block, detail::t_in_callback;
+
+// The fast path's view of these structures (arch/x86_64/hook_layout.h).
+static_assert(offsetof(Ops, entry) == TRAMWAY_OPS_ENTRY && offsetof(Ops, state) == TRAMWAY_OPS_STATE);
+static_assert(offsetof(CounterBlock, hits) == TRAMWAY_BLOCK_HITS &&
+              offsetof(CounterBlock, site_hits) == TRAMWAY_BLOCK_SITE_HITS && kMaxOps == 4096);
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Winvalid-offsetof"  // State is not standard-layout (a vector); GCC and Clang lay it out alike
+static_assert(offsetof(Ops::State, enabled) == TRAMWAY_STATE_ENABLED &&
+              offsetof(Ops::State, extended) == TRAMWAY_STATE_EXTENDED && offsetof(Ops::State, id) == TRAMWAY_STATE_ID &&
+              sizeof(Ops::State::enabled) == 1 && sizeof(Ops::State::id) == 4);
+#pragma GCC diagnostic pop
+
 namespace {
 
 using sites::hooks::EntryForm;
@@ -74,6 +105,7 @@ struct alignas(64) SiteCell {
   std::atomic<std::uintptr_t> target{0};  // Ops*, OpsList* | kListTag, or 0
   std::uint32_t index = 0;                // of the site's hit counter
 };
+static_assert(offsetof(SiteCell, target) == TRAMWAY_CELL_TARGET && offsetof(SiteCell, index) == TRAMWAY_CELL_INDEX);
 
 // ---- hit counters ----------------------------------------------------------------------------
 // A locked increment per call costs about 5 ns, more than the rest of the call path, so each
@@ -84,15 +116,7 @@ struct alignas(64) SiteCell {
 // new ops starts from the sum the blocks hold then. Sites count too, by an index given when a
 // site is first hooked and never reused (a site past kMaxSites goes uncounted); the block is
 // mapped without reserve, so only the pages of sites a thread ran take memory.
-constexpr std::uint32_t kMaxOps = 4096, kMaxSites = 1u << 20;
-struct CounterBlock {
-  std::atomic<pid_t> owner;
-  CounterBlock* next;
-  std::uint64_t hits[kMaxOps];
-  std::uint64_t site_hits[kMaxSites];
-};
 std::atomic<CounterBlock*> g_blocks{nullptr};
-thread_local constinit CounterBlock* t_block __attribute__((tls_model("initial-exec"))) = nullptr;
 
 CounterBlock* claim_block() noexcept {
   const pid_t me = static_cast<pid_t>(::syscall(SYS_gettid));
@@ -189,6 +213,8 @@ struct SlotData {
   std::atomic<std::uint32_t> index;  // the owner site's hit counter
   std::uint32_t unused[3];
 };
+static_assert(offsetof(SlotData, tag) == TRAMWAY_SLOT_TAG && offsetof(SlotData, ops) == TRAMWAY_SLOT_OPS &&
+              offsetof(SlotData, index) == TRAMWAY_SLOT_INDEX);
 constexpr std::size_t kChunkSize = 4096, kSlotCodeSize = 16, kDataOffset = 2048;
 constexpr std::size_t kSlotsPerChunk = (kChunkSize - kDataOffset) / sizeof(SlotData);
 static_assert(kSlotsPerChunk * kSlotCodeSize + 8 <= kDataOffset);
@@ -287,7 +313,6 @@ std::mutex g_mu;
 std::map<std::uintptr_t, Site> g_sites;  // every site ever hooked, by entry
 std::vector<text::CodeBlock> g_thunks;   // permanent
 
-thread_local constinit bool t_in_callback __attribute__((tls_model("initial-exec"))) = false;
 
 std::uintptr_t target_for(const std::vector<Ops*>& ops) {
   if (ops.empty()) return 0;
@@ -792,7 +817,10 @@ __attribute__((target("xsave"), noinline)) void call_saving_extended_state(Ops& 
   _xrstor64(area, layout.mask);
 }
 
-// The callbacks of a site, with the recursion guard (DESIGN invariant 7).
+// The callbacks of a site, with the recursion guard (DESIGN invariant 7). The stubs do the
+// same inline for the usual case — one ops, enabled, no extended state, not recursing, the
+// thread's counter block there (hook_entry.S, HOOK_CALL_ONE) — and call the dispatchers
+// below for every other.
 inline void run_callbacks(Ops* const* ops, std::size_t count, std::uint32_t site_index, std::uintptr_t entry,
                           std::uintptr_t caller, EntryRegs& regs) noexcept {
   if (t_in_callback) {  // a callback called a hooked function
@@ -818,7 +846,7 @@ inline void run_callbacks(Ops* const* ops, std::size_t count, std::uint32_t site
 }  // namespace
 }  // namespace tramway::hooks
 
-// Called by tramway_hook_entry with the marker raised.
+// Called by tramway_hook_entry with the marker raised, for what its fast path leaves.
 extern "C" __attribute__((visibility("hidden"))) void tramway_hook_dispatch(tramway::hooks::EntryRegs* regs,
                                                                             std::uintptr_t body,
                                                                             std::uintptr_t caller) noexcept {
@@ -836,7 +864,8 @@ extern "C" __attribute__((visibility("hidden"))) void tramway_hook_dispatch(tram
   }
 }
 
-// Called by tramway_hook_direct with the marker raised; `slot` through the RX view.
+// Called by tramway_hook_direct with the marker raised, for what its fast path leaves; `slot`
+// through the RX view.
 extern "C" __attribute__((visibility("hidden"))) void tramway_hook_direct_dispatch(tramway::hooks::EntryRegs* regs,
                                                                                    std::uintptr_t body,
                                                                                    std::uintptr_t caller,
