@@ -84,7 +84,8 @@ static_assert(offsetof(Ops, entry) == TRAMWAY_OPS_ENTRY && offsetof(Ops, state) 
 static_assert(offsetof(CounterBlock, hits) == TRAMWAY_BLOCK_HITS &&
               offsetof(CounterBlock, site_hits) == TRAMWAY_BLOCK_SITE_HITS && kMaxOps == 4096);
 #pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Winvalid-offsetof"  // State is not standard-layout (a vector); GCC and Clang lay it out alike
+// Ops::State is not standard-layout (it holds a vector); GCC and Clang lay it out alike.
+#pragma GCC diagnostic ignored "-Winvalid-offsetof"
 static_assert(offsetof(Ops::State, enabled) == TRAMWAY_STATE_ENABLED &&
               offsetof(Ops::State, extended) == TRAMWAY_STATE_EXTENDED && offsetof(Ops::State, id) == TRAMWAY_STATE_ID &&
               sizeof(Ops::State::enabled) == 1 && sizeof(Ops::State::id) == 4);
@@ -312,7 +313,6 @@ struct Retired {
 std::mutex g_mu;
 std::map<std::uintptr_t, Site> g_sites;  // every site ever hooked, by entry
 std::vector<text::CodeBlock> g_thunks;   // permanent
-
 
 std::uintptr_t target_for(const std::vector<Ops*>& ops) {
   if (ops.empty()) return 0;
