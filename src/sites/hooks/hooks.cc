@@ -64,7 +64,7 @@ struct Ops::State {
 // Read by the stubs' fast path (arch/x86_64/hook_entry.S) under their assembler names, so
 // outside the anonymous namespace; hidden, so still private to the library.
 namespace detail {
-constexpr std::uint32_t kMaxOps = 4096, kMaxSites = TRAMWAY_MAX_SITES;
+constexpr std::uint32_t kMaxOps = TRAMWAY_MAX_OPS, kMaxSites = TRAMWAY_MAX_SITES;
 struct CounterBlock {  // hit counters of one thread (see "hit counters" below)
   std::atomic<pid_t> owner;
   CounterBlock* next;
@@ -82,7 +82,7 @@ using detail::CounterBlock, detail::kMaxOps, detail::kMaxSites, detail::t_block,
 // The fast path's view of these structures (arch/x86_64/hook_layout.h).
 static_assert(offsetof(Ops, entry) == TRAMWAY_OPS_ENTRY && offsetof(Ops, state) == TRAMWAY_OPS_STATE);
 static_assert(offsetof(CounterBlock, hits) == TRAMWAY_BLOCK_HITS &&
-              offsetof(CounterBlock, site_hits) == TRAMWAY_BLOCK_SITE_HITS && kMaxOps == 4096);
+              offsetof(CounterBlock, site_hits) == TRAMWAY_BLOCK_SITE_HITS);
 #pragma GCC diagnostic push
 // Ops::State is not standard-layout (it holds a vector); GCC and Clang lay it out alike.
 #pragma GCC diagnostic ignored "-Winvalid-offsetof"
