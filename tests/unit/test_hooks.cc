@@ -1,21 +1,71 @@
 // Function hooks: callbacks see the function's arguments, the function still gets them
 // (integer, floating point, varargs), several ops share a site, recursion is counted, errors
 // say what to do, detach is synchronous under load; direct mode calls a slot of its own and
-// switches with the common entry as ops come and go; extended state is kept when asked.
+// switches with the common entry as ops come and go; extended state is kept when asked; leaf
+// callbacks on general-purpose registers run without the vector saves, and a scan that let
+// a vector-touching or EntryRegs-reading leaf through would break the function's arguments.
 #include <dlfcn.h>
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <bit>
 #include <cstdarg>
+#include <cstddef>
 #include <cstring>
 #include <set>
 #include <thread>
 #include <vector>
 
+#include "arch/x86_64/callback_scan.h"
 #include "tramway/grace.h"
 #include "tramway/hooks.h"
 
 namespace hooks = tramway::hooks;
+
+// Leaf callbacks in assembly, so that what the scan sees does not depend on the build's
+// optimisation or sanitizers. Each counts its calls at *(uint64_t*)ops.data.
+//   lean_count:      nothing else — provably leaves vector registers and EntryRegs alone;
+//   leaf_clobber:    zeroes xmm0-7 — a leaf, but the stubs must save them around it;
+//   leaf_reads_regs: copies the low 8 bytes of regs.xmm[0] to ((uint64_t*)ops.data)[1] with
+//                    integer moves — the stubs must have stored the xmm registers for it.
+static_assert(offsetof(hooks::Ops, data) == 8 && offsetof(hooks::EntryRegs, xmm) == 64);
+extern "C" void lean_count(const hooks::Ops&, std::uintptr_t, std::uintptr_t, hooks::EntryRegs&);
+extern "C" void leaf_clobber(const hooks::Ops&, std::uintptr_t, std::uintptr_t, hooks::EntryRegs&);
+extern "C" void leaf_reads_regs(const hooks::Ops&, std::uintptr_t, std::uintptr_t, hooks::EntryRegs&);
+asm(R"(
+	.text
+	.globl	lean_count
+	.type	lean_count, @function
+lean_count:
+	movq	8(%rdi), %rax
+	lock incq (%rax)
+	ret
+	.size	lean_count, . - lean_count
+	.globl	leaf_clobber
+	.type	leaf_clobber, @function
+leaf_clobber:
+	movq	8(%rdi), %rax
+	lock incq (%rax)
+	xorps	%xmm0, %xmm0
+	xorps	%xmm1, %xmm1
+	xorps	%xmm2, %xmm2
+	xorps	%xmm3, %xmm3
+	xorps	%xmm4, %xmm4
+	xorps	%xmm5, %xmm5
+	xorps	%xmm6, %xmm6
+	xorps	%xmm7, %xmm7
+	ret
+	.size	leaf_clobber, . - leaf_clobber
+	.globl	leaf_reads_regs
+	.type	leaf_reads_regs, @function
+leaf_reads_regs:
+	movq	8(%rdi), %rax
+	lock incq (%rax)
+	movq	64(%rcx), %rdx
+	movq	%rdx, 8(%rax)
+	ret
+	.size	leaf_reads_regs, . - leaf_reads_regs
+)");
 
 #define PATCHABLE __attribute__((noinline, patchable_function_entry(13, 8)))
 
@@ -112,6 +162,37 @@ TEST(Hooks, VectorAndVarargsArgumentsReachTheFunction) {
   EXPECT_EQ(p_sum(3, 1L, 2L, 3L, 4.0), 10);
   EXPECT_EQ(seen.calls.load(), 2);
   ASSERT_TRUE(hooks::detach(ops).ok());
+}
+
+// The three leaves on hook_fma, in both modes: the function gets its doubles back each time,
+// every call is counted, and the EntryRegs-reading leaf sees the first argument's bits.
+TEST(Hooks, LeafCallbacksSkipVectorSavesOnlyWhenProvenSafe) {
+  using tramway::arch::scan_callback;
+  const auto lean = scan_callback(reinterpret_cast<std::uintptr_t>(&lean_count));
+  EXPECT_TRUE(lean.vector_free && !lean.reads_regs) << lean.reason;
+  EXPECT_FALSE(scan_callback(reinterpret_cast<std::uintptr_t>(&leaf_clobber)).vector_free);
+  EXPECT_TRUE(scan_callback(reinterpret_cast<std::uintptr_t>(&leaf_reads_regs)).reads_regs);
+  for (const bool direct : {false, true}) {
+    for (const hooks::EntryCallback cb : {lean_count, leaf_clobber, leaf_reads_regs}) {
+      std::uint64_t data[2] = {0, 0};
+      hooks::Ops ops;
+      ops.entry = cb;
+      ops.data = data;
+      ops.direct = direct;
+      ASSERT_TRUE(hooks::attach(ops, hooks::Filter::names({"hook_fma"})).ok());
+      constexpr int kCalls = 1000;
+      for (int i = 0; i < kCalls; ++i) {
+        const double a = 1.5 + i;
+        ASSERT_DOUBLE_EQ(p_fma(a, 2.0, 0.25), a * 2.0 + 0.25) << "direct " << direct << ", call " << i;
+        if (cb == leaf_reads_regs) {
+          ASSERT_EQ(data[1], std::bit_cast<std::uint64_t>(a)) << "call " << i;
+        }
+      }
+      EXPECT_EQ(data[0], static_cast<std::uint64_t>(kCalls));
+      EXPECT_EQ(hooks::counters(ops).hits, static_cast<std::uint64_t>(kCalls));
+      ASSERT_TRUE(hooks::detach(ops).ok());
+    }
+  }
 }
 
 TEST(Hooks, SeveralOpsShareASite) {

@@ -17,8 +17,10 @@
 // and then so that callers make calls between changes. Up to 6 slots are attached at once,
 // so sites carry per-site lists. Half the ops are direct (a site whose only ops is direct calls
 // a trampoline slot of its own, and switches to and from the common entry as other ops come
-// and go), one in eight saves extended state. A cycle is one attach and its detach; --cycles
-// bounds them.
+// and go), one in eight saves extended state. Every fourth slot's callback is lean
+// (on_entry_lean: proven at attach to leave vector registers and its EntryRegs alone, so the
+// stubs skip the xmm0-7 saves); its per-call checks are left out, its counts and lateness are
+// not. A cycle is one attach and its detach; --cycles bounds them.
 //
 // Windows: the exactness check, made without ever stopping the callers. g_window is bumped
 // by the controller at every transition (right before an attach, detach, disable or enable
@@ -86,6 +88,7 @@
 #include <thread>
 #include <vector>
 
+#include "arch/x86_64/callback_scan.h"
 #include "storm.h"
 #include "suite.h"
 #include "tramway/grace.h"
@@ -136,6 +139,8 @@ struct alignas(64) Slot {
   std::atomic<std::uint64_t> skips_expected{0};
 };
 Slot g_slots[kSlots];
+// Every fourth slot's callback is lean (on_entry_lean): the stubs run it without saving xmm0-7.
+constexpr SlotMask kLeanSlots = 0x88888888u;
 
 constexpr int kTagShift = 40;
 constexpr std::uint64_t kCountMask = (std::uint64_t{1} << kTagShift) - 1;
@@ -247,8 +252,9 @@ void call_one(Counters& c, int i, int x, Mode mode) {
     return;
   }
   const WindowDesc& d = g_desc[w0 % kRing];
-  const SlotMask one = d.one[i].load(std::memory_order_acquire);
-  const SlotMask zero = d.zero[i].load(std::memory_order_acquire);
+  // Lean slots' callbacks do not see the frame: only their counts and lateness are checked.
+  const SlotMask one = d.one[i].load(std::memory_order_acquire) & ~kLeanSlots;
+  const SlotMask zero = d.zero[i].load(std::memory_order_acquire) & ~kLeanSlots;
   std::uint32_t tags[kSlots];
   for (int k = 0; k < kSlots; ++k) tags[k] = d.tag[k].load(std::memory_order_acquire);
   // The descriptor is rewritten for window w0 + kRing, published before g_window reaches it;
@@ -323,6 +329,19 @@ void on_entry(const hooks::Ops& ops, std::uintptr_t function, std::uintptr_t, ho
 
   std::atomic_signal_fence(std::memory_order_seq_cst);
   t_cb_depth = t_cb_depth - 1;
+  if (late_at_start || s.detached.load(std::memory_order_acquire)) s.late.fetch_add(1, std::memory_order_relaxed);
+}
+
+// The entry callback of the lean slots: leaf code on general-purpose registers that never
+// reads its EntryRegs, which the stubs (arch/x86_64/callback_scan.h) run without saving
+// xmm0-7 — so the library's own count, lateness and live-detach bounds are checked on that
+// path too. It cannot see the caller's frame, so per-call checks leave these slots out.
+void on_entry_lean(const hooks::Ops& ops, std::uintptr_t, std::uintptr_t, hooks::EntryRegs&) {
+  Slot& s = *static_cast<Slot*>(ops.data);
+  const bool late_at_start = s.detached.load(std::memory_order_acquire);
+  s.own.fetch_add(1, std::memory_order_relaxed);
+  std::atomic_thread_fence(std::memory_order_seq_cst);  // as in on_entry
+  if (s.detaching.load(std::memory_order_relaxed)) s.own_in_detach.fetch_add(1, std::memory_order_relaxed);
   if (late_at_start || s.detached.load(std::memory_order_acquire)) s.late.fetch_add(1, std::memory_order_relaxed);
 }
 
@@ -849,9 +868,20 @@ int run_hooks(const Options& o) {
     std::fprintf(stderr, "hooks: %s\n", error.c_str());
     return 1;
   }
+  // The lean path must really be taken: the scan has to prove on_entry_lean (an optimised
+  // build does) and must refuse on_entry, which calls out and reads its EntryRegs.
+  const auto lean_scan = tramway::arch::scan_callback(reinterpret_cast<std::uintptr_t>(&on_entry_lean));
+  const auto full_scan = tramway::arch::scan_callback(reinterpret_cast<std::uintptr_t>(&on_entry));
+  if (!lean_scan.vector_free || lean_scan.reads_regs || (full_scan.vector_free && !full_scan.reads_regs)) {
+    std::fprintf(stderr, "hooks: the callback scan does not tell the lean callback (%s) from the full one (%s); "
+                 "build the torture optimised (the gcc or clang preset)\n",
+                 lean_scan.reason.empty() ? "lean" : lean_scan.reason.c_str(),
+                 full_scan.reason.empty() ? "proven lean" : full_scan.reason.c_str());
+    return 1;
+  }
   for (int k = 0; k < kSlots; ++k) {
     g_slots[k].index = k;
-    g_slots[k].ops.entry = on_entry;
+    g_slots[k].ops.entry = (kLeanSlots >> k) & 1 ? on_entry_lean : on_entry;
     g_slots[k].ops.data = &g_slots[k];
   }
 

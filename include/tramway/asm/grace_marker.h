@@ -18,6 +18,9 @@
  * The marker is one 64-bit word at offset 0: the nesting depth in its low 32 bits, the phase
  * in bit 32, and in bit 33 a request to call tramway_grace_wake when the outermost region ends.
  *
+ * TRAMWAY_MARKER_RAISE_OR and TRAMWAY_MARKER_LOWER_OR (below) do the same without ever calling
+ * out, for code that has not saved what a call clobbers.
+ *
  * Clobbers: the scratch registers named, and flags. On a thread's first region RAISE calls
  * tramway_grace_register_thread, and LOWER calls tramway_grace_wake when a grace period waits
  * or asked for a report:
@@ -32,38 +35,59 @@
 #ifdef __ASSEMBLER__
 
 .macro TRAMWAY_MARKER_RAISE marker, scratch
-	movq	tramway_grace_marker@gottpoff(%rip), \marker
-	movq	%fs:(\marker), \marker
-	testq	\marker, \marker
-	jnz	.Ltramway_raise_have\@
+	TRAMWAY_MARKER_RAISE_OR \marker, \scratch, .Ltramway_raise_register\@
+	jmp	.Ltramway_raise_done\@
+.Ltramway_raise_register\@:
 	call	tramway_grace_register_thread@PLT
 	movq	%rax, \marker
-.Ltramway_raise_have\@:
-	cmpl	$0, (\marker)                 /* outermost region? */
-	jne	.Ltramway_raise_nested\@
-	movq	tramway_grace_phase@GOTPCREL(%rip), \scratch
-	movq	(\scratch), \scratch          /* depth 1 and the current phase */
-	movq	\scratch, (\marker)
-	jmp	.Ltramway_raise_done\@
-.Ltramway_raise_nested\@:
-	addq	$1, (\marker)
+	TRAMWAY_MARKER_ENTER \marker, \scratch
 .Ltramway_raise_done\@:
 .endm
 
 .macro TRAMWAY_MARKER_LOWER marker
-	movq	tramway_grace_marker@gottpoff(%rip), \marker
-	movq	%fs:(\marker), \marker
-	subq	$1, (\marker)
-	cmpl	$0, (\marker)                 /* left the outermost region? */
-	jne	.Ltramway_lower_done\@
-	testb	$2, 4(\marker)                /* bit 33: a grace period asked us to report */
-	jnz	.Ltramway_lower_wake\@
-	movq	tramway_grace_waiting@GOTPCREL(%rip), \marker
-	cmpl	$-1, (\marker)
-	jne	.Ltramway_lower_done\@
+	TRAMWAY_MARKER_LOWER_OR \marker, .Ltramway_lower_wake\@
+	jmp	.Ltramway_lower_done\@
 .Ltramway_lower_wake\@:
 	call	tramway_grace_wake@PLT
 .Ltramway_lower_done\@:
+.endm
+
+/* The same without calls, for code that must not clobber more than the registers named (vector
+ * registers it has not saved, say): RAISE_OR jumps to `unregistered`, raising nothing, on the
+ * thread's first region (raise with TRAMWAY_MARKER_RAISE there); LOWER_OR lowers the marker and
+ * jumps to `wake` when tramway_grace_wake must be called. */
+.macro TRAMWAY_MARKER_RAISE_OR marker, scratch, unregistered
+	movq	tramway_grace_marker@gottpoff(%rip), \marker
+	movq	%fs:(\marker), \marker
+	testq	\marker, \marker
+	jz	\unregistered
+	TRAMWAY_MARKER_ENTER \marker, \scratch
+.endm
+
+.macro TRAMWAY_MARKER_LOWER_OR marker, wake
+	movq	tramway_grace_marker@gottpoff(%rip), \marker
+	movq	%fs:(\marker), \marker
+	subl	$1, (\marker)                 /* the depth; zero: left the outermost region */
+	jne	.Ltramway_lower_or_done\@
+	testb	$2, 4(\marker)                /* bit 33: a grace period asked us to report */
+	jnz	\wake
+	movq	tramway_grace_waiting@GOTPCREL(%rip), \marker
+	cmpl	$-1, (\marker)
+	je	\wake
+.Ltramway_lower_or_done\@:
+.endm
+
+/* Internal: enters the region once \marker holds this thread's marker. */
+.macro TRAMWAY_MARKER_ENTER marker, scratch
+	cmpl	$0, (\marker)                 /* outermost region? */
+	jne	.Ltramway_enter_nested\@
+	movq	tramway_grace_phase@GOTPCREL(%rip), \scratch
+	movq	(\scratch), \scratch          /* depth 1 and the current phase */
+	movq	\scratch, (\marker)
+	jmp	.Ltramway_enter_done\@
+.Ltramway_enter_nested\@:
+	addq	$1, (\marker)
+.Ltramway_enter_done\@:
 .endm
 
 #endif /* __ASSEMBLER__ */

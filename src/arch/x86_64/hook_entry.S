@@ -22,9 +22,15 @@
  * the function's body. The usual case — one ops, enabled, without extended state, the
  * thread not already in a callback, its counter block there — runs inline (HOOK_CALL_ONE:
  * about 1.5 ns less than calling a C++ dispatcher, measured); every other case goes to the
- * C++ dispatchers (sites/hooks/hooks.cc), which handle all of them. Not saved here: ymm/zmm
+ * C++ dispatchers (sites/hooks/hooks.cc), which handle all of them.
+ *
+ * xmm0-7 are saved only when something may change them: not for an ops whose callback was
+ * proven (arch/x86_64/callback_scan.h, at attach) to touch no vector register and never to
+ * read its EntryRegs (TRAMWAY_FAST_LEAN; about 1.5 ns a call, measured). So nothing that
+ * may call out — the marker's registration and wake-up, the dispatchers — runs before the
+ * stub has saved them: those paths save first (HOOK_SAVE_VECTOR). Not saved at all: ymm/zmm
  * upper halves, x87 state (an ops with save_extended_state has the dispatcher save them
- * around its callback); callee-saved registers are preserved by the C++ code called, as the
+ * around its callback); callee-saved registers are preserved by the code called, as the
  * ABI requires. This code is permanent: it is never patched or freed, so a thread
  * preempted anywhere in it needs no grace period.
  */
@@ -34,7 +40,8 @@
 /* Frame: %rbp, then, at a 16-byte aligned %rsp, EntryRegs (192 bytes), 8 spare bytes at
  * 192(%rsp) (the direct stub keeps its slot data pointer there) and a copy of %rbp at
  * 200(%rsp): hooks::caller_return_slot (sites/hooks/hooks.cc) finds the caller's return
- * address at 16 bytes above it. */
+ * address at 16 bytes above it. The general-purpose registers are saved on entry; xmm0-7
+ * by HOOK_SAVE_VECTOR, on the paths that need it. */
 .macro HOOK_FRAME_ENTER
 	pushq	%rbp
 	.cfi_def_cfa_offset 16
@@ -52,6 +59,9 @@
 	movq	%r9, 40(%rsp)
 	movq	%rax, 48(%rsp)
 	movq	%r10, 56(%rsp)
+.endm
+
+.macro HOOK_SAVE_VECTOR
 	movaps	%xmm0, 64(%rsp)
 	movaps	%xmm1, 80(%rsp)
 	movaps	%xmm2, 96(%rsp)
@@ -62,6 +72,19 @@
 	movaps	%xmm7, 176(%rsp)
 .endm
 
+.macro HOOK_RESTORE_VECTOR
+	movaps	64(%rsp), %xmm0
+	movaps	80(%rsp), %xmm1
+	movaps	96(%rsp), %xmm2
+	movaps	112(%rsp), %xmm3
+	movaps	128(%rsp), %xmm4
+	movaps	144(%rsp), %xmm5
+	movaps	160(%rsp), %xmm6
+	movaps	176(%rsp), %xmm7
+.endm
+
+/* Restores the general-purpose registers and returns into the function. The CFI state after
+ * it is the one before it, for the code that follows. */
 .macro HOOK_FRAME_LEAVE
 	movq	0(%rsp), %rdi
 	movq	8(%rsp), %rsi
@@ -71,29 +94,19 @@
 	movq	40(%rsp), %r9
 	movq	48(%rsp), %rax
 	movq	56(%rsp), %r10
-	movaps	64(%rsp), %xmm0
-	movaps	80(%rsp), %xmm1
-	movaps	96(%rsp), %xmm2
-	movaps	112(%rsp), %xmm3
-	movaps	128(%rsp), %xmm4
-	movaps	144(%rsp), %xmm5
-	movaps	160(%rsp), %xmm6
-	movaps	176(%rsp), %xmm7
+	.cfi_remember_state
 	leave
 	.cfi_def_cfa %rsp, 8
 	ret
+	.cfi_restore_state
 .endm
 
 /* The callback of one ops, as run_callbacks (sites/hooks/hooks.cc) runs it, or a jump to
- * `slow` — before anything is counted or changed — when the case is not the usual one.
- * In: %rdi the ops, %edx the site's counter index, %rsi the function's body; the frame of
- * HOOK_FRAME_ENTER with the marker raised. Clobbers every call-clobbered register. */
+ * `slow` — before anything is counted or changed — when the thread is already in a callback
+ * or has no counter block yet. In: %rdi the ops' State, %edx the site's counter index, %rsi
+ * the function's body; the frame of HOOK_FRAME_ENTER with the marker raised. Clobbers every
+ * general-purpose call-clobbered register; vector registers only as the callback does. */
 .macro HOOK_CALL_ONE slow
-	movq	TRAMWAY_OPS_STATE(%rdi), %rax
-	cmpb	$0, TRAMWAY_STATE_ENABLED(%rax)
-	je	\slow                       /* disabled: the dispatcher still counts the site */
-	cmpb	$0, TRAMWAY_STATE_EXTENDED(%rax)
-	jne	\slow
 	movq	tramway_hook_in_callback@gottpoff(%rip), %rcx
 	cmpb	$0, %fs:(%rcx)
 	jne	\slow                       /* recursion: the dispatcher counts it skipped */
@@ -101,19 +114,54 @@
 	movq	%fs:(%r8), %r8
 	testq	%r8, %r8
 	jz	\slow                       /* the thread's first hook: the dispatcher claims a block */
-	cmpl	$TRAMWAY_MAX_SITES, %edx
-	jae	.Lhook_site_uncounted\@
 	incq	TRAMWAY_BLOCK_SITE_HITS(%r8,%rdx,8)  /* one instruction: a signal cannot split it */
-.Lhook_site_uncounted\@:
-	movl	TRAMWAY_STATE_ID(%rax), %eax
+	movl	TRAMWAY_STATE_ID(%rdi), %eax
 	incq	TRAMWAY_BLOCK_HITS(%r8,%rax,8)
 	movb	$1, %fs:(%rcx)
+	movq	TRAMWAY_STATE_ENTRY(%rdi), %rax
+	movq	TRAMWAY_STATE_OPS(%rdi), %rdi
 	subq	$5, %rsi                    /* the function's entry */
 	movq	16(%rbp), %rdx              /* the caller's return address */
 	movq	%rsp, %rcx                  /* regs */
-	call	*TRAMWAY_OPS_ENTRY(%rdi)
+	call	*%rax
 	movq	tramway_hook_in_callback@gottpoff(%rip), %rcx
 	movb	$0, %fs:(%rcx)
+.endm
+
+/* The rest of a stub, `p` naming its labels, once it has the ops' State in %rdi (with %edx
+ * and %rsi as HOOK_CALL_ONE wants them) and the marker raised, only general-purpose registers
+ * saved. Labels it defines for the code before it: .L<p>_lower (nothing to run: lower the
+ * marker and return), .L<p>_register (the marker could not be raised without a call), and it
+ * ends in .L<p>_dispatch, where the stub calls its C++ dispatcher and jumps back to
+ * .L<p>_lower_saved. */
+.macro HOOK_RUN p
+	cmpb	$TRAMWAY_FAST_LEAN, TRAMWAY_STATE_FAST(%rdi)
+	jne	.L\p\()_not_lean
+	HOOK_CALL_ONE .L\p\()_dispatch_raised
+.L\p\()_lower:
+	TRAMWAY_MARKER_LOWER_OR %rax, .L\p\()_wake
+	HOOK_FRAME_LEAVE
+.L\p\()_wake:                        /* the wake-up may clobber vector registers */
+	HOOK_SAVE_VECTOR
+	call	tramway_grace_wake@PLT
+	jmp	.L\p\()_restore
+.L\p\()_not_lean:
+	HOOK_SAVE_VECTOR
+	cmpb	$TRAMWAY_FAST_SAVING, TRAMWAY_STATE_FAST(%rdi)
+	jne	.L\p\()_dispatch
+	HOOK_CALL_ONE .L\p\()_dispatch
+.L\p\()_lower_saved:
+	TRAMWAY_MARKER_LOWER %rax
+.L\p\()_restore:
+	HOOK_RESTORE_VECTOR
+	HOOK_FRAME_LEAVE
+.L\p\()_register:                    /* the thread's first region: registering may clobber them */
+	HOOK_SAVE_VECTOR
+	TRAMWAY_MARKER_RAISE %rax, %rcx
+	jmp	.L\p\()_dispatch
+.L\p\()_dispatch_raised:
+	HOOK_SAVE_VECTOR
+.L\p\()_dispatch:
 .endm
 
 	.text
@@ -124,27 +172,21 @@
 tramway_hook_entry:
 	.cfi_startproc
 	HOOK_FRAME_ENTER
-	TRAMWAY_MARKER_RAISE %rax, %rcx
+	TRAMWAY_MARKER_RAISE_OR %rax, %rcx, .Lentry_register
 	movq	8(%rbp), %rsi               /* the function's body: entry + 5 */
 	movq	-13(%rsi), %r11             /* its cell: the word at entry - 8 */
 	movq	TRAMWAY_CELL_TARGET(%r11), %rdi
 	testb	$1, %dil
-	jnz	.Lentry_slow                /* a list of ops */
+	jnz	.Lentry_dispatch_raised     /* a list of ops */
 	testq	%rdi, %rdi
-	jz	.Lentry_done                /* detached meanwhile */
+	jz	.Lentry_lower               /* detached meanwhile */
 	movl	TRAMWAY_CELL_INDEX(%r11), %edx
-	HOOK_CALL_ONE .Lentry_slow
-.Lentry_done:
-	TRAMWAY_MARKER_LOWER %rax
-	.cfi_remember_state
-	HOOK_FRAME_LEAVE
-.Lentry_slow:
-	.cfi_restore_state
+	HOOK_RUN entry
 	movq	%rsp, %rdi                  /* regs */
 	movq	8(%rbp), %rsi               /* the function's body: entry + 5 */
 	movq	16(%rbp), %rdx              /* the caller's return address */
 	call	tramway_hook_dispatch
-	jmp	.Lentry_done
+	jmp	.Lentry_lower_saved
 	.cfi_endproc
 	.size	tramway_hook_entry, . - tramway_hook_entry
 
@@ -155,30 +197,24 @@ tramway_hook_entry:
 tramway_hook_direct:
 	.cfi_startproc
 	HOOK_FRAME_ENTER
-	movq	%r11, 192(%rsp)             /* the slot's data; RAISE may call out */
-	TRAMWAY_MARKER_RAISE %rax, %rcx
+	movq	%r11, 192(%rsp)             /* the slot's data */
+	TRAMWAY_MARKER_RAISE_OR %rax, %rcx, .Ldirect_register
 	/* From here on the slot cannot be reused under us; until here it could have been, and
-	 * the tag check (the slot's owner against our body) tells. The ops was written before
+	 * the tag check (the slot's owner against our body) tells. The state was written before
 	 * the tag, and x86 does not reorder loads with loads. */
 	movq	192(%rsp), %r11
 	movq	8(%rbp), %rsi               /* the function's body: entry + 5 */
 	cmpq	%rsi, TRAMWAY_SLOT_TAG(%r11)
-	jne	.Ldirect_done               /* another owner, or none: the call goes on untraced */
-	movq	TRAMWAY_SLOT_OPS(%r11), %rdi
+	jne	.Ldirect_lower              /* another owner, or none: the call goes on untraced */
+	movq	TRAMWAY_SLOT_STATE(%r11), %rdi
 	movl	TRAMWAY_SLOT_INDEX(%r11), %edx
-	HOOK_CALL_ONE .Ldirect_slow
-.Ldirect_done:
-	TRAMWAY_MARKER_LOWER %rax
-	.cfi_remember_state
-	HOOK_FRAME_LEAVE
-.Ldirect_slow:
-	.cfi_restore_state
+	HOOK_RUN direct
 	movq	%rsp, %rdi                  /* regs */
 	movq	8(%rbp), %rsi               /* the function's body: entry + 5 */
 	movq	16(%rbp), %rdx              /* the caller's return address */
 	movq	192(%rsp), %rcx             /* the slot's data */
 	call	tramway_hook_direct_dispatch
-	jmp	.Ldirect_done
+	jmp	.Ldirect_lower_saved
 	.cfi_endproc
 	.size	tramway_hook_direct, . - tramway_hook_direct
 

@@ -5,19 +5,21 @@
 #ifndef TRAMWAY_ARCH_X86_64_HOOK_LAYOUT_H
 #define TRAMWAY_ARCH_X86_64_HOOK_LAYOUT_H
 
-/* tramway::hooks::Ops (public, tramway/hooks.h) */
-#define TRAMWAY_OPS_ENTRY 0
-#define TRAMWAY_OPS_STATE 24
-/* tramway::hooks::Ops::State */
-#define TRAMWAY_STATE_ENABLED 0  /* a byte: 1 while enabled */
-#define TRAMWAY_STATE_EXTENDED 2 /* a byte: 1 for save_extended_state */
-#define TRAMWAY_STATE_ID 4       /* 32 bits: the ops' counter index */
+/* tramway::hooks::Ops::State: what a cell or a direct slot with one ops names */
+#define TRAMWAY_STATE_FAST 0  /* a byte: one of TRAMWAY_FAST_* */
+#define TRAMWAY_STATE_ID 4    /* 32 bits: the ops' counter index */
+#define TRAMWAY_STATE_ENTRY 8 /* the entry callback */
+#define TRAMWAY_STATE_OPS 16  /* the Ops, the callback's first argument */
+/* Ops::State::fast */
+#define TRAMWAY_FAST_NONE 0   /* disabled, or extended state: the dispatcher runs it */
+#define TRAMWAY_FAST_SAVING 1 /* inline, xmm0-7 saved around the callback */
+#define TRAMWAY_FAST_LEAN 2   /* inline, xmm0-7 untouched: the callback was proven not to touch them */
 /* SiteCell: the word at a site's entry - 8 points at it */
 #define TRAMWAY_CELL_TARGET 0
 #define TRAMWAY_CELL_INDEX 8
 /* SlotData of a direct trampoline */
 #define TRAMWAY_SLOT_TAG 0
-#define TRAMWAY_SLOT_OPS 8
+#define TRAMWAY_SLOT_STATE 8
 #define TRAMWAY_SLOT_INDEX 16
 /* CounterBlock: per-thread hit counters */
 #define TRAMWAY_MAX_OPS 4096

@@ -4,9 +4,9 @@
 // slot [entry - 8, entry) holds the cell's address; the slot is written once, while the site
 // is still a nop (no thread reads it before the site calls the stub), so it never tears.
 // Afterwards the ops a site runs change by one atomic store into its cell: the Ops itself when
-// there is one, else a per-site immutable OpsList (tagged with bit 0). Lists and ops states
-// are read only inside the stub's marker region, so they are freed after a trace-flavor grace
-// period. Enabling and disabling sites is one patch batch: the 5-byte nop at the entry
+// there is one (its State, which holds what the stubs' fast path needs: see Ops::State), else
+// a per-site immutable OpsList (tagged with bit 0). Lists and ops states are read only inside
+// the stub's marker region, so they are freed after a trace-flavor grace period. Enabling and disabling sites is one patch batch: the 5-byte nop at the entry
 // becomes `call thunk` (a generated `jmp *tramway_hook_entry` within rel32 reach) and back.
 //
 // A site whose only ops is direct calls a slot of the direct pool instead (see "direct
@@ -37,6 +37,7 @@
 #include <mutex>
 #include <set>
 
+#include "arch/x86_64/callback_scan.h"
 #include "arch/x86_64/hook_layout.h"
 #include "arch/x86_64/insn.h"
 #include "common/format.h"
@@ -50,12 +51,18 @@ extern "C" void tramway_hook_direct();  // hook_entry.S
 
 namespace tramway::hooks {
 
+// A cell or a direct slot with one ops names its State, not the Ops, so that the stubs' fast
+// path finds everything it reads (its first 24 bytes) in one line, one load away from the cell.
 struct Ops::State {
+  std::atomic<std::uint8_t> fast{0};  // how the stubs run it inline: fast_mode()
   std::atomic<bool> enabled{true};
   bool direct = false;    // Ops::direct at attach
   bool extended = false;  // Ops::save_extended_state at attach
-  bool detaching = false;  // detach_async began (under g_mu)
-  std::uint32_t id = 0;    // index of its hit counters in every thread's block
+  std::uint32_t id = 0;   // index of its hit counters in every thread's block
+  EntryCallback entry = nullptr;  // Ops::entry at attach: the code the scan below proved
+  Ops* ops = nullptr;
+  bool vector_free = false;  // the callback touches no vector register nor its EntryRegs
+  bool detaching = false;    // detach_async began (under g_mu)
   std::uint64_t hits_baseline = 0;  // what the blocks held for `id` when it was attached
   std::atomic<std::uint64_t> recursion_skipped{0};
   std::vector<std::uintptr_t> entries;  // functions attached to (under g_mu)
@@ -69,7 +76,7 @@ struct CounterBlock {  // hit counters of one thread (see "hit counters" below)
   std::atomic<pid_t> owner;
   CounterBlock* next;
   std::uint64_t hits[kMaxOps];
-  std::uint64_t site_hits[kMaxSites];
+  std::uint64_t site_hits[kMaxSites + 1];  // the last one for every site past kMaxSites: never read
 };
 __attribute__((visibility("hidden"))) thread_local constinit CounterBlock* t_block
     __asm__("tramway_hook_counter_block") __attribute__((tls_model("initial-exec"))) = nullptr;
@@ -80,20 +87,31 @@ __attribute__((visibility("hidden"))) thread_local constinit bool t_in_callback
 using detail::CounterBlock, detail::kMaxOps, detail::kMaxSites, detail::t_block, detail::t_in_callback;
 
 // The fast path's view of these structures (arch/x86_64/hook_layout.h).
-static_assert(offsetof(Ops, entry) == TRAMWAY_OPS_ENTRY && offsetof(Ops, state) == TRAMWAY_OPS_STATE);
 static_assert(offsetof(CounterBlock, hits) == TRAMWAY_BLOCK_HITS &&
               offsetof(CounterBlock, site_hits) == TRAMWAY_BLOCK_SITE_HITS);
 #pragma GCC diagnostic push
 // Ops::State is not standard-layout (it holds a vector); GCC and Clang lay it out alike.
 #pragma GCC diagnostic ignored "-Winvalid-offsetof"
-static_assert(offsetof(Ops::State, enabled) == TRAMWAY_STATE_ENABLED &&
-              offsetof(Ops::State, extended) == TRAMWAY_STATE_EXTENDED && offsetof(Ops::State, id) == TRAMWAY_STATE_ID &&
-              sizeof(Ops::State::enabled) == 1 && sizeof(Ops::State::id) == 4);
+static_assert(offsetof(Ops::State, fast) == TRAMWAY_STATE_FAST && offsetof(Ops::State, id) == TRAMWAY_STATE_ID &&
+              offsetof(Ops::State, entry) == TRAMWAY_STATE_ENTRY && offsetof(Ops::State, ops) == TRAMWAY_STATE_OPS &&
+              sizeof(Ops::State::fast) == 1 && sizeof(Ops::State::id) == 4);
 #pragma GCC diagnostic pop
 
 namespace {
 
 using sites::hooks::EntryForm;
+
+// What the stubs may do inline for an ops (hook_entry.S): nothing while it is disabled or
+// saves extended state (the dispatcher does that), else call it — skipping the xmm0-7 saves
+// when the callback was proven to leave vector registers and its EntryRegs alone.
+std::uint8_t fast_mode(const Ops::State& st) {
+  if (!st.enabled.load(std::memory_order_relaxed) || st.extended) return TRAMWAY_FAST_NONE;
+  return st.vector_free ? TRAMWAY_FAST_LEAN : TRAMWAY_FAST_SAVING;
+}
+void set_enabled(Ops::State& st, bool on) {  // under g_mu
+  st.enabled.store(on, std::memory_order_relaxed);
+  st.fast.store(fast_mode(st), std::memory_order_relaxed);
+}
 
 constexpr std::uintptr_t kListTag = 1;
 
@@ -103,7 +121,7 @@ struct OpsList {
 };
 
 struct alignas(64) SiteCell {
-  std::atomic<std::uintptr_t> target{0};  // Ops*, OpsList* | kListTag, or 0
+  std::atomic<std::uintptr_t> target{0};  // Ops::State*, OpsList* | kListTag, or 0
   std::uint32_t index = 0;                // of the site's hit counter
 };
 static_assert(offsetof(SiteCell, target) == TRAMWAY_CELL_TARGET && offsetof(SiteCell, index) == TRAMWAY_CELL_INDEX);
@@ -199,7 +217,7 @@ const XsaveLayout& xsave_layout() {
 // then, from kDataOffset on (cache lines no code shares, so writing them never disturbs a
 // line being executed), each slot's SlotData. Code is written once, when the chunk is made,
 // and chunks are never unmapped: slots are type-stable. A slot gets an owner (a site and a
-// direct ops) by its data: ops first, then the tag (the site's body, entry + 5) with release.
+// direct ops) by its data: the ops' state first, then the tag (the site's body, entry + 5) with release.
 // The data then stays as it is for as long as that ops is attached to that site, even while
 // the site goes through the common entry because other ops joined it: a thread that called
 // the slot earlier and was preempted before its marker still runs the ops, so no call is
@@ -210,11 +228,11 @@ const XsaveLayout& xsave_layout() {
 // a tag that is 0 or another site's, and returns into the function untraced.
 struct SlotData {
   std::atomic<std::uintptr_t> tag;  // the owner's body, or 0
-  std::atomic<Ops*> ops;
+  std::atomic<Ops::State*> state;
   std::atomic<std::uint32_t> index;  // the owner site's hit counter
   std::uint32_t unused[3];
 };
-static_assert(offsetof(SlotData, tag) == TRAMWAY_SLOT_TAG && offsetof(SlotData, ops) == TRAMWAY_SLOT_OPS &&
+static_assert(offsetof(SlotData, tag) == TRAMWAY_SLOT_TAG && offsetof(SlotData, state) == TRAMWAY_SLOT_STATE &&
               offsetof(SlotData, index) == TRAMWAY_SLOT_INDEX);
 constexpr std::size_t kChunkSize = 4096, kSlotCodeSize = 16, kDataOffset = 2048;
 constexpr std::size_t kSlotsPerChunk = (kChunkSize - kDataOffset) / sizeof(SlotData);
@@ -316,7 +334,7 @@ std::vector<text::CodeBlock> g_thunks;   // permanent
 
 std::uintptr_t target_for(const std::vector<Ops*>& ops) {
   if (ops.empty()) return 0;
-  if (ops.size() == 1) return reinterpret_cast<std::uintptr_t>(ops[0]);
+  if (ops.size() == 1) return reinterpret_cast<std::uintptr_t>(ops[0]->state);
   auto* list = static_cast<OpsList*>(::operator new(sizeof(OpsList) + (ops.size() - 1) * sizeof(Ops*)));
   list->count = ops.size();
   std::copy(ops.begin(), ops.end(), list->ops);
@@ -508,7 +526,7 @@ Status apply_modes(const std::vector<ModeChange>& changes, Retired& retired) {
         auto slot = take_slot_near(s.entry);
         if (!slot.ok()) return give_up(slot.status());
         taken[i] = *slot;
-        slot->data->ops.store(c.direct_ops, std::memory_order_relaxed);
+        slot->data->state.store(c.direct_ops->state, std::memory_order_relaxed);
         slot->data->index.store(s.cell->index, std::memory_order_relaxed);
         slot->data->tag.store(s.entry + 5, std::memory_order_release);
         callee = slot->code;
@@ -645,6 +663,13 @@ Status attach(Ops& ops, const Filter& filter) {
   auto state = std::make_unique<Ops::State>();
   state->direct = ops.direct;
   state->extended = ops.save_extended_state;
+  state->entry = ops.entry;
+  state->ops = &ops;
+  if (!ops.save_extended_state) {
+    const arch::CallbackScan scan = arch::scan_callback(reinterpret_cast<std::uintptr_t>(ops.entry));
+    state->vector_free = scan.vector_free && !scan.reads_regs;  // the stubs leave EntryRegs::xmm unset for it
+  }
+  set_enabled(*state, true);
   if (g_free_ids.empty()) {
     state->id = g_next_id++;
   } else {
@@ -755,14 +780,14 @@ Status detach_async(Ops& ops, std::function<void()> done) {
 Status disable(Ops& ops) {
   std::lock_guard lock(g_mu);
   if (!ops.state) return Status::error("hooks::disable: this ops is not attached");
-  ops.state->enabled.store(false, std::memory_order_relaxed);
+  set_enabled(*ops.state, false);
   return {};
 }
 
 Status enable(Ops& ops) {
   std::lock_guard lock(g_mu);
   if (!ops.state) return Status::error("hooks::enable: this ops is not attached");
-  ops.state->enabled.store(true, std::memory_order_relaxed);
+  set_enabled(*ops.state, true);
   return {};
 }
 
@@ -813,7 +838,7 @@ __attribute__((target("xsave"), noinline)) void call_saving_extended_state(Ops& 
   // xrstor faults on a header it did not write: xsave writes only XSTATE_BV, so zero the rest.
   for (std::size_t i = 512; i < 576; i += 8) *reinterpret_cast<volatile std::uint64_t*>(area + i) = 0;
   _xsave64(area, layout.mask);
-  o.entry(o, entry, caller, regs);
+  o.state->entry(o, entry, caller, regs);
   _xrstor64(area, layout.mask);
 }
 
@@ -828,7 +853,7 @@ inline void run_callbacks(Ops* const* ops, std::size_t count, std::uint32_t site
     return;
   }
   CounterBlock* const block = my_block();  // null when out of memory: nothing counted
-  if (block && site_index < kMaxSites) bump(block->site_hits[site_index]);
+  if (block) bump(block->site_hits[site_index]);
   t_in_callback = true;
   for (std::size_t i = 0; i < count; ++i) {
     Ops& o = *ops[i];
@@ -837,7 +862,7 @@ inline void run_callbacks(Ops* const* ops, std::size_t count, std::uint32_t site
     if (o.state->extended) {
       call_saving_extended_state(o, entry, caller, regs);
     } else {
-      o.entry(o, entry, caller, regs);
+      o.state->entry(o, entry, caller, regs);
     }
   }
   t_in_callback = false;
@@ -859,7 +884,7 @@ extern "C" __attribute__((visibility("hidden"))) void tramway_hook_dispatch(tram
     const auto* list = reinterpret_cast<const OpsList*>(target & ~kListTag);
     run_callbacks(list->ops, list->count, cell->index, entry, caller, *regs);
   } else {
-    Ops* single = reinterpret_cast<Ops*>(target);
+    Ops* single = reinterpret_cast<const Ops::State*>(target)->ops;
     run_callbacks(&single, 1, cell->index, entry, caller, *regs);
   }
 }
@@ -874,7 +899,7 @@ extern "C" __attribute__((visibility("hidden"))) void tramway_hook_direct_dispat
   // Another owner (or none): the slot was retired, and maybe reused, between this thread's
   // call into it and its marker. The call goes on untraced.
   if (slot->tag.load(std::memory_order_acquire) != body) return;
-  Ops* ops = slot->ops.load(std::memory_order_relaxed);  // written before the tag
+  Ops* ops = slot->state.load(std::memory_order_relaxed)->ops;  // written before the tag
   run_callbacks(&ops, 1, slot->index.load(std::memory_order_relaxed), body - 5, caller, *regs);
 }
 
