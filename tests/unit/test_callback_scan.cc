@@ -180,6 +180,9 @@ TEST(CallbackScanBytes, ReadsOfRcxAreReported) {
   EXPECT_TRUE(reads({0x31, 0xc9, 0x89, 0xc8, 0xc3}));  // xor %ecx,%ecx reads it, formally: refused alike
   // A write of cl keeps the rest of the argument: mov $1,%cl; mov %rcx,%rax; ret
   EXPECT_TRUE(reads({0xb1, 0x01, 0x48, 0x89, 0xc8, 0xc3}));
+  // but a read of cl alone then sees no argument (Clang's bool loads): mov 0x28(%rax),%cl; test $1,%cl; ret
+  EXPECT_FALSE(reads({0x8a, 0x48, 0x28, 0xf6, 0xc1, 0x01, 0xc3}));
+  EXPECT_TRUE(reads({0x8a, 0x48, 0x28, 0x88, 0xe8, 0xc3}));  // ... mov %ch,%al: ch was not written
   // Written on one path only: 0: test %edi,%edi  2: je 9  4: mov $0,%ecx  9: mov %ecx,%eax  11: ret
   EXPECT_TRUE(reads({0x85, 0xff, 0x74, 0x05, 0xb9, 0, 0, 0, 0, 0x89, 0xc8, 0xc3}));
   // On both: 0: test %edi,%edi  2: je 11  4: mov $0,%ecx  9: jmp 13  11: mov %edi,%ecx  13: mov %ecx,%eax  15: ret

@@ -187,31 +187,45 @@ std::string vector_operand(const ZydisDecodedInstruction& insn, const ZydisDecod
   return {};
 }
 
-bool is_rcx(ZydisRegister r) {
-  return r != ZYDIS_REGISTER_NONE && ZydisRegisterGetLargestEnclosing(ZYDIS_MACHINE_MODE_LONG_64, r) == ZYDIS_REGISTER_RCX;
-}
-
-bool reads_rcx(const ZydisDecodedInstruction& insn, const ZydisDecodedOperand* ops) {
-  for (std::size_t i = 0; i < insn.operand_count; ++i) {
-    const ZydisDecodedOperand& op = ops[i];
-    if (op.type == ZYDIS_OPERAND_TYPE_REGISTER && (op.actions & ZYDIS_OPERAND_ACTION_MASK_READ) && is_rcx(op.reg.value))
-      return true;
-    if (op.type == ZYDIS_OPERAND_TYPE_MEMORY && (is_rcx(op.mem.base) || is_rcx(op.mem.index))) return true;
+// The bytes of rcx a register is (bit i: byte i), 0 for other registers.
+std::uint8_t rcx_bytes(ZydisRegister r) {
+  switch (r) {
+    case ZYDIS_REGISTER_CL: return 0x01;
+    case ZYDIS_REGISTER_CH: return 0x02;
+    case ZYDIS_REGISTER_CX: return 0x03;
+    case ZYDIS_REGISTER_ECX: return 0x0f;
+    case ZYDIS_REGISTER_RCX: return 0xff;
+    default: return 0;
   }
-  return false;
 }
 
-// Whether the instruction surely replaces all of rcx (a write of ecx zero-extends; of cx or cl,
-// or a conditional one, does not), so that later reads see no argument.
-bool defines_rcx(const ZydisDecodedInstruction& insn, const ZydisDecodedOperand* ops) {
+// Whether the instruction reads a byte of rcx that is not in `defined` (bytes every path here
+// wrote already): a byte of the EntryRegs argument.
+bool reads_rcx(const ZydisDecodedInstruction& insn, const ZydisDecodedOperand* ops, std::uint8_t defined) {
   for (std::size_t i = 0; i < insn.operand_count; ++i) {
     const ZydisDecodedOperand& op = ops[i];
-    if (op.type == ZYDIS_OPERAND_TYPE_REGISTER && (op.actions & ZYDIS_OPERAND_ACTION_WRITE) &&
-        (op.reg.value == ZYDIS_REGISTER_RCX || op.reg.value == ZYDIS_REGISTER_ECX)) {
+    if (op.type == ZYDIS_OPERAND_TYPE_REGISTER && (op.actions & ZYDIS_OPERAND_ACTION_MASK_READ) &&
+        (rcx_bytes(op.reg.value) & ~defined)) {
+      return true;
+    }
+    if (op.type == ZYDIS_OPERAND_TYPE_MEMORY &&
+        ((rcx_bytes(op.mem.base) & ~defined) || (rcx_bytes(op.mem.index) & ~defined))) {
       return true;
     }
   }
   return false;
+}
+
+// The bytes of rcx the instruction surely writes (a write of ecx zero-extends the rest; a
+// conditional write counts for nothing), added to `defined`.
+std::uint8_t define_rcx(const ZydisDecodedInstruction& insn, const ZydisDecodedOperand* ops, std::uint8_t defined) {
+  for (std::size_t i = 0; i < insn.operand_count; ++i) {
+    const ZydisDecodedOperand& op = ops[i];
+    if (op.type == ZYDIS_OPERAND_TYPE_REGISTER && (op.actions & ZYDIS_OPERAND_ACTION_WRITE)) {
+      defined |= op.reg.value == ZYDIS_REGISTER_ECX ? std::uint8_t{0xff} : rcx_bytes(op.reg.value);
+    }
+  }
+  return defined;
 }
 
 bool is_nop5(std::span<const std::uint8_t> insn) {
@@ -222,20 +236,20 @@ bool is_nop5(std::span<const std::uint8_t> insn) {
 CallbackScan walk(std::uintptr_t fn, const FetchCode& fetch) {
   ZydisDecoder decoder;
   ZydisDecoderInit(&decoder, ZYDIS_MACHINE_MODE_LONG_64, ZYDIS_STACK_WIDTH_64);
-  // An instruction start, and whether every path to it has replaced rcx (the EntryRegs
-  // argument) already: the same start is walked once in each case.
+  // An instruction start, and the bytes of rcx (the EntryRegs argument) that the path to it
+  // has written already: the same start is walked once for each.
   struct Point {
     std::uintptr_t at;
-    bool rcx_defined;
+    std::uint8_t rcx_defined;
   };
-  std::vector<Point> work{{fn, false}};
-  std::unordered_set<std::uintptr_t> seen;  // (start << 1 | rcx_defined); a jump into the middle of one decodes anew
+  std::vector<Point> work{{fn, 0}};
+  std::unordered_set<std::uintptr_t> seen;  // (start << 8 | rcx_defined); a jump into the middle of one decodes anew
   std::uintptr_t lo = fn, hi = fn;
   bool rcx_read = false;
   while (!work.empty()) {
     const auto [at, rcx_defined_before] = work.back();
     work.pop_back();
-    if (!seen.insert(at << 1 | static_cast<std::uintptr_t>(rcx_defined_before)).second) continue;
+    if (!seen.insert(at << 8 | rcx_defined_before).second) continue;
     if (seen.size() > kScanMaxInstructions) {
       return {false, "too long to prove: more than " + std::to_string(kScanMaxInstructions) +
                          " instructions reachable (at " + common::hex_address(at) + ")"};
@@ -271,8 +285,8 @@ CallbackScan walk(std::uintptr_t fn, const FetchCode& fetch) {
       return refuse(std::string("uses ") + ZydisISAExtGetString(insn.meta.isa_ext) + " instructions", at, bytes);
     }
     if (const std::string reg = vector_operand(insn, ops); !reg.empty()) return refuse("uses " + reg, at, bytes);
-    rcx_read = rcx_read || (!rcx_defined_before && reads_rcx(insn, ops));
-    const bool rcx_defined = rcx_defined_before || defines_rcx(insn, ops);
+    rcx_read = rcx_read || reads_rcx(insn, ops, rcx_defined_before);
+    const std::uint8_t rcx_defined = define_rcx(insn, ops, rcx_defined_before);
 
     switch (flow.kind) {
       case Flow::kNext:

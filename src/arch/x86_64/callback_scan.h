@@ -23,8 +23,8 @@ struct CallbackScan {
   std::string reason;  // when not: the first reason found, e.g. "calls at 0x...: call 0x..."
   // Whether the code may read rcx, its fourth integer argument: a hook callback's EntryRegs&,
   // whose xmm0-7 the stubs leave unset for a lean callback. A read of rcx, ecx, cx, cl or ch
-  // counts unless every path to it wrote all of rcx first (mov to ecx or rcx); copies start
-  // with such a read. Stays true unless the scan completed.
+  // counts unless the path to it wrote every byte it reads first (a write of ecx writes all
+  // eight); copies start with such a read. Stays true unless the scan completed.
   bool reads_regs = true;
 };
 

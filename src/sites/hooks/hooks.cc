@@ -3,11 +3,12 @@
 // A hooked site owns a SiteCell in tramway's memory and, from its first enable on, its literal
 // slot [entry - 8, entry) holds the cell's address; the slot is written once, while the site
 // is still a nop (no thread reads it before the site calls the stub), so it never tears.
-// Afterwards the ops a site runs change by one atomic store into its cell: the Ops itself when
-// there is one (its State, which holds what the stubs' fast path needs: see Ops::State), else
-// a per-site immutable OpsList (tagged with bit 0). Lists and ops states are read only inside
-// the stub's marker region, so they are freed after a trace-flavor grace period. Enabling and disabling sites is one patch batch: the 5-byte nop at the entry
-// becomes `call thunk` (a generated `jmp *tramway_hook_entry` within rel32 reach) and back.
+// Afterwards the ops a site runs change by one atomic store into its cell: the ops' State when
+// there is one (it holds what the stubs' fast path reads), else a per-site immutable OpsList
+// (tagged with bit 0). Lists and ops states are read only inside the stub's marker region, so
+// they are freed after a trace-flavor grace period. Enabling and disabling sites is one patch
+// batch: the 5-byte nop at the entry becomes `call thunk` (a generated `jmp
+// *tramway_hook_entry` within rel32 reach) and back.
 //
 // A site whose only ops is direct calls a slot of the direct pool instead (see "direct
 // trampoline slots"); the slot's data names the ops. The cell is kept up to date in every
@@ -217,7 +218,8 @@ const XsaveLayout& xsave_layout() {
 // then, from kDataOffset on (cache lines no code shares, so writing them never disturbs a
 // line being executed), each slot's SlotData. Code is written once, when the chunk is made,
 // and chunks are never unmapped: slots are type-stable. A slot gets an owner (a site and a
-// direct ops) by its data: the ops' state first, then the tag (the site's body, entry + 5) with release.
+// direct ops) by its data: the ops' State first, then the tag (the site's body, entry + 5)
+// with release.
 // The data then stays as it is for as long as that ops is attached to that site, even while
 // the site goes through the common entry because other ops joined it: a thread that called
 // the slot earlier and was preempted before its marker still runs the ops, so no call is
