@@ -61,26 +61,17 @@
 	movq	%r10, 56(%rsp)
 .endm
 
+/* xmm<i> lives at 64 + 16 * i(%rsp), EntryRegs::xmm[i]. */
 .macro HOOK_SAVE_VECTOR
-	movaps	%xmm0, 64(%rsp)
-	movaps	%xmm1, 80(%rsp)
-	movaps	%xmm2, 96(%rsp)
-	movaps	%xmm3, 112(%rsp)
-	movaps	%xmm4, 128(%rsp)
-	movaps	%xmm5, 144(%rsp)
-	movaps	%xmm6, 160(%rsp)
-	movaps	%xmm7, 176(%rsp)
+	.irp i, 0, 1, 2, 3, 4, 5, 6, 7
+	movaps	%xmm\i, 64 + 16 * \i(%rsp)
+	.endr
 .endm
 
 .macro HOOK_RESTORE_VECTOR
-	movaps	64(%rsp), %xmm0
-	movaps	80(%rsp), %xmm1
-	movaps	96(%rsp), %xmm2
-	movaps	112(%rsp), %xmm3
-	movaps	128(%rsp), %xmm4
-	movaps	144(%rsp), %xmm5
-	movaps	160(%rsp), %xmm6
-	movaps	176(%rsp), %xmm7
+	.irp i, 0, 1, 2, 3, 4, 5, 6, 7
+	movaps	64 + 16 * \i(%rsp), %xmm\i
+	.endr
 .endm
 
 /* Restores the general-purpose registers and returns into the function. The CFI state after

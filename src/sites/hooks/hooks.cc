@@ -638,6 +638,13 @@ Filter Filter::addresses(std::vector<std::uintptr_t> entries) {
 Status attach(Ops& ops, const Filter& filter) {
   if (t_in_callback) return Status::error("hooks::attach called from inside a hook callback");
   if (!ops.entry) return Status::error("hooks::attach: the ops has no entry callback");
+  // The scan reads code (a system call a page): outside the lock. The stubs leave
+  // EntryRegs::xmm unset for a lean callback, so it must not read them either.
+  bool vector_free = false;
+  if (!ops.save_extended_state) {
+    const arch::CallbackScan scan = arch::scan_callback(reinterpret_cast<std::uintptr_t>(ops.entry));
+    vector_free = scan.vector_free && !scan.reads_regs;
+  }
   std::lock_guard lock(g_mu);
   if (ops.state) {
     return Status::error(ops.state->detaching ? "hooks::attach: this ops is still being detached (wait for detach_async's done)"
@@ -667,10 +674,7 @@ Status attach(Ops& ops, const Filter& filter) {
   state->extended = ops.save_extended_state;
   state->entry = ops.entry;
   state->ops = &ops;
-  if (!ops.save_extended_state) {
-    const arch::CallbackScan scan = arch::scan_callback(reinterpret_cast<std::uintptr_t>(ops.entry));
-    state->vector_free = scan.vector_free && !scan.reads_regs;  // the stubs leave EntryRegs::xmm unset for it
-  }
+  state->vector_free = vector_free;
   set_enabled(*state, true);
   if (g_free_ids.empty()) {
     state->id = g_next_id++;
