@@ -6,7 +6,9 @@
 // SIGPROF storm call them: every call inside an attach window ran each callback exactly once,
 // none ran late, the counts agree); trace (the tracer's exit hooks: nested, tail, recursive,
 // throwing and longjmp-ing traced calls under a SIGPROF storm whose handler calls traced code,
-// globs attached and detached, recordings restarted and read back balanced).
+// globs attached and detached, recordings restarted and read back balanced); lifecycle (fork storms, plugins dlopened and
+// dlclosed, threads created and ended, against attach/detach, key flips, recordings and grace
+// periods; a hang is a violation).
 #include <CLI/CLI.hpp>
 
 #include <cstdio>
@@ -18,7 +20,7 @@
 int main(int argc, char** argv) {
   using namespace tramway::torture;
   const std::map<std::string, int (*)(const Options&)> suites = {
-      {"static", run_static}, {"grace", run_grace}, {"hooks", run_hooks}, {"trace", run_trace}};
+      {"static", run_static}, {"grace", run_grace}, {"hooks", run_hooks}, {"trace", run_trace}, {"lifecycle", run_lifecycle}};
 
   CLI::App app{"tramway-torture: many threads, a signal storm and a controller patching as fast as it can"};
   std::string suite;
@@ -33,6 +35,9 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--seed", o.seed, "Random seed")->capture_default_str();
   app.add_option("--cycles", o.cycles, "hooks: stop after this many attach/detach cycles, or --seconds (0: no limit)")
+      ->capture_default_str();
+  app.add_option("--hang-seconds", o.hang_seconds, "lifecycle: an actor without progress this long is a hang")
+      ->check(CLI::PositiveNumber)
       ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
 

@@ -13,6 +13,7 @@ struct Options {
   int signal_interval_us = 20;  // per-thread SIGPROF period; 0 disables the storm
   std::uint64_t seed = 1;
   std::uint64_t cycles = 0;  // hooks: stop after this many attach/detach cycles (0: --seconds only)
+  double hang_seconds = 60;  // lifecycle: an actor without progress this long is a hang
 };
 
 // Runs the suite; prints progress to stderr and one summary line to stdout. Returns the
@@ -21,5 +22,6 @@ int run_static(const Options& options);
 int run_grace(const Options& options);
 int run_hooks(const Options& options);
 int run_trace(const Options& options);
+int run_lifecycle(const Options& options);
 
 }  // namespace tramway::torture
