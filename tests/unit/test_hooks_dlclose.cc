@@ -243,6 +243,23 @@ TEST(HooksDlclose, AReloadAfterAnUnloadTheInterposerDidNotSeeIsHookedAfresh) {
   dlclose(libc);
 }
 
+// What the tracer does (tramway live attach): list the functions, then attach to their
+// addresses. The plugin unloaded in between is reported as such, not as "not patchable".
+TEST(HooksDlclose, AnAttachByTheAddressOfAnUnloadedFunctionSaysObjectUnloaded) {
+  void* h = dlopen(kPlugin.c_str(), RTLD_NOW | RTLD_LOCAL);
+  ASSERT_NE(h, nullptr) << dlerror();
+  std::vector<std::uintptr_t> entries;
+  for (const hooks::Function& f : plugin_functions()) entries.push_back(f.entry);
+  ASSERT_EQ(entries.size(), 3u);
+  ASSERT_EQ(dlclose(h), 0);
+  std::atomic<std::uint64_t> calls{0};
+  hooks::Ops ops = counting_ops(&calls);
+  const tramway::Status st = hooks::attach(ops, hooks::Filter::addresses(entries));
+  EXPECT_FALSE(st.ok());
+  EXPECT_TRUE(says_object_unloaded(st)) << st.message();
+  EXPECT_EQ(ops.state, nullptr);
+}
+
 namespace {
 
 // Where the windowed tests stop the threads.

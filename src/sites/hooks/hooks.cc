@@ -410,6 +410,31 @@ std::map<ObjectKey, CachedObject> g_objects;
 std::vector<Candidate> g_all;  // every cached site, sorted by entry; rebuilt when g_objects changes
 bool g_all_stale = true;
 
+// The objects dropped from the cache lately, so that an address selected while its object was
+// loaded (patchable_functions, then attach) is reported as unloaded, not as not patchable.
+struct Unloaded {
+  std::string path;
+  std::uintptr_t first, last;  // entries
+};
+std::vector<Unloaded> g_unloaded;  // the last few, oldest first
+
+void drop_cached(std::map<ObjectKey, CachedObject>::iterator it) {
+  const auto& sites = it->second.sites.sites;
+  if (!sites.empty()) {
+    if (g_unloaded.size() == 16) g_unloaded.erase(g_unloaded.begin());
+    g_unloaded.push_back({it->second.sites.path, sites.front().entry, sites.back().entry});
+  }
+  g_objects.erase(it);
+  g_all_stale = true;
+}
+
+const Unloaded* unloaded_at(std::uintptr_t entry) {
+  for (auto u = g_unloaded.rbegin(); u != g_unloaded.rend(); ++u) {
+    if (entry >= u->first && entry <= u->last) return &*u;
+  }
+  return nullptr;
+}
+
 void refresh_objects() {
   for (auto& [key, o] : g_objects) o.seen = false;
   dl_iterate_phdr(
@@ -424,7 +449,11 @@ void refresh_objects() {
         return 0;
       },
       nullptr);
-  if (std::erase_if(g_objects, [](const auto& kv) { return !kv.second.seen; }) > 0) g_all_stale = true;
+  for (auto it = g_objects.begin(); it != g_objects.end();) {
+    auto next = std::next(it);
+    if (!it->second.seen) drop_cached(it);
+    it = next;
+  }
 }
 
 // Every patchable function loaded now, sorted by entry.
@@ -450,8 +479,15 @@ Result<std::vector<Candidate>> select(const Filter& filter) {
     case Filter::Kind::addresses:
       for (std::uintptr_t e : filter.entries()) {
         auto it = std::lower_bound(all.begin(), all.end(), e, [](const Candidate& c, std::uintptr_t v) { return c.entry < v; });
-        if (it == all.end() || it->entry != e) return not_patchable("the function at " + common::hex_address(e));
-        out.push_back(*it);
+        if (it != all.end() && it->entry == e) {
+          out.push_back(*it);
+          continue;
+        }
+        if (const Unloaded* u = unloaded_at(e)) {
+          return Status::error("the function at " + common::hex_address(e) + " was in " + u->path +
+                               ", which was unloaded (object unloaded); nothing was attached");
+        }
+        return not_patchable("the function at " + common::hex_address(e));
       }
       break;
     case Filter::Kind::names:
@@ -577,7 +613,7 @@ Status apply_modes(const std::vector<ModeChange>& changes, Retired& retired) {
 // that a later load at the same address starts clean (its literal slots unwritten, its
 // entries nops). Its code is not touched: nobody executes it, or it is a fresh copy. Under g_mu.
 void forget_object(const ObjectKey& key) {
-  if (g_objects.erase(key) > 0) g_all_stale = true;  // a reload at the same address is read afresh
+  if (auto it = g_objects.find(key); it != g_objects.end()) drop_cached(it);  // a reload here is read afresh
   Retired retired;
   std::vector<SiteCell*> cells;  // may still be read by a thread that was inside the stub
   for (auto it = g_sites.begin(); it != g_sites.end();) {
