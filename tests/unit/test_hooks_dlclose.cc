@@ -262,6 +262,46 @@ TEST(HooksDlclose, AnAttachByTheAddressOfAnUnloadedFunctionSaysObjectUnloaded) {
 
 namespace {
 
+const std::string kUser = HOOK_FX_DLCLOSE_USER, kDep = HOOK_FX_DLCLOSE_DEP;
+
+bool listed(const std::string& path) {
+  struct Q {
+    const std::string* path;
+    bool found = false;
+  } q{&path};
+  dl_iterate_phdr(
+      [](dl_phdr_info* info, std::size_t, void* arg) {
+        auto* q = static_cast<Q*>(arg);
+        if (info->dlpi_name && *q->path == info->dlpi_name) q->found = true;
+        return 0;
+      },
+      &q);
+  return q.found;
+}
+
+}  // namespace
+
+// A library unloaded because the plugin that needed it was: its sites leave the tables too
+// (the interposer looked only at the object of the handle it was given).
+TEST(HooksDlclose, ADependencyUnloadedWithItsDependentLeavesTheTables) {
+  void* h = dlopen(kUser.c_str(), RTLD_NOW | RTLD_LOCAL);
+  ASSERT_NE(h, nullptr) << dlerror();
+  ASSERT_TRUE(listed(kDep));
+  auto user_value = reinterpret_cast<int (*)(int)>(dlsym(h, "dlc_user_value"));
+  ASSERT_NE(user_value, nullptr);
+  std::atomic<std::uint64_t> calls{0};
+  hooks::Ops ops = counting_ops(&calls);
+  ASSERT_TRUE(hooks::attach(ops, hooks::Filter::glob("dlc_dep_*")).ok());
+  EXPECT_EQ(user_value(2), 19);
+  EXPECT_EQ(calls.load(), 1u);
+  ASSERT_EQ(dlclose(h), 0);
+  ASSERT_FALSE(listed(kDep));
+  EXPECT_EQ(hooks::counters(ops).functions, 0u) << "the unloaded dependency's function is still attached";
+  EXPECT_TRUE(hooks::detach(ops).ok());
+}
+
+namespace {
+
 // Where the windowed tests stop the threads.
 std::counting_semaphore<4> g_reached{0}, g_go{0};
 std::atomic<pid_t> g_unloaded_by{0};
@@ -356,4 +396,29 @@ TEST(HooksDlclose, AnAttachThatSelectedThePluginWhileItIsBeingUnloadedFailsWithO
   ASSERT_TRUE(hooks::attach(ops, hooks::Filter::glob("dlc_*")).ok());
   EXPECT_EQ(hooks::counters(ops).functions, 1u);
   ASSERT_TRUE(hooks::detach(ops).ok());
+}
+
+// An attach pinned a dependency when its dependent is closed: the dependent goes, the
+// dependency stays until the attach is done, then leaves with its sites.
+TEST(HooksDlclose, AnAttachThatPinnedADependencyHoldsItWhenItsDependentIsUnloaded) {
+  namespace unload = tramway::sites::hooks;
+  void* h = dlopen(kUser.c_str(), RTLD_NOW | RTLD_LOCAL);
+  ASSERT_NE(h, nullptr) << dlerror();
+  g_stop_at = unload::testing::AttachPoint::pinned;
+  unload::testing::set_attach_hook(stop_attach_at);
+  std::atomic<std::uint64_t> calls{0};
+  hooks::Ops ops = counting_ops(&calls);
+  tramway::Status st;
+  std::thread t([&] { st = hooks::attach(ops, hooks::Filter::glob("dlc_dep_*")); });
+  g_reached.acquire();
+  EXPECT_EQ(dlclose(h), 0);
+  EXPECT_FALSE(listed(kUser));
+  EXPECT_TRUE(listed(kDep)) << "the pinned dependency was unloaded with its dependent";
+  g_go.release();
+  t.join();
+  unload::testing::set_attach_hook(nullptr);
+  ASSERT_TRUE(st.ok()) << st.message();
+  EXPECT_FALSE(listed(kDep));
+  EXPECT_EQ(hooks::counters(ops).functions, 0u);
+  EXPECT_TRUE(hooks::detach(ops).ok());
 }

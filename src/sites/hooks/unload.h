@@ -19,6 +19,12 @@
 //  - the dlclose interposer runs that cleanup right after any dlclose that unloaded
 //    something, so the tables do not hold unloaded objects for long.
 //
+// A detach does not write into an object it could not pin: its cells and slots turn calls
+// away, and the sites leave the tables with the object. Limits: objects of another link-map
+// namespace (dlmopen) cannot be pinned by name, so attaching to them fails saying so; and a
+// thread inside a real dlclose (its destructors calling hooks) pins nothing, as it holds the
+// loader lock — which holds for the interposed dlclose only, not for libc's own unloads.
+//
 // Lock order: the loader lock (held by dlopen and dlclose while they run constructors and
 // destructors, which may call hooks) -> the hooks lock (g_mu) -> dl_iterate_phdr's lock (the
 // loader's write lock, held only while it edits its list, never while user code runs) and
