@@ -97,7 +97,9 @@ class Filter {
 
 // Attaches `ops` to every patchable function the filter selects, enabled. Fails (attaching
 // nothing) when the filter selects nothing, names a function that is not patchable, `ops` is
-// attached already, or 4,096 ops are attached.
+// attached already, or 4,096 ops are attached, and with "object unloaded" when a library of
+// the selected functions was unloaded before the attach could keep it loaded. The libraries
+// it writes into stay loaded until it returns: a dlclose meanwhile unloads them afterwards.
 Status attach(Ops& ops, const Filter& filter);
 
 // Detaches `ops` from every function. When it returns, no callback of `ops` runs or will

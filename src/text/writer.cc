@@ -4,7 +4,9 @@
 // page (breaking copy-on-write for file-backed text on the first write), so the user mapping
 // keeps r-x throughout and other threads keep executing it. Generated code: a plain store
 // through the block's RW view. Measured here: one /proc/self/mem write costs about 1 us
-// whatever its size, hence one write per touched page per phase.
+// whatever its size, hence one write per touched page per phase. The bytes a page write
+// rewrites with their current value are read through the file as well (read_code), so a page
+// that was unmapped fails the write instead of crashing the writer.
 #include <fcntl.h>
 #include <unistd.h>
 
@@ -16,6 +18,7 @@
 #include "common/format.h"
 #include "text/internal.h"
 #include "tramway/text/code_memory.h"
+#include "tramway/text/patch.h"
 
 namespace tramway::text::detail {
 namespace {
@@ -68,6 +71,39 @@ Status write_span(std::uintptr_t address, const std::uint8_t* bytes, std::size_t
   return {};
 }
 
+}  // namespace tramway::text::detail
+
+namespace tramway::text {
+
+// Through /proc/self/mem like the writes: a page unmapped meanwhile (an object unloaded behind
+// its caller's back) is an error, not a SIGSEGV. Generated code is tramway's own and stays mapped.
+Status read_code(const void* address, std::span<std::uint8_t> out) {
+  if (const std::uint8_t* alias = writable_alias(address)) {
+    std::memcpy(out.data(), alias, out.size());
+    return {};
+  }
+  auto fd = detail::mem_fd();
+  if (!fd.ok()) return fd.status();
+  const auto at = reinterpret_cast<std::uintptr_t>(address);
+  std::size_t done = 0;
+  while (done < out.size()) {
+    const ssize_t n = ::pread(*fd, out.data() + done, out.size() - done, static_cast<off_t>(at + done));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      const int e = n < 0 ? errno : EIO;
+      return Status::error("reading code at " + common::hex_address(at + done) + " through /proc/self/mem failed: " +
+                               std::strerror(e) + " (was it unmapped, its object unloaded?)",
+                           e);
+    }
+    done += static_cast<std::size_t>(n);
+  }
+  return {};
+}
+
+}  // namespace tramway::text
+
+namespace tramway::text::detail {
+
 Status PageWriter::flush() {
   // Walk the changes page by page, one write per page covering the span from its first to
   // its last changed byte. Bytes in between are rewritten with their current value, which no
@@ -85,7 +121,7 @@ Status PageWriter::flush() {
     const std::uintptr_t first = it->first;
     std::uint8_t buf[kPageSize];
     const std::size_t len = last - first + 1;
-    std::memcpy(buf, reinterpret_cast<const void*>(first), len);
+    if (Status s = read_code(reinterpret_cast<const void*>(first), {buf, len}); !s.ok()) return s;
     for (; it != end; ++it) buf[it->first - first] = it->second;
     if (Status s = write_span(first, buf, len); !s.ok()) return s;
   }

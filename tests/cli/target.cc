@@ -7,6 +7,9 @@
 //   --serve         also runs the same workload on 2 threads in a loop (pausing 1 ms every 100
 //                   rounds) until stdin reaches EOF, checking every result, then prints
 //                   "serve: mismatches 0" and the sums.
+//   --plugin PATH   like --serve, and 2 more threads dlopen and dlclose PATH (plugin.cc) in a
+//                   loop, calling its libplug_work while they hold it, until stdin reaches EOF;
+//                   prints "plugin: mismatches 0" (its results checked) before the serve line.
 //   --exit N        prints the sums and exits with status N.
 //   --sigmask       blocks every signal with pthread_sigmask and prints whether SIGTRAP stayed
 //                   blocked (libtramway, when it interposes, keeps it open), then the sums.
@@ -14,6 +17,7 @@
 //                   throws through cli_throw::middle to it; prints the sum, then the sums.
 //   --env           prints LD_PRELOAD and the names of TRAMWAY_* variables it was left with
 //                   (what its own children would inherit), then the sums.
+#include <dlfcn.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -106,7 +110,8 @@ int main(int argc, char** argv) {
     for (int i = 0; i < 30; ++i) sum += cli_throw::catcher(i);
     std::printf("throw sum %ld\n", sum);
   }
-  const bool serve = argc > 1 && std::strcmp(argv[1], "--serve") == 0;
+  const char* plugin = argc > 2 && std::strcmp(argv[1], "--plugin") == 0 ? argv[2] : nullptr;
+  const bool serve = plugin || (argc > 1 && std::strcmp(argv[1], "--serve") == 0);
   if (argc > 1 && std::strcmp(argv[1], "--sigmask") == 0) {
     sigset_t all, now;
     sigfillset(&all);
@@ -136,11 +141,36 @@ int main(int argc, char** argv) {
         }
       });
     }
+    std::atomic<long> plugin_mismatches{0};
+    std::thread loaders[2];
+    for (auto& l : loaders) {
+      if (!plugin) break;
+      l = std::thread([&] {
+        for (unsigned n = 1; !stop.load(std::memory_order_relaxed); ++n) {
+          void* h = dlopen(plugin, RTLD_NOW | RTLD_LOCAL);
+          auto work = h ? reinterpret_cast<int (*)(int)>(dlsym(h, "libplug_work")) : nullptr;
+          if (!work) {
+            plugin_mismatches.fetch_add(1);
+            if (h) dlclose(h);
+            continue;
+          }
+          for (int i = 0; i < 50; ++i) {
+            if (work(i) != i * 5 + 3) plugin_mismatches.fetch_add(1);
+          }
+          if (dlclose(h) != 0) plugin_mismatches.fetch_add(1);
+          if (n % 100 == 0) usleep(1000);
+        }
+      });
+    }
     char buf[256];
     while (read(0, buf, sizeof buf) > 0) {
     }
     stop = true;
     for (auto& w : workers) w.join();
+    if (plugin) {
+      for (auto& l : loaders) l.join();
+      std::printf("plugin: mismatches %ld\n", plugin_mismatches.load());
+    }
     std::printf("serve: mismatches %ld\n", mismatches.load());
   }
   const cli_target::Sums s = cli_target::workload();

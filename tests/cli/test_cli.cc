@@ -34,6 +34,7 @@ namespace control = tramway::control;
 const std::string kCli = TRAMWAY_CLI_EXE;
 const std::string kTarget = TRAMWAY_CLI_TARGET;
 const std::string kPlain = TRAMWAY_CLI_PLAIN;
+const std::string kPlugin = TRAMWAY_CLI_PLUGIN;
 
 std::string read_file(const std::string& path) {
   std::ifstream f(path, std::ios::binary);
@@ -133,9 +134,12 @@ class Cli : public ::testing::Test {
     return p;
   }
 
-  // `tramway run -- TARGET --serve`, once its hint says the agent listens; its pid in `pid`.
-  Proc serve(pid_t& pid) {
-    Proc p = spawn({kCli, "run", "--", kTarget, "--serve"});
+  // `tramway run -- TARGET --serve` (or other serving arguments), once its hint says the agent
+  // listens; its pid in `pid`.
+  Proc serve(pid_t& pid, const std::vector<std::string>& args = {"--serve"}) {
+    std::vector<std::string> argv = {kCli, "run", "--", kTarget};
+    argv.insert(argv.end(), args.begin(), args.end());
+    Proc p = spawn(argv);
     const std::regex hint("is running as pid ([0-9]+); trace it with: tramway live ([0-9]+) attach");
     for (int i = 0; i < 6000; ++i) {  // 30 s: a loaded machine can be that slow
       std::smatch m;
@@ -618,6 +622,37 @@ TEST_F(Cli, RunLiveAttachDetachCycles) {
   EXPECT_TRUE(tc.ended_cleanly);
   Proc r = run({kCli, "report", trace});
   EXPECT_EQ(code_, 0) << r.err();
+}
+
+// The program loads and unloads a plugin on two threads while `tramway live attach 'lib*'`
+// selects the plugin's functions (issue 11, defect 3: the program died of SIGSEGV, or the
+// attach failed writing code through /proc/self/mem). Each attach succeeds, or finds the
+// plugin unloaded (before listing: no match; after: "object unloaded"); the program lives on.
+TEST_F(Cli, LiveAttachWhileTheProgramLoadsAndUnloadsAPlugin) {
+  pid_t pid = -1;
+  Proc p = serve(pid, {"--plugin", kPlugin});
+  ASSERT_GT(pid, 0);
+  const std::string spid = std::to_string(pid);
+  const std::string trace = dir_ + "/plugin.trace";
+  int attached = 0;
+  for (int i = 0; i < 15; ++i) {
+    Proc a = run({kCli, "live", spid, "attach", "lib*", "-o", trace});
+    if (code_ == 0) {
+      ++attached;
+      EXPECT_TRUE(contains(a.out(), "ok attached 'lib*': 2 functions")) << a.out();
+      Proc d = run({kCli, "live", spid, "detach", "lib*"});
+      ASSERT_EQ(code_, 0) << "cycle " << i << ": " << d.err();
+    } else {
+      EXPECT_TRUE(contains(a.err(), "object unloaded") || contains(a.err(), "matches no patchable function"))
+          << "cycle " << i << ": " << a.err();
+    }
+    ASSERT_EQ(kill(pid, 0), 0) << "the program died at cycle " << i << ": " << p.err();
+  }
+  std::printf("%d of 15 attaches found the plugin loaded\n", attached);
+  Proc s = run({kCli, "live", spid, "stop"});
+  p.close_stdin();
+  EXPECT_EQ(p.wait(), 0) << p.err();
+  EXPECT_TRUE(contains(p.out(), "plugin: mismatches 0\nserve: mismatches 0\n")) << p.out();
 }
 
 }  // namespace

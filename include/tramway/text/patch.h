@@ -101,6 +101,9 @@ struct UnexecutedWrite {
 };
 Status write_unexecuted(std::span<const UnexecutedWrite> writes);
 
+// Reads code that may be unmapped meanwhile: an error (EIO) instead of SIGSEGV when it is.
+Status read_code(const void* address, std::span<std::uint8_t> out);
+
 // Counters since process start, for tests and benchmarks.
 struct PatchStats {
   std::uint64_t batches = 0;            // batches that changed at least one byte

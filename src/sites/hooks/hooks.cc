@@ -14,7 +14,11 @@
 // trampoline slots"); the slot's data names the ops. The cell is kept up to date in every
 // mode, so a thread that entered through either path finds the ops it should run.
 //
-// Lock order: g_mu (hook tables) -> the text layer's patch lock.
+// Objects that are unloaded: a batch writes only into objects it pinned, and the tables drop
+// objects that are gone before they are used (sites/hooks/unload.h).
+//
+// Lock order: the loader lock -> g_mu (hook tables) -> the text layer's patch lock, and
+// g_mu -> dl_iterate_phdr's lock (unload.h says why these).
 #include "tramway/hooks.h"
 
 #include <cpuid.h>
@@ -36,13 +40,16 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <set>
+#include <utility>
 
 #include "arch/x86_64/callback_scan.h"
 #include "arch/x86_64/hook_layout.h"
 #include "arch/x86_64/insn.h"
 #include "common/format.h"
 #include "sites/hooks/discovery.h"
+#include "sites/hooks/unload.h"
 #include "tramway/grace.h"
 #include "tramway/text/code_memory.h"
 #include "tramway/text/patch.h"
@@ -301,9 +308,12 @@ void give_back_slot(const DirectSlot& slot) {  // after its grace period; under 
 
 enum class Mode : std::uint8_t { off, common, direct };
 
+using sites::hooks::ObjectKey;
+
 struct Site {
   std::uintptr_t entry = 0;
   std::string name, object;
+  ObjectKey object_key;
   SiteCell* cell = nullptr;  // never freed: the literal slot points at it
   bool literal_written = false;
   Mode mode = Mode::off;     // what the entry holds: a nop, a call of the thunk or of `slot`
@@ -385,6 +395,7 @@ struct Candidate {
   std::uintptr_t entry;
   const std::string* name;    // in the discovery cache, valid under g_mu
   const std::string* object;
+  const ObjectKey* key;
   EntryForm form;
 };
 
@@ -395,9 +406,34 @@ struct CachedObject {
   sites::hooks::ObjectSites sites;
   bool seen = false;  // still loaded at the last refresh
 };
-std::map<std::pair<std::uintptr_t, std::string>, CachedObject> g_objects;
+std::map<ObjectKey, CachedObject> g_objects;
 std::vector<Candidate> g_all;  // every cached site, sorted by entry; rebuilt when g_objects changes
 bool g_all_stale = true;
+
+// The objects dropped from the cache lately, so that an address selected while its object was
+// loaded (patchable_functions, then attach) is reported as unloaded, not as not patchable.
+struct Unloaded {
+  std::string path;
+  std::uintptr_t first, last;  // entries
+};
+std::vector<Unloaded> g_unloaded;  // the last few, oldest first
+
+void drop_cached(std::map<ObjectKey, CachedObject>::iterator it) {
+  const auto& sites = it->second.sites.sites;
+  if (!sites.empty()) {
+    if (g_unloaded.size() == 16) g_unloaded.erase(g_unloaded.begin());
+    g_unloaded.push_back({it->second.sites.path, sites.front().entry, sites.back().entry});
+  }
+  g_objects.erase(it);
+  g_all_stale = true;
+}
+
+const Unloaded* unloaded_at(std::uintptr_t entry) {
+  for (auto u = g_unloaded.rbegin(); u != g_unloaded.rend(); ++u) {
+    if (entry >= u->first && entry <= u->last) return &*u;
+  }
+  return nullptr;
+}
 
 void refresh_objects() {
   for (auto& [key, o] : g_objects) o.seen = false;
@@ -413,7 +449,11 @@ void refresh_objects() {
         return 0;
       },
       nullptr);
-  if (std::erase_if(g_objects, [](const auto& kv) { return !kv.second.seen; }) > 0) g_all_stale = true;
+  for (auto it = g_objects.begin(); it != g_objects.end();) {
+    auto next = std::next(it);
+    if (!it->second.seen) drop_cached(it);
+    it = next;
+  }
 }
 
 // Every patchable function loaded now, sorted by entry.
@@ -423,7 +463,7 @@ const std::vector<Candidate>& all_candidates() {
   g_all.clear();
   for (const auto& [key, o] : g_objects) {
     for (const auto& s : o.sites.sites) {
-      g_all.push_back({s.entry, s.name.empty() ? &s.symbol : &s.name, &o.sites.path, s.form});
+      g_all.push_back({s.entry, s.name.empty() ? &s.symbol : &s.name, &o.sites.path, &key, s.form});
     }
   }
   std::sort(g_all.begin(), g_all.end(), [](const Candidate& a, const Candidate& b) { return a.entry < b.entry; });
@@ -439,8 +479,15 @@ Result<std::vector<Candidate>> select(const Filter& filter) {
     case Filter::Kind::addresses:
       for (std::uintptr_t e : filter.entries()) {
         auto it = std::lower_bound(all.begin(), all.end(), e, [](const Candidate& c, std::uintptr_t v) { return c.entry < v; });
-        if (it == all.end() || it->entry != e) return not_patchable("the function at " + common::hex_address(e));
-        out.push_back(*it);
+        if (it != all.end() && it->entry == e) {
+          out.push_back(*it);
+          continue;
+        }
+        if (const Unloaded* u = unloaded_at(e)) {
+          return Status::error("the function at " + common::hex_address(e) + " was in " + u->path +
+                               ", which was unloaded (object unloaded); nothing was attached");
+        }
+        return not_patchable("the function at " + common::hex_address(e));
       }
       break;
     case Filter::Kind::names:
@@ -465,7 +512,6 @@ Result<std::vector<Candidate>> select(const Filter& filter) {
   std::sort(out.begin(), out.end(), [](const Candidate& a, const Candidate& b) { return a.entry < b.entry; });
   out.erase(std::unique(out.begin(), out.end(), [](const Candidate& a, const Candidate& b) { return a.entry == b.entry; }),
             out.end());
-  for (Candidate& c : out) c.form = sites::hooks::form_at(c.entry);  // the cache's may be stale
   return out;
 }
 
@@ -563,41 +609,19 @@ Status apply_modes(const std::vector<ModeChange>& changes, Retired& retired) {
   return {};
 }
 
-// The address range of the loaded object whose load bias and name are given, if it is loaded.
-struct ObjectRange {
-  std::uintptr_t base, begin, end;
-  std::string name;
-  bool found = false;
-};
-ObjectRange find_object(std::uintptr_t base, const std::string& name) {
-  ObjectRange r{base, ~std::uintptr_t{0}, 0, name};
-  dl_iterate_phdr(
-      [](dl_phdr_info* info, std::size_t, void* arg) {
-        auto* r = static_cast<ObjectRange*>(arg);
-        if (info->dlpi_addr != r->base || r->name != (info->dlpi_name ? info->dlpi_name : "")) return 0;
-        for (int i = 0; i < info->dlpi_phnum; ++i) {
-          const ElfW(Phdr)& ph = info->dlpi_phdr[i];
-          if (ph.p_type != PT_LOAD) continue;
-          r->begin = std::min<std::uintptr_t>(r->begin, info->dlpi_addr + ph.p_vaddr);
-          r->end = std::max<std::uintptr_t>(r->end, info->dlpi_addr + ph.p_vaddr + ph.p_memsz);
-        }
-        r->found = true;
-        return 1;
-      },
-      &r);
-  return r;
-}
-
-// After an object was unloaded: it and its sites leave every table, so that an object loaded later
-// at the same addresses starts clean (its literal slots unwritten, its entries nops).
-void forget_object(const ObjectRange& r) {
-  std::lock_guard lock(g_mu);
-  if (g_objects.erase({r.base, r.name}) > 0) g_all_stale = true;  // a reload at the same address is read afresh
-  const std::uintptr_t begin = r.begin, end = r.end;
+// An object gone (unloaded, maybe loaded again since): it and its sites leave every table, so
+// that a later load at the same address starts clean (its literal slots unwritten, its
+// entries nops). Its code is not touched: nobody executes it, or it is a fresh copy. Under g_mu.
+void forget_object(const ObjectKey& key) {
+  if (auto it = g_objects.find(key); it != g_objects.end()) drop_cached(it);  // a reload here is read afresh
   Retired retired;
   std::vector<SiteCell*> cells;  // may still be read by a thread that was inside the stub
-  for (auto it = g_sites.lower_bound(begin); it != g_sites.end() && it->first < end;) {
+  for (auto it = g_sites.begin(); it != g_sites.end();) {
     Site& s = it->second;
+    if (s.object_key != key) {
+      ++it;
+      continue;
+    }
     for (Ops* o : s.ops) std::erase(o->state->entries, s.entry);
     retired.targets.push_back(s.cell->target.exchange(0, std::memory_order_acq_rel));
     if (s.slot) {
@@ -612,6 +636,40 @@ void forget_object(const ObjectRange& r) {
     release(retired);
     for (SiteCell* c : cells) delete c;
   });
+}
+
+// What tramway wrote into a site's code that no fresh load of its object holds: the cell's
+// address in its literal slot, or the call of its direct slot.
+sites::hooks::Witness witness_of(const Site& s) {
+  sites::hooks::Witness w;
+  if (s.literal_written) {
+    w.address = s.entry - 8;
+    w.size = sizeof s.cell;
+    std::memcpy(w.bytes, &s.cell, sizeof s.cell);
+  } else if (s.mode == Mode::direct) {
+    if (const auto call = arch::encode_call(s.entry, s.slot.code)) {
+      w.address = s.entry;
+      w.size = call->size();
+      std::memcpy(w.bytes, call->data(), call->size());
+    }
+  }
+  return w;
+}
+
+// Forgets every object of the tables that is gone (sites/hooks/unload.h). Under g_mu, before
+// the tables are used: no batch runs meanwhile, so an object alive when looked at keeps what
+// was written in it.
+void forget_dead_objects() {
+  if (g_sites.empty()) return;
+  const sites::hooks::LoadedObjects loaded;
+  std::map<ObjectKey, std::optional<bool>> gone;  // nullopt: undecided (nothing written to check yet)
+  for (const auto& [entry, s] : g_sites) {
+    std::optional<bool>& g = gone[s.object_key];
+    if (!g) g = loaded.gone(s.object_key, witness_of(s));
+  }
+  for (const auto& [key, g] : gone) {
+    if (g == true) forget_object(key);
+  }
 }
 
 }  // namespace
@@ -635,6 +693,44 @@ Filter Filter::addresses(std::vector<std::uintptr_t> entries) {
   return f;
 }
 
+namespace {
+
+Status attached_already(const Ops& ops) {
+  return Status::error(ops.state->detaching ? "hooks::attach: this ops is still being detached (wait for detach_async's done)"
+                                            : "hooks::attach: this ops is attached already (detach it first)");
+}
+
+// Selects the filter's sites and pins their objects, so that none of them can be unmapped
+// until `pins` is destroyed (sites/hooks/unload.h). Pinning takes the loader lock, so it is
+// done without g_mu: a constructor or destructor calling hooks holds the loader lock and waits
+// for g_mu. The caller selects again under g_mu.
+Status pin_selected_objects(const Ops& ops, const Filter& filter, sites::hooks::ObjectPins& pins) {
+  struct Wanted {
+    ObjectKey key;
+    std::string path;
+  };
+  std::vector<Wanted> wanted;
+  {
+    std::lock_guard lock(g_mu);
+    if (ops.state) return attached_already(ops);
+    auto selected = select(filter);
+    if (!selected.ok()) return selected.status();
+    for (const Candidate& c : *selected) {
+      if (std::none_of(wanted.begin(), wanted.end(), [&](const Wanted& w) { return w.key == *c.key; }))
+        wanted.push_back({*c.key, *c.object});
+    }
+  }
+  sites::hooks::testing::call_attach_hook(sites::hooks::testing::AttachPoint::selected);
+  for (const Wanted& w : wanted) {
+    if (Status st = pins.pin(w.key.first, w.key.second, w.path); !st.ok())
+      return Status::error("hooks::attach: " + st.message() + "; nothing was attached", st.sys_errno());
+  }
+  sites::hooks::testing::call_attach_hook(sites::hooks::testing::AttachPoint::pinned);
+  return {};
+}
+
+}  // namespace
+
 Status attach(Ops& ops, const Filter& filter) {
   if (t_in_callback) return Status::error("hooks::attach called from inside a hook callback");
   if (!ops.entry) return Status::error("hooks::attach: the ops has no entry callback");
@@ -645,13 +741,21 @@ Status attach(Ops& ops, const Filter& filter) {
     const arch::CallbackScan scan = arch::scan_callback(reinterpret_cast<std::uintptr_t>(ops.entry));
     vector_free = scan.vector_free && !scan.reads_regs;
   }
+  // Declared before the lock, so released after it: releasing a pin may unload the object.
+  sites::hooks::ObjectPins pins;
+  if (Status st = pin_selected_objects(ops, filter, pins); !st.ok()) return st;
   std::lock_guard lock(g_mu);
-  if (ops.state) {
-    return Status::error(ops.state->detaching ? "hooks::attach: this ops is still being detached (wait for detach_async's done)"
-                                              : "hooks::attach: this ops is attached already (detach it first)");
-  }
+  if (ops.state) return attached_already(ops);
+  forget_dead_objects();
   auto selected = select(filter);
   if (!selected.ok()) return selected.status();
+  // Objects loaded since the pins were taken are left out, as if loaded after the attach.
+  std::erase_if(*selected, [&](const Candidate& c) { return !pins.holds(c.key->first, c.key->second); });
+  if (selected->empty()) {
+    return Status::error("hooks::attach: the objects of every function the filter selected were unloaded meanwhile "
+                         "(object unloaded); nothing was attached");
+  }
+  for (Candidate& c : *selected) c.form = sites::hooks::form_at(c.entry);  // the cache's may be stale
 
   for (const Candidate& c : *selected) {
     const auto known = g_sites.find(c.entry);
@@ -691,6 +795,7 @@ Status attach(Ops& ops, const Filter& filter) {
       s.entry = c.entry;
       s.name = *c.name;
       s.object = *c.object;
+      s.object_key = *c.key;
       s.cell = new SiteCell;
       s.cell->index = g_next_site_index < kMaxSites ? g_next_site_index++ : kMaxSites;
     }
@@ -723,15 +828,36 @@ Status attach(Ops& ops, const Filter& filter) {
 
 namespace {
 
+Status check_detachable(const Ops& ops, const char* who) {
+  if (!ops.state) return Status::error(std::string(who) + ": this ops is not attached");
+  if (ops.state->detaching) return Status::error(std::string(who) + ": this ops is being detached already");
+  return {};
+}
+
 // Takes `ops` out of every site's cell and puts each site in the mode its remaining ops ask
 // for (off, common, or direct with another slot). Returns what threads inside the stubs may
 // still read until a grace period passes.
+
 Result<Retired> unpublish(Ops& ops, const char* who) {
+  // As in attach: the sites' objects are pinned without g_mu, and released after it.
+  sites::hooks::ObjectPins pins;
+  std::vector<std::pair<ObjectKey, std::string>> wanted;
+  {
+    std::lock_guard lock(g_mu);
+    if (Status st = check_detachable(ops, who); !st.ok()) return st;
+    for (std::uintptr_t e : ops.state->entries) {
+      const Site& s = g_sites[e];
+      if (std::none_of(wanted.begin(), wanted.end(), [&](const auto& w) { return w.first == s.object_key; }))
+        wanted.emplace_back(s.object_key, s.object);
+    }
+  }
+  // An object that cannot be pinned is gone (forgotten below), or cannot be held (dlmopen).
+  for (const auto& [key, path] : wanted) (void)pins.pin(key.first, key.second, path);
   Retired retired;
   std::lock_guard lock(g_mu);
-  if (!ops.state) return Status::error(std::string(who) + ": this ops is not attached");
-  if (ops.state->detaching) return Status::error(std::string(who) + ": this ops is being detached already");
+  if (Status st = check_detachable(ops, who); !st.ok()) return st;
   ops.state->detaching = true;
+  forget_dead_objects();
   std::vector<ModeChange> changes;
   for (std::uintptr_t e : ops.state->entries) {
     Site& s = g_sites[e];
@@ -741,6 +867,9 @@ Result<Retired> unpublish(Ops& ops, const char* who) {
       s.slot.data->tag.store(0, std::memory_order_release);
       s.slot_ops = nullptr;
     }
+    // Code that is not pinned is not written: the site keeps calling the stub or its slot,
+    // which turn calls away now (as after a failed batch, below).
+    if (!pins.holds(s.object_key.first, s.object_key.second)) continue;
     const Mode m = mode_for(s.ops);
     if (!site_is(s, m, s.ops)) changes.push_back({&s, m, m == Mode::direct ? s.ops[0] : nullptr});
   }
@@ -817,6 +946,7 @@ std::uintptr_t* caller_return_slot(EntryRegs& regs) noexcept {
 Result<std::vector<Function>> patchable_functions() {
   std::vector<Function> out;
   std::lock_guard lock(g_mu);
+  forget_dead_objects();
   for (const Candidate& c : all_candidates()) {
     Function f{c.entry, *c.name, *c.object, 0, 0};
     if (auto it = g_sites.find(c.entry); it != g_sites.end()) {
@@ -909,17 +1039,9 @@ extern "C" __attribute__((visibility("hidden"))) void tramway_hook_direct_dispat
   run_callbacks(&ops, 1, slot->index.load(std::memory_order_relaxed), body - 5, caller, *regs);
 }
 
-// dlclose, interposed: when the object is really unloaded (its last reference dropped), its
-// hooked sites are forgotten (see forget_object). The program must not be running the
-// object's code when it closes it, hooked or not; threads inside tramway's stub on behalf of
-// one of its functions are the program's business alike.
-extern "C" int dlclose(void* handle) {
-  using namespace tramway::hooks;
-  static const auto real = reinterpret_cast<int (*)(void*)>(dlsym(RTLD_NEXT, "dlclose"));
-  link_map* lm = nullptr;
-  if (dlinfo(handle, RTLD_DI_LINKMAP, &lm) != 0 || !lm) return real(handle);
-  const ObjectRange before = find_object(lm->l_addr, lm->l_name ? lm->l_name : "");
-  const int rc = real(handle);
-  if (before.found && !find_object(before.base, before.name).found) forget_object(before);
-  return rc;
+namespace tramway::sites::hooks {
+void forget_unloaded_objects() {
+  std::lock_guard lock(tramway::hooks::g_mu);
+  tramway::hooks::forget_dead_objects();
 }
+}  // namespace tramway::sites::hooks
