@@ -3,6 +3,7 @@
 // and exit freely; fork leaves a working engine in the child.
 #include <gtest/gtest.h>
 #include <pthread.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -12,6 +13,7 @@
 #include <thread>
 #include <vector>
 
+#include "bounded_child.h"
 #include "tramway/grace.h"
 
 namespace grace = tramway::grace;
@@ -170,6 +172,29 @@ TEST(Grace, ThreadsRegisterAndExitWhileGracePeriodsScan) {
   writer.join();
   ASSERT_TRUE(grace::synchronize().ok());  // exited threads are not waited for
   EXPECT_LE(grace::stats().threads_registered, 3u);
+}
+
+// The callback thread is not in a fork()ed child: the callbacks it had not run yet must still
+// run there (barrier() starts a thread for them), and the one it was running when the parent
+// forked must not keep barrier() waiting for ever.
+TEST(Grace, ABarrierInAForkedChildRunsTheCallbacksItInherited) {
+  static std::atomic<bool> first_running{false}, release_first{false}, second_ran{false};
+  ASSERT_TRUE(grace::call([] {
+                first_running = true;
+                while (!release_first.load()) std::this_thread::sleep_for(1ms);
+              }).ok());
+  while (!first_running.load()) std::this_thread::sleep_for(1ms);
+  ASSERT_TRUE(grace::call([] { second_ran = true; }).ok());
+  const int code = bounded::run_in_child(
+      [] {
+        if (!grace::barrier().ok()) return 2;
+        return second_ran.load() ? 0 : 3;
+      },
+      5000);
+  release_first = true;
+  ASSERT_TRUE(grace::barrier().ok());
+  EXPECT_TRUE(second_ran.load());
+  EXPECT_EQ(code, 0) << bounded::describe(code);
 }
 
 TEST(Grace, WorksInAForkedChild) {

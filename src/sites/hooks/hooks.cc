@@ -14,7 +14,8 @@
 // trampoline slots"); the slot's data names the ops. The cell is kept up to date in every
 // mode, so a thread that entered through either path finds the ops it should run.
 //
-// Lock order: g_mu (hook tables) -> the text layer's patch lock.
+// Lock order (common/lock_order.h): g_mu, the hook tables, rank hooks_tables: after the
+// recorder's, before the grace period's and the text layer's; fork() takes it.
 #include "tramway/hooks.h"
 
 #include <cpuid.h>
@@ -41,6 +42,7 @@
 #include "arch/x86_64/callback_scan.h"
 #include "arch/x86_64/hook_layout.h"
 #include "arch/x86_64/insn.h"
+#include "common/fork_hooks.h"
 #include "common/format.h"
 #include "sites/hooks/discovery.h"
 #include "tramway/grace.h"
@@ -330,9 +332,23 @@ struct Retired {
   bool empty() const noexcept { return targets.empty() && slots.empty(); }
 };
 
-std::mutex g_mu;
+std::mutex g_mu;  // lock rank hooks_tables (common/lock_order.h)
 std::map<std::uintptr_t, Site> g_sites;  // every site ever hooked, by entry
 std::vector<text::CodeBlock> g_thunks;   // permanent
+
+// fork(): the child gets the tables whole (no attach or detach half done) and g_mu free. The
+// forking thread's counter block names its parent-side tid, which is no thread of the child:
+// it is renamed, or the child's next new thread would take it over while it is still in use.
+void hooks_before_fork() { g_mu.lock(); }
+void hooks_after_fork_in_parent() { g_mu.unlock(); }
+void hooks_after_fork_in_child() {
+  if (t_block) t_block->owner.store(static_cast<pid_t>(::syscall(SYS_gettid)), std::memory_order_relaxed);
+  g_mu.unlock();
+}
+__attribute__((constructor)) void register_hooks_fork_hook() {
+  common::register_fork_hook(
+      {common::LockRank::hooks_tables, hooks_before_fork, hooks_after_fork_in_parent, hooks_after_fork_in_child});
+}
 
 std::uintptr_t target_for(const std::vector<Ops*>& ops) {
   if (ops.empty()) return 0;
