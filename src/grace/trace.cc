@@ -63,12 +63,20 @@ long futex(std::atomic<int>* addr, int op, int value, const timespec* timeout = 
 }
 
 // ---- registry -------------------------------------------------------------------------------
+// A registered thread's marker, with a robust mutex the thread holds for as long as it lives:
+// however the thread ends (even a raw SYS_exit inside a region, which runs no TLS destructor),
+// the kernel marks the mutex's owner dead, so a grace period can tell an exited thread from a
+// live one without /proc and without mistaking a new thread that got the same tid.
+struct LiveMarker : Marker {
+  pthread_mutex_t alive;
+};
+
 // The grace period holds `mu` while it scans and releases it while it waits, so a thread can
 // register or exit between two scans but never during one: a scan never reads a freed marker.
 // Lock rank grace_leaves (common/lock_order.h): taken by any thread's first region.
 struct Registry {
   pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
-  std::vector<Marker*> markers;
+  std::vector<LiveMarker*> markers;
 };
 Registry& registry() {
   static auto* r = new Registry;  // leaked: threads may exit after static destructors ran
@@ -78,13 +86,24 @@ Registry& registry() {
 pthread_key_t g_exit_key;
 pthread_once_t g_exit_key_once = PTHREAD_ONCE_INIT;
 
+void hold_alive(LiveMarker* m) {
+  pthread_mutexattr_t attr;
+  pthread_mutexattr_init(&attr);
+  pthread_mutexattr_setrobust(&attr, PTHREAD_MUTEX_ROBUST);
+  pthread_mutex_init(&m->alive, &attr);
+  pthread_mutexattr_destroy(&attr);
+  pthread_mutex_lock(&m->alive);
+}
+
 void unregister_thread(void* p) {
-  auto* m = static_cast<Marker*>(p);
+  auto* m = static_cast<LiveMarker*>(p);
   Registry& r = registry();
   pthread_mutex_lock(&r.mu);
   std::erase(r.markers, m);
   pthread_mutex_unlock(&r.mu);
   detail::t_marker = nullptr;
+  pthread_mutex_unlock(&m->alive);  // off the thread's robust list before it is freed
+  pthread_mutex_destroy(&m->alive);
   delete m;  // a thread that exits inside a region simply stops being waited for
 }
 
@@ -141,6 +160,30 @@ void report_stall(std::uint64_t phase, std::int64_t waited_ns) {
   std::fputs(text.c_str(), stderr);
 }
 
+// True once the marker's thread has ended without unregistering. Under the registry's lock.
+bool owner_exited(LiveMarker* m) {
+  const int e = pthread_mutex_trylock(&m->alive);
+  if (e == EOWNERDEAD) {
+    pthread_mutex_consistent(&m->alive);
+    pthread_mutex_unlock(&m->alive);
+    return true;
+  }
+  if (e == 0) pthread_mutex_unlock(&m->alive);  // never: a registered thread holds it
+  return false;
+}
+
+// Drops the markers of threads that exited without unregistering (a raw SYS_exit, even inside
+// a region: an exited thread is quiescent). Under the registry's lock; the slow path of a
+// grace period only, since a trylock dirties the marker's line.
+void drop_exited(Registry& r, std::uint64_t phase) {
+  std::erase_if(r.markers, [&](LiveMarker* m) {
+    if (!active_in_other_phase(m->value.load(std::memory_order_relaxed), phase) || !owner_exited(m)) return false;
+    pthread_mutex_destroy(&m->alive);
+    delete m;
+    return true;
+  });
+}
+
 // Waits until no registered thread is inside a region begun in a phase other than the
 // current one: spin briefly (regions are short), then sleep on the futex the last unlock of
 // such a region wakes.
@@ -153,6 +196,7 @@ Status wait_for_readers(std::uint64_t phase, std::int64_t gp_start_ns, bool& rep
   const std::int64_t stall_ns = detail::stall_threshold_ns();
   for (int attempt = 0;; ++attempt) {
     pthread_mutex_lock(&r.mu);
+    if (attempt >= kSpinAttempts) drop_exited(r, phase);
     const bool any = std::any_of(r.markers.begin(), r.markers.end(), [&](const Marker* m) {
       return active_in_other_phase(m->value.load(std::memory_order_relaxed), phase);
     });
@@ -181,6 +225,7 @@ Status wait_for_readers(std::uint64_t phase, std::int64_t gp_start_ns, bool& rep
     detail::g_waiting_futex.store(-1, std::memory_order_seq_cst);
     if (Status s = membarrier_expedited(); !s.ok()) return s;
     pthread_mutex_lock(&r.mu);
+    drop_exited(r, phase);
     const bool still = std::any_of(r.markers.begin(), r.markers.end(), [&](const Marker* m) {
       return active_in_other_phase(m->value.load(std::memory_order_relaxed), phase);
     });
@@ -325,11 +370,13 @@ void leaves_after_fork_in_parent() {
 }
 void leaves_after_fork_in_child() {
   // Only the forking thread exists: keep its marker, forget the others (their memory is
-  // leaked: their threads' exit handlers will never run here).
+  // leaked: their threads' exit handlers will never run here). Its liveness mutex is not on
+  // the child's robust list (glibc empties it): take it again.
   Registry& r = registry();
   r.markers.clear();
-  if (Marker* m = detail::t_marker) {
+  if (auto* m = static_cast<LiveMarker*>(detail::t_marker)) {
     m->tid = common::current_tid();  // the child's own
+    hold_alive(m);
     r.markers.push_back(m);
   }
   detail::g_waiting_futex.store(0, std::memory_order_relaxed);
@@ -433,8 +480,9 @@ Marker* register_thread() noexcept {
   sigfillset(&all);
   pthread_sigmask(SIG_SETMASK, &all, &old);
   pthread_once(&g_exit_key_once, init_once);
-  auto* m = new Marker;
+  auto* m = new LiveMarker;
   m->tid = common::current_tid();
+  hold_alive(m);
   Registry& r = registry();
   pthread_mutex_lock(&r.mu);
   r.markers.push_back(m);

@@ -174,6 +174,35 @@ TEST(Grace, ThreadsRegisterAndExitWhileGracePeriodsScan) {
   EXPECT_LE(grace::stats().threads_registered, 3u);
 }
 
+// Issue 11, defect 10: a raw SYS_exit runs no TLS destructor, so the thread's marker stays
+// registered and raised. An exited thread is quiescent: grace periods must not wait for it.
+// In a child of the test, so that the old behaviour (waiting forever) fails the test instead of
+// hanging it.
+TEST(Grace, AThreadThatExitsInsideARegionIsNotWaitedFor) {
+  const int code = bounded::run_in_child(
+      [] {
+        static std::atomic<bool> inside{false};
+        pthread_t t;
+        if (pthread_create(
+                &t, nullptr,
+                [](void*) -> void* {
+                  grace::read_lock();
+                  inside = true;
+                  ::syscall(SYS_exit, 0);  // no unlock, no unregistering
+                  return nullptr;
+                },
+                nullptr) != 0) {
+          return 2;
+        }
+        while (!inside.load()) std::this_thread::yield();
+        if (!grace::synchronize().ok()) return 3;  // whether or not the thread is gone yet
+        if (!grace::synchronize().ok() || !grace::holdouts().empty()) return 4;
+        return grace::stats().threads_registered == 0 ? 0 : 5;  // its marker was dropped
+      },
+      5000);
+  EXPECT_EQ(code, 0) << bounded::describe(code);
+}
+
 // The callback thread is not in a fork()ed child: the callbacks it had not run yet must still
 // run there (barrier() starts a thread for them), and the one it was running when the parent
 // forked must not keep barrier() waiting for ever.
