@@ -242,9 +242,17 @@ Status wait_for_readers(std::uint64_t phase, std::int64_t gp_start_ns, bool& rep
 // flip (wait 1 of every grace period empties that phase before flipping to it).
 std::atomic<std::uint64_t> g_flips{0};
 
+// Grace periods left to fail, for tests of what callers do when one fails (detach).
+std::atomic<int> g_injected_failures{0};
+
 Status run_grace_period(Wait wait, const std::function<void()>* after_flip) {
   const std::int64_t start = common::monotonic_ns();
   bool reported = false;
+  for (int n = g_injected_failures.load(); n > 0;) {
+    if (g_injected_failures.compare_exchange_weak(n, n - 1)) {
+      return Status::error("the grace period failed: a failure injected by a test", EIO);
+    }
+  }
   if (Status s = membarrier_expedited(); !s.ok()) return s;
   const std::uint64_t before = detail::g_phase_and_one.load(std::memory_order_relaxed);
   if (Status s = wait_for_readers(before, start, reported, wait); !s.ok()) return s;
@@ -450,6 +458,10 @@ Status trace_grace_period_with(Wait wait, const std::function<void()>& after_fli
   pthread_mutex_unlock(&g_gp_mu);
   return s;
 }
+
+Status grace_periods_usable() { return g_expedited.usable(); }
+
+void inject_grace_period_failures(int count) noexcept { g_injected_failures.store(count); }
 
 std::uint64_t phase_flips() noexcept { return g_flips.load(std::memory_order_seq_cst); }
 
