@@ -244,6 +244,58 @@ TEST(Fork, AChildOfAForkThatRacedAnAttachCanAttach) {
                        << " (30/31: a thread was not where the test puts it)";
 }
 
+// The grace-period lock comes before the hook tables' (common/lock_order.h): a fork that waits
+// for a grace period holds no lock that the callback that grace period waits for may take.
+// Placed: a callback is inside its region, a grace period waits for it, fork() waits for the
+// grace period; then the callback calls hooks::disable (the hook tables' lock).
+struct BlockingCallback {
+  std::atomic<bool> inside{false}, go{false}, disabled{false};
+  hooks::Ops ops;
+};
+void block_then_disable(const hooks::Ops& o, std::uintptr_t, std::uintptr_t, hooks::EntryRegs&) {
+  auto* b = static_cast<BlockingCallback*>(o.data);
+  if (b->inside.exchange(true)) return;  // only the first call blocks
+  while (!b->go.load()) bounded::nap();
+  b->disabled = hooks::disable(b->ops).ok();
+}
+
+int callback_takes_the_hook_tables_lock_while_a_fork_waits() {
+  static BlockingCallback b;
+  b.ops.entry = block_then_disable;
+  b.ops.data = &b;
+  if (!hooks::attach(b.ops, hooks::Filter::names({"fork_fx_other"})).ok()) return 40;
+  std::thread caller([] { fork_fx_other(1); });
+  while (!b.inside.load()) bounded::nap();
+  std::thread synchronizer([] { (void)grace::synchronize(); });
+  const std::int64_t deadline = bounded::now_ms() + 3000;
+  while (grace::holdouts().empty()) {
+    if (bounded::now_ms() > deadline) return 41;
+    bounded::nap();
+  }
+  std::atomic<pid_t> forker_tid{0};
+  std::atomic<int> child_code{-100};
+  std::thread forker([&] {
+    forker_tid = bounded::gettid_();
+    const pid_t pid = fork();
+    if (pid == 0) _exit(child_uses_every_api());
+    child_code = bounded::wait_bounded(pid, 3000);
+  });
+  while (!forker_tid.load()) bounded::nap();
+  if (!bounded::wait_blocked_in_futex(forker_tid)) return 42;  // waiting for the grace period
+  b.go = true;
+  caller.join();
+  synchronizer.join();
+  forker.join();
+  if (!b.disabled.load()) return 43;
+  (void)hooks::detach(b.ops);
+  return child_code.load();
+}
+
+TEST(Fork, ACallbackMayTakeTheHookTablesLockWhileAForkWaitsForAGracePeriod) {
+  const int code = bounded::run_in_child(callback_takes_the_hook_tables_lock_while_a_fork_waits, 8000);
+  EXPECT_EQ(code, kOk) << bounded::describe(code) << " (4x: a step failed or a thread was not where the test puts it)";
+}
+
 // Threads of the parent attach, detach (both ways), flip a key, call hooked functions and wait
 // for grace periods of both flavors, without pause, while the main thread forks; every child
 // uses every API and exits. Returns the first failure, or 0.

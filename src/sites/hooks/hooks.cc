@@ -15,7 +15,8 @@
 // mode, so a thread that entered through either path finds the ops it should run.
 //
 // Lock order (common/lock_order.h): g_mu, the hook tables, rank hooks_tables: after the
-// recorder's, before the grace period's and the text layer's; fork() takes it.
+// recorder's and the grace period's, before the text layer's; fork() takes it. Never held
+// across a grace period (callbacks may take it: hooks::disable, counters).
 #include "tramway/hooks.h"
 
 #include <cpuid.h>
