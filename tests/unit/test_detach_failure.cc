@@ -11,9 +11,12 @@
 
 #include <atomic>
 #include <cstddef>
+#include <cstdio>
+#include <cstring>
 #include <string>
 
 #include "bounded_child.h"
+#include "common/membarrier.h"
 #include "grace/internal.h"
 #include "tramway/grace.h"
 #include "tramway/hooks.h"
@@ -162,6 +165,26 @@ int detach_under_seccomp() {
 TEST(DetachFailure, UnderASeccompFilterThatRefusesMembarrierEveryCallSaysSo) {
   const int code = bounded::run_in_child(detach_under_seccomp, 5000);
   EXPECT_EQ(code, kOk) << bounded::describe(code);
+}
+
+// Issue 11, defect 13: a membarrier failure names its cause and what to do, not a kernel
+// version when the kernel is not the cause.
+TEST(MembarrierErrors, EachCauseSaysWhatToDo) {
+  const char* needs = "Linux >= 4.14 has it; tramway's grace periods need it";
+  const std::string nosys = tramway::common::explain_membarrier_failure("QUERY", ENOSYS, needs);
+  EXPECT_TRUE(contains(nosys, "no membarrier system call") && contains(nosys, "CONFIG_MEMBARRIER")) << nosys;
+  const std::string inval = tramway::common::explain_membarrier_failure("PRIVATE_EXPEDITED", EINVAL, needs);
+  EXPECT_TRUE(contains(inval, "does not offer the command") && contains(inval, needs)) << inval;
+  // EPERM: a seccomp filter if the process has one (a container may give the test one), else a
+  // missing registration.
+  const std::string perm = tramway::common::explain_membarrier_failure("PRIVATE_EXPEDITED", EPERM, needs);
+  FILE* f = std::fopen("/proc/self/status", "r");
+  ASSERT_NE(f, nullptr);
+  char line[256];
+  bool filtered = false;
+  while (std::fgets(line, sizeof line, f)) filtered = filtered || std::strncmp(line, "Seccomp:\t2", 10) == 0;
+  std::fclose(f);
+  EXPECT_TRUE(contains(perm, filtered ? "seccomp filter" : "not registered") && !contains(perm, "Linux >=")) << perm;
 }
 
 }  // namespace
