@@ -406,7 +406,10 @@ Status stop() {
   if (!r.active) return Status::error("trace::stop: not recording");
   Status result;
   for (Owner& o : r.owners) {
-    if (Status s = hooks::detach(*o.ops); !s.ok() && result.ok()) result = s;
+    if (Status s = hooks::detach(*o.ops); !s.ok()) {
+      if (result.ok()) result = s;
+      (void)o.ops.release();  // not freed: its state still names it (hooks::detach says so)
+    }
   }
   r.owners.clear();
   r.globs.clear();
