@@ -300,6 +300,8 @@ TEST(Fork, ACallbackMayTakeTheHookTablesLockWhileAForkWaitsForAGracePeriod) {
 // for grace periods of both flavors, without pause, while the main thread forks; every child
 // uses every API and exits. Returns the first failure, or 0.
 int fork_storm() {
+  // The grace-period callback thread starts on first use: start it now, not during a fork.
+  if (!grace::call([] {}).ok() || !grace::barrier().ok()) return 203;
   std::atomic<bool> stop{false};
   std::atomic<long> rounds{0};
   std::atomic<int> started{0};  // fork only once every thread runs: a thread starting up may hold
