@@ -28,6 +28,7 @@
 #include <cerrno>
 #include <cstring>
 #include <deque>
+#include <new>
 #include <string>
 #include <vector>
 
@@ -398,6 +399,10 @@ void leaves_after_fork_in_child() {
   c.running.clear();
   c.next_to_run = 0;
   c.in_progress = false;
+  // Threads of the parent that waited on them are not here: a condition variable that counts
+  // them could swallow the child's wake-ups.
+  new (&c.queued_cv) pthread_cond_t(PTHREAD_COND_INITIALIZER);
+  new (&c.done_cv) pthread_cond_t(PTHREAD_COND_INITIALIZER);
   pthread_mutex_unlock(&r.mu);
   pthread_mutex_unlock(&c.mu);
   detail::tasks_after_fork_in_child();

@@ -239,6 +239,7 @@ void forget_in_child() {
     r.active = false;
     r.globs.clear();
     new (&r.flusher) std::thread();  // the parent's flusher does not exist here
+    new (&r.wake) std::condition_variable();  // nor does its wait on this
   }
   r.mutex.unlock();
 }
