@@ -6,6 +6,7 @@
 //   tramway run -- PROG ARGS...
 //   tramway live PID attach GLOB [-o FILE] | detach GLOB | status | stop
 //   tramway report FILE [--sort KEY] [--limit N] [--per-thread] [--chrome F] [--folded F] [--svg F]
+//                  [--max-depth N]
 //
 // Programs run with libtramway_agent.so preloaded (src/agent/agent.cc), configured through
 // TRAMWAY_* variables; `live` and `list PID` talk to the agent's control socket
@@ -298,6 +299,10 @@ int main_cli(int argc, char** argv) {
   report_cmd->add_option("--chrome", rep.chrome, "write Chrome trace-event JSON (Perfetto) here");
   report_cmd->add_option("--folded", rep.folded, "write folded stacks here");
   report_cmd->add_option("--svg", rep.svg, "write an SVG flame graph here");
+  report_cmd->add_option("--max-depth", rep.max_depth,
+                         "stack depth the folded stacks and flame graph show; deeper frames are one "
+                         "'[truncated]' frame (0: no bound: outputs can grow with depth squared)")
+      ->capture_default_str();
 
   try {
     app.parse(cli_argc, argv);
