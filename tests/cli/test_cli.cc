@@ -533,13 +533,21 @@ TEST_F(Cli, RecordWithBadFilterStopsBeforeMain) {
   EXPECT_FALSE(contains(p.err(), "tramway report")) << p.err();
 }
 
+// The target has no SIGTERM handler: the SIGTERM that ends it kills it before its agent can
+// remove the control socket, so tramway does (in a socket directory of the test's own).
 TEST_F(Cli, RecordDurationStopsRecordingThenTheProgram) {
   const std::string trace = dir_ + "/duration.trace";
-  Proc p = spawn({kCli, "record", "--duration", "0.5", "-f", "cli_target::gamma*", "-o", trace, "--", kTarget, "--serve"});
+  Proc p = spawn({kCli, "record", "--duration", "0.5", "-f", "cli_target::gamma*", "-o", trace, "--", kTarget, "--serve"},
+                 {{"XDG_RUNTIME_DIR", dir_}});
   // stdin stays open: only --duration can end the program.
   EXPECT_EQ(p.wait(15s), 0) << p.err();
   p.close_stdin();
   EXPECT_TRUE(contains(p.err(), "stopped: recorded ")) << p.err();
+  const std::string sockets = dir_ + "/tramway";
+  struct stat st;
+  ASSERT_EQ(stat(sockets.c_str(), &st), 0) << "the agent did not use XDG_RUNTIME_DIR=" << dir_;
+  Proc ls = run({"/bin/ls", "-A", sockets});
+  EXPECT_EQ(ls.out(), "") << "left in " << sockets;
   const TraceCounts tc = read_trace(trace);
   ASSERT_EQ(tc.error, "");
   EXPECT_TRUE(tc.ended_cleanly);
