@@ -312,18 +312,37 @@ TEST_F(Cli, LiveStatusListAndSocketRemovedAtExit) {
 TEST_F(Cli, LiveWithoutAgentSaysHowToStartOne) {
   Proc s = run({kCli, "live", std::to_string(getpid()), "status"});
   EXPECT_EQ(code_, 1);
-  EXPECT_TRUE(contains(s.err(), "no tramway agent in process " + std::to_string(getpid()) +
-                                    " (start the program with `tramway run -- PROG` or `tramway record`)"))
+  EXPECT_TRUE(contains(s.err(), "process " + std::to_string(getpid()) +
+                                    " (test_cli) is running but has no tramway agent loaded (start the program with "
+                                    "`tramway run -- PROG` or `tramway record`"))
       << s.err();
   s = run({kCli, "list", std::to_string(getpid())});
   EXPECT_EQ(code_, 1);
-  EXPECT_TRUE(contains(s.err(), "no tramway agent in process")) << s.err();
+  EXPECT_TRUE(contains(s.err(), "has no tramway agent loaded")) << s.err();
 
   // A pid nobody has: the process that just exited.
   const pid_t gone = s.pid;
   s = run({kCli, "live", std::to_string(gone), "status"});
   EXPECT_EQ(code_, 1);
   EXPECT_TRUE(contains(s.err(), "no process " + std::to_string(gone))) << s.err();
+}
+
+// The pid of `tramway run` itself is the easy mistake: the error names the program's pid.
+TEST_F(Cli, LiveOnTheSupervisorNamesTheProgramsPid) {
+  pid_t pid = -1;
+  Proc p = serve(pid);
+  ASSERT_GT(pid, 0);
+  const std::string supervisor = std::to_string(p.pid), program = std::to_string(pid);
+  Proc s = run({kCli, "live", supervisor, "status"});
+  EXPECT_EQ(code_, 1);
+  EXPECT_TRUE(contains(s.err(), "process " + supervisor + " (tramway) is running but has no tramway agent loaded: it is "
+                                    "the tramway command supervising process " + program +
+                                    ", which has the agent; use that pid (e.g. `tramway live " + program + " status`)"))
+      << s.err();
+  s = run({kCli, "live", program, "status"});
+  EXPECT_EQ(code_, 0) << s.err();
+  p.close_stdin();
+  EXPECT_EQ(p.wait(), 0) << p.err();
 }
 
 TEST_F(Cli, MalformedRequestsGetErrorsAndTheTargetRuns) {
