@@ -73,7 +73,9 @@ inline ThreadState* current() noexcept { return t_state ? t_state : claim(); }
 // Every state, for the flusher.
 ThreadState* all_states() noexcept;
 // At its thread's exit (recorder.cc): writes what the state's ring holds to the recording, if
-// one is running, and frees the state for reuse. Takes the recorder's mutex.
+// one is running, and frees the state for reuse. Takes the recorder's mutex, or, in a
+// read-side region (a hook callback that called pthread_exit), leaves both to the flusher
+// when the mutex is taken.
 void retire(ThreadState* t) noexcept;
 // Ring capacity for states made from now on.
 void set_ring_events(std::size_t events) noexcept;

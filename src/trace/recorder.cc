@@ -24,6 +24,7 @@
 #include <thread>
 #include <vector>
 
+#include "tramway/grace.h"
 #include "tramway/hooks.h"
 #include "tramway/trace.h"
 #include "trace/internal.h"
@@ -257,9 +258,18 @@ void forget_in_child() {
 // The thread's last events go to the file now, not at the flusher's next round, and its state
 // is free for the next new thread at once: left to the flusher, a program that makes threads
 // faster than one per flush interval would have a state mapped for each thread made meanwhile.
+// A thread that ends inside a hook callback (pthread_exit) exits inside a read-side region,
+// and the mutex's holder may be a detach or stop() waiting for a grace period, that is, for
+// this thread: such a thread does not wait for the mutex, and leaves its state to the flusher.
 void detail::retire(ThreadState* t) noexcept {
   Recording& r = recording();
-  std::lock_guard lock(r.mutex);
+  std::unique_lock lock(r.mutex, std::defer_lock);
+  if (!grace::in_read_section()) {
+    lock.lock();
+  } else if (!lock.try_lock()) {
+    r.wake.notify_one();
+    return;
+  }
   if (r.active) {
     r.flush_state_locked(t, Life::exited);
   } else {

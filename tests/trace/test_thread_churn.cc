@@ -5,14 +5,18 @@
 // (the acceptance figure of issue 11 is 100000: RSS within 16 MiB of RSS after 1000 threads).
 #include <gtest/gtest.h>
 #include <pthread.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
 
 #include "fixtures.h"
 #include "trace/report/report.h"
+#include "tramway/grace.h"
+#include "tramway/hooks.h"
 #include "tramway/trace.h"
 #include "trace/internal.h"
 
@@ -80,6 +84,44 @@ TEST(TraceThreadChurn, PerThreadStateIsReclaimedWhenThreadsExit) {
   EXPECT_LT(growth, bound) << "RSS grew by " << growth / (1 << 20) << " MiB over " << threads << " threads";
   EXPECT_EQ(stats.events, static_cast<std::uint64_t>(threads) * 20u);
   EXPECT_EQ(stats.lost, 0u);
+}
+
+// A thread that ends inside a hook callback (pthread_exit) exits with its grace marker
+// raised. Here the recorder's detach holds the recorder's mutex and waits for a grace period,
+// that is, for that thread, which must not wait for the mutex in turn as it exits.
+std::atomic<bool> g_in_callback{false};
+void exit_when_waited_for(const tramway::hooks::Ops&, std::uintptr_t, std::uintptr_t, tramway::hooks::EntryRegs&) {
+  g_in_callback = true;
+  const pid_t me = static_cast<pid_t>(::syscall(SYS_gettid));
+  for (bool waited_for = false; !waited_for;) {
+    for (const tramway::grace::Holdout& h : tramway::grace::holdouts()) waited_for = waited_for || h.tid == me;
+    if (!waited_for) ::usleep(1000);
+  }
+  pthread_exit(nullptr);
+}
+
+TEST(TraceThreadChurn, AThreadEndingInsideAHookCallbackDoesNotBlockADetach) {
+  ::alarm(30);  // a deadlock fails the test instead of hanging it
+  const std::string path = ::testing::TempDir() + "tramway_exit_in_callback_" + std::to_string(::getpid()) + ".trace";
+  ASSERT_TRUE(tramway::trace::start({path}).ok());
+  ASSERT_TRUE(tramway::trace::attach("trace_fx::leaf*").ok());
+  tramway::hooks::Ops ops;
+  ops.entry = exit_when_waited_for;
+  ASSERT_TRUE(tramway::hooks::attach(ops, tramway::hooks::Filter::names({"trace_fx::outer(int)"})).ok());
+  pthread_t t;
+  ASSERT_EQ(pthread_create(&t, nullptr, [](void*) -> void* {
+    trace_fx::leaf(1);   // the thread has a recorder state
+    trace_fx::outer(1);  // and ends in outer's callback
+    return nullptr;
+  }, nullptr), 0);
+  while (!g_in_callback) ::usleep(1000);
+  tramway::Status s = tramway::trace::detach("trace_fx::leaf*");  // waits for the thread to exit
+  EXPECT_TRUE(s.ok()) << s.message();
+  ASSERT_EQ(pthread_join(t, nullptr), 0);
+  EXPECT_TRUE(tramway::hooks::detach(ops).ok());
+  ASSERT_TRUE(tramway::trace::stop().ok());
+  std::remove(path.c_str());
+  ::alarm(0);
 }
 
 }  // namespace
