@@ -258,6 +258,8 @@ void forget_in_child() {
 // The thread's last events go to the file now, not at the flusher's next round, and its state
 // is free for the next new thread at once: left to the flusher, a program that makes threads
 // faster than one per flush interval would have a state mapped for each thread made meanwhile.
+// Until the state is free, it stays live for the flusher: marked exited, the flusher could
+// free it, and a new thread claim it, before this thread has the mutex.
 // A thread that ends inside a hook callback (pthread_exit) exits inside a read-side region,
 // and the mutex's holder may be a detach or stop() waiting for a grace period, that is, for
 // this thread: such a thread does not wait for the mutex, and leaves its state to the flusher.
@@ -267,6 +269,7 @@ void detail::retire(ThreadState* t) noexcept {
   if (!grace::in_read_section()) {
     lock.lock();
   } else if (!lock.try_lock()) {
+    t->life.store(Life::exited, std::memory_order_release);  // not touched here again
     r.wake.notify_one();
     return;
   }

@@ -36,7 +36,6 @@ void on_thread_exit(void* arg) {
   auto* t = static_cast<ThreadState*>(arg);
   close_all_frames(t);
   t_state = nullptr;
-  t->life.store(Life::exited, std::memory_order_release);
   retire(t);
 }
 
