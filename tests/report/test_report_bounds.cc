@@ -125,6 +125,8 @@ TEST(ReportBounds, ADeepStackKeepsEveryOutputProportionalToTheFile) {
     EXPECT_EQ(truncated_lines, 1u);
     EXPECT_EQ(lines, kDefaultMaxDepth + 1);
     EXPECT_NE(slurp(options.svg).find("[truncated: frames deeper than 512]"), std::string::npos);
+    EXPECT_NE(slurp(table).find("note: " + std::to_string(kDepth - kDefaultMaxDepth) + " frames were deeper than 512"),
+              std::string::npos);
     std::remove(table.c_str());
     std::remove(options.chrome.c_str());
     std::remove(options.folded.c_str());

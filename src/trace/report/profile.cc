@@ -186,6 +186,7 @@ struct ProfileBuilder::State {
     if (!t.stack.empty()) t.stack.back().children_ns += duration;
     if (how == CallEnd::unwound) t.profile.unwound++;
     if (how == CallEnd::open) t.profile.open_at_end++;
+    if (node.function == truncated) t.profile.truncated++;
     if (options.keep_calls)
       t.profile.calls.push_back({frame.start_ns, duration, frame.function,
                                  static_cast<std::uint32_t>(t.stack.size()), how});

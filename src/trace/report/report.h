@@ -140,6 +140,7 @@ struct ThreadProfile {
   std::uint64_t unmatched_exits = 0;  // exits/unwinds with no open frame of that function
   std::uint64_t unwound = 0;          // frames closed by unwinding (exception, longjmp, exit)
   std::uint64_t open_at_end = 0;      // frames closed at last_ns because the trace ended
+  std::uint64_t truncated = 0;        // frames deeper than BuildOptions::max_depth
   std::vector<CallNode> tree;         // tree[0] is the root
   std::unordered_map<std::uint32_t, FunctionStats> functions;  // by function index
   std::vector<Call> calls;            // BuildOptions::keep_calls only, sorted by start
