@@ -138,7 +138,8 @@ struct ProfileBuilder::State {
     const std::uint32_t f = intern(address);
     const std::uint32_t parent = t.stack.empty() ? 0 : t.stack.back().node;
     const bool truncate = options.max_depth != 0 && t.stack.size() >= options.max_depth;
-    if (truncate && truncated != kNoFunction && t.profile.tree[parent].function == truncated) {  // below a truncated frame: the same node
+    // Below a truncated frame: the same node.
+    if (truncate && truncated != kNoFunction && t.profile.tree[parent].function == truncated) {
       push(t, {address, f, parent, &t.profile.functions[f], time});
       return;
     }
