@@ -14,6 +14,7 @@
 #include <cerrno>
 #include <chrono>
 #include <cstring>
+#include <sstream>
 
 namespace tramway::control {
 namespace {
@@ -320,9 +321,50 @@ Result<std::unique_ptr<Server>> Server::start(Handler handler, ServerOptions opt
 
 // ---- client ----
 
+namespace {
+
+std::string read_small_file(const std::string& path) {
+  std::string text;
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return text;
+  char buf[4096];
+  ssize_t n;
+  while ((n = read(fd, buf, sizeof buf)) > 0 && text.size() < (1u << 20)) text.append(buf, static_cast<std::size_t>(n));
+  close(fd);
+  return text;
+}
+
+// The socket of `pid` in the directories we look in, if there is one.
+std::string socket_of(pid_t pid) {
+  for (const std::string& dir : socket_dirs()) {
+    const std::string path = socket_path(dir, pid);
+    struct stat st;
+    if (lstat(path.c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) return path;
+  }
+  return {};
+}
+
+// Why `pid`, which exists, has no socket, and which pid to use instead when there is one: the
+// `tramway run` or `record` supervisor's own pid is the usual mistake, and its child has the agent.
+std::string no_agent_in(pid_t pid) {
+  std::string comm = read_small_file("/proc/" + std::to_string(pid) + "/comm");
+  while (!comm.empty() && comm.back() == '\n') comm.pop_back();
+  const std::string who = "process " + std::to_string(pid) + (comm.empty() ? "" : " (" + comm + ")");
+  std::istringstream children(read_small_file("/proc/" + std::to_string(pid) + "/task/" + std::to_string(pid) + "/children"));
+  for (long child; children >> child;) {
+    if (socket_of(static_cast<pid_t>(child)).empty()) continue;
+    const std::string c = std::to_string(child);
+    return who + " is running but has no tramway agent loaded: it is " +
+           (comm == "tramway" ? "the tramway command supervising" : "the parent of") + " process " + c +
+           ", which has the agent; use that pid (e.g. `tramway live " + c + " status`)";
+  }
+  return who + " is running but has no tramway agent loaded (start the program with `tramway run -- PROG` or "
+               "`tramway record`, and use the pid that `tramway run` prints)";
+}
+
+}  // namespace
+
 Result<std::string> find_socket(pid_t pid) {
-  const std::string no_agent = "no tramway agent in process " + std::to_string(pid) +
-                               " (start the program with `tramway run -- PROG` or `tramway record`)";
   if (kill(pid, 0) != 0) {
     if (errno == ESRCH) return Status::error("no process " + std::to_string(pid), ESRCH);
     if (errno == EPERM) {
@@ -336,7 +378,7 @@ Result<std::string> find_socket(pid_t pid) {
     const std::string path = socket_path(dir, pid);
     if (lstat(path.c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) return path;
   }
-  return Status::error(no_agent);
+  return Status::error(no_agent_in(pid));
 }
 
 Result<Connection> Connection::open_path(const std::string& path, unsigned timeout_ms) {
@@ -364,10 +406,7 @@ Result<Connection> Connection::open(pid_t pid, unsigned timeout_ms) {
   Result<Connection> c = open_path(*path, timeout_ms);
   if (!c.ok()) {
     // A socket nobody serves was left by a process that died without cleaning up.
-    if (c.status().sys_errno() == ECONNREFUSED) {
-      return Status::error("no tramway agent in process " + std::to_string(pid) +
-                           " (start the program with `tramway run -- PROG` or `tramway record`)");
-    }
+    if (c.status().sys_errno() == ECONNREFUSED) return Status::error(no_agent_in(pid));
     return c.status();
   }
   ucred cred{};

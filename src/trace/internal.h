@@ -4,8 +4,8 @@
 // Each thread that records owns one ThreadState, found through initial-exec TLS. Only the
 // owner writes its shadow stack and the producer side of its ring; the recorder's flusher
 // thread reads the ring. States are never unmapped (a frame hijacked before a detach or a stop
-// still returns through them); a thread's state is reused by a later thread only once the
-// flusher drained it after the thread exited.
+// still returns through them); a thread's state is drained and freed at the thread's exit, and
+// reused by a later thread.
 #pragma once
 
 #include <x86intrin.h>
@@ -72,6 +72,11 @@ ThreadState* claim() noexcept;
 inline ThreadState* current() noexcept { return t_state ? t_state : claim(); }
 // Every state, for the flusher.
 ThreadState* all_states() noexcept;
+// At its thread's exit (recorder.cc): writes what the state's ring holds to the recording, if
+// one is running, and frees the state for reuse. Takes the recorder's mutex, or, in a
+// read-side region (a hook callback that called pthread_exit), leaves both to the flusher
+// when the mutex is taken.
+void retire(ThreadState* t) noexcept;
 // Ring capacity for states made from now on.
 void set_ring_events(std::size_t events) noexcept;
 

@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "common/fork_hooks.h"
+#include "tramway/grace.h"
 #include "tramway/hooks.h"
 #include "tramway/trace.h"
 #include "trace/internal.h"
@@ -119,62 +120,74 @@ class Recording {
   void flush_locked() {
     for (ThreadState* t = detail::all_states(); t; t = t->next) {
       const detail::Life life = t->life.load(std::memory_order_acquire);
-      if (life == detail::Life::free) continue;
-      const std::uint64_t head = t->head.load(std::memory_order_acquire);
-      std::uint64_t tail = t->tail.load(std::memory_order_relaxed);
-      if (head != tail && !t->named) {
-        t->named = true;
-        ++threads;
-        std::string payload, name;
-        char path[64];
-        std::snprintf(path, sizeof path, "/proc/self/task/%u/comm", t->tid);
-        if (FILE* f = std::fopen(path, "r")) {
-          char buf[64] = {};
-          if (std::fgets(buf, sizeof buf, f)) name = buf;
-          std::fclose(f);
-          while (!name.empty() && name.back() == '\n') name.pop_back();
-        }
-        put(payload, t->tid);
-        put(payload, static_cast<std::uint32_t>(name.size()));
-        payload += name;
-        write_chunk(fmt::ChunkType::thread, payload);
-      }
-      while (tail != head) {
-        // One chunk: header, tid, count, events converted to ns straight into the buffer.
-        const std::uint64_t n = std::min<std::uint64_t>(head - tail, 1u << 16);
-        const std::uint32_t count = static_cast<std::uint32_t>(n);
-        const fmt::ChunkHeader ch{fmt::ChunkType::events, static_cast<std::uint32_t>(8 + n * sizeof(fmt::Event))};
-        buffer.resize(sizeof ch + ch.size);
-        char* out = buffer.data();
-        std::memcpy(out, &ch, sizeof ch);
-        std::memcpy(out + sizeof ch, &t->tid, 4);
-        std::memcpy(out + sizeof ch + 4, &count, 4);
-        auto* events_out = reinterpret_cast<fmt::Event*>(out + sizeof ch + 8);
-        for (std::uint64_t i = 0; i < n; ++i) {
-          const fmt::Event& e = t->ring[(tail + i) & t->mask];
-          events_out[i] = fmt::Event{to_ns(e.time_ns), e.word};
-        }
-        tail += n;
-        t->tail.store(tail, std::memory_order_release);
-        events += n;
-        write_bytes(buffer.data(), buffer.size());
-      }
-      const std::uint64_t lost_now = t->lost.load(std::memory_order_relaxed);
-      if (lost_now != t->lost_reported) {
-        std::string payload;
-        put(payload, t->tid);
-        put(payload, std::uint32_t{0});
-        put(payload, lost_now - t->lost_reported);
-        write_chunk(fmt::ChunkType::lost, payload);
-        lost += lost_now - t->lost_reported;
-        t->lost_reported = lost_now;
-      }
-      if (life == detail::Life::exited) {
-        t->lost.store(0, std::memory_order_relaxed);
-        t->lost_reported = 0;
-        t->life.store(detail::Life::free, std::memory_order_release);
-      }
+      if (life != detail::Life::free) flush_state_locked(t, life);
     }
+  }
+
+  // Drains one ring into the file; an exited thread's state is then free for reuse. Called
+  // with `mutex` held.
+  void flush_state_locked(ThreadState* t, detail::Life life) {
+    const std::uint64_t head = t->head.load(std::memory_order_acquire);
+    std::uint64_t tail = t->tail.load(std::memory_order_relaxed);
+    if (head != tail && !t->named) {
+      t->named = true;
+      ++threads;
+      std::string payload, name;
+      char path[64];
+      std::snprintf(path, sizeof path, "/proc/self/task/%u/comm", t->tid);
+      if (FILE* f = std::fopen(path, "r")) {
+        char buf[64] = {};
+        if (std::fgets(buf, sizeof buf, f)) name = buf;
+        std::fclose(f);
+        while (!name.empty() && name.back() == '\n') name.pop_back();
+      }
+      put(payload, t->tid);
+      put(payload, static_cast<std::uint32_t>(name.size()));
+      payload += name;
+      write_chunk(fmt::ChunkType::thread, payload);
+    }
+    while (tail != head) {
+      // One chunk: header, tid, count, events converted to ns straight into the buffer.
+      const std::uint64_t n = std::min<std::uint64_t>(head - tail, 1u << 16);
+      const std::uint32_t count = static_cast<std::uint32_t>(n);
+      const fmt::ChunkHeader ch{fmt::ChunkType::events, static_cast<std::uint32_t>(8 + n * sizeof(fmt::Event))};
+      buffer.resize(sizeof ch + ch.size);
+      char* out = buffer.data();
+      std::memcpy(out, &ch, sizeof ch);
+      std::memcpy(out + sizeof ch, &t->tid, 4);
+      std::memcpy(out + sizeof ch + 4, &count, 4);
+      auto* events_out = reinterpret_cast<fmt::Event*>(out + sizeof ch + 8);
+      for (std::uint64_t i = 0; i < n; ++i) {
+        const fmt::Event& e = t->ring[(tail + i) & t->mask];
+        events_out[i] = fmt::Event{to_ns(e.time_ns), e.word};
+      }
+      tail += n;
+      t->tail.store(tail, std::memory_order_release);
+      events += n;
+      write_bytes(buffer.data(), buffer.size());
+    }
+    const std::uint64_t lost_now = t->lost.load(std::memory_order_relaxed);
+    if (lost_now != t->lost_reported) {
+      std::string payload;
+      put(payload, t->tid);
+      put(payload, std::uint32_t{0});
+      put(payload, lost_now - t->lost_reported);
+      write_chunk(fmt::ChunkType::lost, payload);
+      lost += lost_now - t->lost_reported;
+      t->lost_reported = lost_now;
+    }
+    if (life == detail::Life::exited) release(t);
+  }
+
+  // The next thread starts at the ring's first page: continuing from the previous thread's
+  // head would touch every page of the ring over the lives of many short threads.
+  static void release(ThreadState* t) {
+    t->head.store(0, std::memory_order_relaxed);
+    t->tail.store(0, std::memory_order_relaxed);
+    t->cached_tail = 0;
+    t->lost.store(0, std::memory_order_relaxed);
+    t->lost_reported = 0;
+    t->life.store(detail::Life::free, std::memory_order_release);
   }
 
   // Adds to the function table every patchable function not in it yet.
@@ -250,6 +263,31 @@ __attribute__((constructor)) void register_fork_hook() { common::register_fork_h
 __attribute__((destructor)) void unregister_fork_hook() { common::unregister_fork_hook(kForkHook); }
 
 }  // namespace
+
+// The thread's last events go to the file now, not at the flusher's next round, and its state
+// is free for the next new thread at once: left to the flusher, a program that makes threads
+// faster than one per flush interval would have a state mapped for each thread made meanwhile.
+// Until the state is free, it stays live for the flusher: marked exited, the flusher could
+// free it, and a new thread claim it, before this thread has the mutex.
+// A thread that ends inside a hook callback (pthread_exit) exits inside a read-side region,
+// and the mutex's holder may be a detach or stop() waiting for a grace period, that is, for
+// this thread: such a thread does not wait for the mutex, and leaves its state to the flusher.
+void detail::retire(ThreadState* t) noexcept {
+  Recording& r = recording();
+  std::unique_lock lock(r.mutex, std::defer_lock);
+  if (!grace::in_read_section()) {
+    lock.lock();
+  } else if (!lock.try_lock()) {
+    t->life.store(Life::exited, std::memory_order_release);  // not touched here again
+    r.wake.notify_one();
+    return;
+  }
+  if (r.active) {
+    r.flush_state_locked(t, Life::exited);
+  } else {
+    Recording::release(t);  // the next start() discards what the ring holds
+  }
+}
 
 Status start(const RecordOptions& options) {
   Recording& r = recording();

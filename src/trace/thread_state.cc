@@ -30,13 +30,13 @@ std::atomic<std::size_t> g_ring_events{1u << 16};
 pthread_key_t g_exit_key;
 pthread_once_t g_exit_key_once = PTHREAD_ONCE_INIT;
 
-// Thread exit: close the frames left (pthread_exit and cancellation skip them) and hand the
-// state to the flusher, which frees it for reuse once drained.
+// Thread exit: close the frames left (pthread_exit and cancellation skip them), then drain
+// the state and free it for reuse.
 void on_thread_exit(void* arg) {
   auto* t = static_cast<ThreadState*>(arg);
   close_all_frames(t);
   t_state = nullptr;
-  t->life.store(Life::exited, std::memory_order_release);
+  retire(t);
 }
 
 void make_exit_key() { (void)pthread_key_create(&g_exit_key, on_thread_exit); }

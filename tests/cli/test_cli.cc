@@ -316,18 +316,37 @@ TEST_F(Cli, LiveStatusListAndSocketRemovedAtExit) {
 TEST_F(Cli, LiveWithoutAgentSaysHowToStartOne) {
   Proc s = run({kCli, "live", std::to_string(getpid()), "status"});
   EXPECT_EQ(code_, 1);
-  EXPECT_TRUE(contains(s.err(), "no tramway agent in process " + std::to_string(getpid()) +
-                                    " (start the program with `tramway run -- PROG` or `tramway record`)"))
+  EXPECT_TRUE(contains(s.err(), "process " + std::to_string(getpid()) +
+                                    " (test_cli) is running but has no tramway agent loaded (start the program with "
+                                    "`tramway run -- PROG` or `tramway record`"))
       << s.err();
   s = run({kCli, "list", std::to_string(getpid())});
   EXPECT_EQ(code_, 1);
-  EXPECT_TRUE(contains(s.err(), "no tramway agent in process")) << s.err();
+  EXPECT_TRUE(contains(s.err(), "has no tramway agent loaded")) << s.err();
 
   // A pid nobody has: the process that just exited.
   const pid_t gone = s.pid;
   s = run({kCli, "live", std::to_string(gone), "status"});
   EXPECT_EQ(code_, 1);
   EXPECT_TRUE(contains(s.err(), "no process " + std::to_string(gone))) << s.err();
+}
+
+// The pid of `tramway run` itself is the easy mistake: the error names the program's pid.
+TEST_F(Cli, LiveOnTheSupervisorNamesTheProgramsPid) {
+  pid_t pid = -1;
+  Proc p = serve(pid);
+  ASSERT_GT(pid, 0);
+  const std::string supervisor = std::to_string(p.pid), program = std::to_string(pid);
+  Proc s = run({kCli, "live", supervisor, "status"});
+  EXPECT_EQ(code_, 1);
+  EXPECT_TRUE(contains(s.err(), "process " + supervisor + " (tramway) is running but has no tramway agent loaded: it is "
+                                    "the tramway command supervising process " + program +
+                                    ", which has the agent; use that pid (e.g. `tramway live " + program + " status`)"))
+      << s.err();
+  s = run({kCli, "live", program, "status"});
+  EXPECT_EQ(code_, 0) << s.err();
+  p.close_stdin();
+  EXPECT_EQ(p.wait(), 0) << p.err();
 }
 
 TEST_F(Cli, MalformedRequestsGetErrorsAndTheTargetRuns) {
@@ -537,13 +556,21 @@ TEST_F(Cli, RecordWithBadFilterStopsBeforeMain) {
   EXPECT_FALSE(contains(p.err(), "tramway report")) << p.err();
 }
 
+// The target has no SIGTERM handler: the SIGTERM that ends it kills it before its agent can
+// remove the control socket, so tramway does (in a socket directory of the test's own).
 TEST_F(Cli, RecordDurationStopsRecordingThenTheProgram) {
   const std::string trace = dir_ + "/duration.trace";
-  Proc p = spawn({kCli, "record", "--duration", "0.5", "-f", "cli_target::gamma*", "-o", trace, "--", kTarget, "--serve"});
+  Proc p = spawn({kCli, "record", "--duration", "0.5", "-f", "cli_target::gamma*", "-o", trace, "--", kTarget, "--serve"},
+                 {{"XDG_RUNTIME_DIR", dir_}});
   // stdin stays open: only --duration can end the program.
   EXPECT_EQ(p.wait(15s), 0) << p.err();
   p.close_stdin();
   EXPECT_TRUE(contains(p.err(), "stopped: recorded ")) << p.err();
+  const std::string sockets = dir_ + "/tramway";
+  struct stat st;
+  ASSERT_EQ(stat(sockets.c_str(), &st), 0) << "the agent did not use XDG_RUNTIME_DIR=" << dir_;
+  Proc ls = run({"/bin/ls", "-A", sockets});
+  EXPECT_EQ(ls.out(), "") << "left in " << sockets;
   const TraceCounts tc = read_trace(trace);
   ASSERT_EQ(tc.error, "");
   EXPECT_TRUE(tc.ended_cleanly);

@@ -3,6 +3,9 @@
 // without entries), damaged files, and that the Chrome JSON, folded stacks and SVG are what
 // their consumers accept (JSON and XML checked by python3's own parsers).
 #include <gtest/gtest.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstdio>
@@ -294,6 +297,32 @@ TEST(Report, WrongMagicVersionAndMissingFileAreErrors) {
   const tramway::Status st = run(options, out);
   std::fclose(out);
   EXPECT_FALSE(st.ok());
+}
+
+// Opening a FIFO for reading waits for a writer: the reader must refuse it without opening
+// it that way. Checked in a child with an alarm, so that a regression fails instead of hanging.
+TEST(Report, AFifoOrADirectoryIsRefusedWithoutBlocking) {
+  const std::string fifo = temp_path("fifo");
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  for (const std::string& path : {fifo, ::testing::TempDir()}) {
+    const pid_t child = ::fork();
+    ASSERT_GE(child, 0);
+    if (child == 0) {
+      ::alarm(10);
+      ReadOptions read;
+      read.diagnostics = nullptr;
+      const Result<Profile> r = load_profile(path, read);
+      const bool named = !r.ok() && r.status().message().find(" is a ") != std::string::npos &&
+                         r.status().message().find("not a regular file") != std::string::npos;
+      if (!named) std::fprintf(stderr, "%s\n", r.ok() ? "read" : r.status().message().c_str());
+      ::_exit(named ? 0 : 1);
+    }
+    int status = 0;
+    ASSERT_EQ(::waitpid(child, &status, 0), child);
+    EXPECT_FALSE(WIFSIGNALED(status)) << path << ": killed by signal " << WTERMSIG(status) << " (blocked in open?)";
+    EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << path;
+  }
+  std::remove(fifo.c_str());
 }
 
 TEST(Report, LostEventsAreCountedAndShown) {

@@ -90,7 +90,10 @@ void expect_balanced(const Parsed& p) {
       }
     }
     std::string names;
-    for (std::uint64_t a : open) names += " " + p.name(a);
+    for (std::uint64_t a : open) {  // piecewise: GCC 12 -O3 flags " " + string with -Wrestrict
+      names += ' ';
+      names += p.name(a);
+    }
     EXPECT_TRUE(open.empty()) << "thread " << tid << ": " << open.size() << " frames never closed:" << names;
   }
 }

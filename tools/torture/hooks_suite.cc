@@ -855,7 +855,10 @@ Totals sum(const std::vector<ThreadState>& states) {
 
 std::string hits_text(const std::uint8_t (&hits)[kSlots]) {
   std::string out;
-  for (int k = 0; k < kSlots; ++k) out += (k ? " " : "") + std::to_string(hits[k]);
+  for (int k = 0; k < kSlots; ++k) {  // piecewise: GCC 12 -O3 flags "" + string with -Wrestrict
+    if (k) out += ' ';
+    out += std::to_string(hits[k]);
+  }
   return out;
 }
 

@@ -207,11 +207,14 @@ bool Supervisor::wait(int timeout_ms) {
   using Clock = std::chrono::steady_clock;
   const auto deadline = Clock::now() + std::chrono::milliseconds(timeout_ms < 0 ? 0 : timeout_ms);
   while (!done_) {
-    int st = 0;
-    const pid_t r = waitpid(pid_, &st, WNOHANG);
-    if (r == pid_ || (r < 0 && errno == ECHILD)) {
+    siginfo_t info{};
+    const int r = waitid(P_PID, static_cast<id_t>(pid_), &info, WEXITED | WNOHANG | WNOWAIT);
+    if ((r == 0 && info.si_pid == pid_) || (r < 0 && errno == ECHILD)) {
+      if (r == 0 && before_reap_) before_reap_(pid_);
+      int st = 0;
+      const pid_t reaped = r == 0 ? waitpid(pid_, &st, 0) : -1;
       done_ = true;
-      status_ = r == pid_ ? st : 0;
+      status_ = reaped == pid_ ? st : 0;
       break;
     }
     int left = -1;

@@ -12,6 +12,7 @@
 #include <signal.h>
 #include <sys/types.h>
 
+#include <functional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -52,6 +53,9 @@ class Supervisor {
   ~Supervisor();
 
   pid_t pid() const noexcept { return pid_; }
+  // Runs `f` once the child has exited but before it is reaped: its pid cannot have been
+  // reused yet, so what `f` removes under that pid was the child's.
+  void before_reap(std::function<void(pid_t)> f) { before_reap_ = std::move(f); }
   // Waits up to timeout_ms (-1: for ever) for the child to exit, forwarding signals. True once it has.
   bool wait(int timeout_ms);
   bool exited() const noexcept { return done_; }
@@ -69,6 +73,7 @@ class Supervisor {
   int status_ = 0;
   bool restore_mask_ = false;
   sigset_t old_mask_{};  // restored when the child is gone
+  std::function<void(pid_t)> before_reap_;
 };
 
 // `s` quoted for a POSIX shell when it needs it (for the commands we suggest).

@@ -6,6 +6,7 @@
 //   tramway run -- PROG ARGS...
 //   tramway live PID attach GLOB [-o FILE] | detach GLOB | status | stop
 //   tramway report FILE [--sort KEY] [--limit N] [--per-thread] [--chrome F] [--folded F] [--svg F]
+//                  [--max-depth N]
 //
 // Programs run with libtramway_agent.so preloaded (src/agent/agent.cc), configured through
 // TRAMWAY_* variables; `live` and `list PID` talk to the agent's control socket
@@ -116,6 +117,17 @@ bool wait_for_agent(Supervisor& s) {
   return false;
 }
 
+// The control socket of an agent whose program is gone: a program killed by a signal (the
+// SIGTERM that ends --duration, with no handler for it) cannot remove it itself. Called
+// before the program is reaped, so that no other process can have its pid yet.
+void remove_stale_socket(pid_t pid) {
+  for (const std::string& dir : control::socket_dirs()) {
+    const std::string path = control::socket_path(dir, pid);
+    struct stat st;
+    if (lstat(path.c_str(), &st) == 0 && S_ISSOCK(st.st_mode) && st.st_uid == geteuid()) unlink(path.c_str());
+  }
+}
+
 // Ends a --duration recording: the agent closes the trace (the `stop` request returns when the
 // file is complete), then the program gets SIGTERM, and SIGKILL if it lingers.
 void end_after_duration(Supervisor& s) {
@@ -153,6 +165,7 @@ int record(const RecordArgs& a, const std::vector<std::string>& command) {
   if (a.duration > 0) l.env.emplace_back("TRAMWAY_CONTROL", "1");
   Result<Supervisor> s = Supervisor::start(l);
   if (!s.ok()) return fail(s.status());
+  s->before_reap(remove_stale_socket);
 
   // The duration counts from when the agent is up: recording and listening for `stop`.
   bool ended_by_us = false;
@@ -183,6 +196,7 @@ int run(const std::vector<std::string>& command) {
   l.env.emplace_back("TRAMWAY_CONTROL", "1");
   Result<Supervisor> s = Supervisor::start(l);
   if (!s.ok()) return fail(s.status());
+  s->before_reap(remove_stale_socket);
   // Say how to attach only once the agent listens, so the hint can be acted on at once.
   if (wait_for_agent(*s)) {
     std::fprintf(stderr,
@@ -298,6 +312,10 @@ int main_cli(int argc, char** argv) {
   report_cmd->add_option("--chrome", rep.chrome, "write Chrome trace-event JSON (Perfetto) here");
   report_cmd->add_option("--folded", rep.folded, "write folded stacks here");
   report_cmd->add_option("--svg", rep.svg, "write an SVG flame graph here");
+  report_cmd->add_option("--max-depth", rep.max_depth,
+                         "stack depth the folded stacks and flame graph show; deeper frames are one "
+                         "'[truncated]' frame (0: no bound: outputs can grow with depth squared)")
+      ->capture_default_str();
 
   try {
     app.parse(cli_argc, argv);

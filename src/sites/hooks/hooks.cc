@@ -24,6 +24,7 @@
 #include "tramway/hooks.h"
 
 #include <cpuid.h>
+#include <cxxabi.h>
 #include <dlfcn.h>
 #include <fnmatch.h>
 #include <immintrin.h>
@@ -1033,7 +1034,7 @@ namespace {
 // library call may come before the xsave: glibc's string functions use AVX and end with
 // vzeroupper, which would clear the very upper halves this is meant to keep.
 __attribute__((target("xsave"), noinline)) void call_saving_extended_state(Ops& o, std::uintptr_t entry,
-                                                                          std::uintptr_t caller, EntryRegs& regs) noexcept {
+                                                                          std::uintptr_t caller, EntryRegs& regs) {
   const XsaveLayout& layout = xsave_layout();
   auto* raw = static_cast<unsigned char*>(__builtin_alloca(layout.size + 64));
   auto* area = reinterpret_cast<unsigned char*>((reinterpret_cast<std::uintptr_t>(raw) + 63) & ~std::uintptr_t{63});
@@ -1049,7 +1050,7 @@ __attribute__((target("xsave"), noinline)) void call_saving_extended_state(Ops& 
 // thread's counter block there (hook_entry.S, HOOK_CALL_ONE) — and call the dispatchers
 // below for every other.
 inline void run_callbacks(Ops* const* ops, std::size_t count, std::uint32_t site_index, std::uintptr_t entry,
-                          std::uintptr_t caller, EntryRegs& regs) noexcept {
+                          std::uintptr_t caller, EntryRegs& regs) {
   if (t_in_callback) {  // a callback called a hooked function
     for (std::size_t i = 0; i < count; ++i) ops[i]->state->recursion_skipped.fetch_add(1, std::memory_order_relaxed);
     return;
@@ -1057,15 +1058,27 @@ inline void run_callbacks(Ops* const* ops, std::size_t count, std::uint32_t site
   CounterBlock* const block = my_block();  // null when out of memory: nothing counted
   if (block) bump(block->site_hits[site_index]);
   t_in_callback = true;
-  for (std::size_t i = 0; i < count; ++i) {
-    Ops& o = *ops[i];
-    if (!o.state->enabled.load(std::memory_order_relaxed)) continue;
-    if (block) bump(block->hits[o.state->id]);
-    if (o.state->extended) {
-      call_saving_extended_state(o, entry, caller, regs);
-    } else {
-      o.state->entry(o, entry, caller, regs);
+  // What may leave a callback: nothing but the forced unwind of pthread_exit or of a
+  // cancellation, which ends the thread. It passes on through the dispatcher and the stub
+  // (whose CFI describes its frame) into the hooked function and its callers, running their
+  // cleanups; the marker stays raised and t_in_callback set until the thread has exited, as
+  // when it leaves the stubs' inline path (an exited thread holds up no grace period). Any
+  // other exception ends the program.
+  try {
+    for (std::size_t i = 0; i < count; ++i) {
+      Ops& o = *ops[i];
+      if (!o.state->enabled.load(std::memory_order_relaxed)) continue;
+      if (block) bump(block->hits[o.state->id]);
+      if (o.state->extended) {
+        call_saving_extended_state(o, entry, caller, regs);
+      } else {
+        o.state->entry(o, entry, caller, regs);
+      }
     }
+  } catch (abi::__forced_unwind&) {
+    throw;
+  } catch (...) {
+    std::terminate();
   }
   t_in_callback = false;
 }
@@ -1076,7 +1089,7 @@ inline void run_callbacks(Ops* const* ops, std::size_t count, std::uint32_t site
 // Called by tramway_hook_entry with the marker raised, for what its fast path leaves.
 extern "C" __attribute__((visibility("hidden"))) void tramway_hook_dispatch(tramway::hooks::EntryRegs* regs,
                                                                             std::uintptr_t body,
-                                                                            std::uintptr_t caller) noexcept {
+                                                                            std::uintptr_t caller) {
   using namespace tramway::hooks;
   const std::uintptr_t entry = body - 5;
   const auto* cell = *reinterpret_cast<SiteCell* const*>(entry - 8);
@@ -1096,7 +1109,7 @@ extern "C" __attribute__((visibility("hidden"))) void tramway_hook_dispatch(tram
 extern "C" __attribute__((visibility("hidden"))) void tramway_hook_direct_dispatch(tramway::hooks::EntryRegs* regs,
                                                                                    std::uintptr_t body,
                                                                                    std::uintptr_t caller,
-                                                                                   const tramway::hooks::SlotData* slot) noexcept {
+                                                                                   const tramway::hooks::SlotData* slot) {
   using namespace tramway::hooks;
   // Another owner (or none): the slot was retired, and maybe reused, between this thread's
   // call into it and its marker. The call goes on untraced.

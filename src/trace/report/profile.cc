@@ -6,6 +6,10 @@
 // frames above it as unwound (they can only have been skipped); an exit with no open frame
 // of its function is counted and ignored. Function identities are addresses until finish(),
 // so names from a functions chunk that comes after the events still apply.
+//
+// Work stays linear in the events however deep the stacks: the tree stops at max_depth (one
+// "[truncated]" node per stack stands for the frames below), and an exit whose function has
+// no open frame is found out without scanning a deep stack.
 #include <algorithm>
 #include <bit>
 #include <map>
@@ -73,15 +77,30 @@ struct OpenFrame {
   std::uint64_t address;
   std::uint32_t function;
   std::uint32_t node;          // in the thread's tree
+  FunctionStats* stats;        // its function's, in the thread's profile
   std::uint64_t start_ns;
   std::uint64_t children_ns = 0;  // time in traced children, closed so far
 };
+
+// Frames below this index of a stack are found by scanning; above it, a count per address
+// says whether an exit has an open frame to close at all.
+constexpr std::size_t kScannedDepth = 256;
+
+// `s` cut to kMaxNameBytes (at a character boundary) and marked, if longer.
+void bound_name(std::string& s) {
+  if (s.size() <= kMaxNameBytes) return;
+  std::size_t cut = kMaxNameBytes - 3;
+  while (cut > 0 && (static_cast<unsigned char>(s[cut]) & 0xC0) == 0x80) --cut;
+  s.resize(cut);
+  s += "...";
+}
 
 struct ThreadState {
   ThreadProfile profile;
   std::vector<OpenFrame> stack;
   FlatIndex child_of;                      // (parent node << 32 | function) -> node
   std::vector<FunctionStats*> node_stats;  // by node: its function's stats (stable: node-based map)
+  std::unordered_map<std::uint64_t, std::uint32_t> deep_open;  // open frames at kScannedDepth and up, by address
   bool seen_event = false;
 
   ThreadState() {
@@ -98,6 +117,15 @@ struct ProfileBuilder::State {
   FlatIndex function_of;  // address -> index
   std::map<std::uint32_t, ThreadState> threads;  // by tid
   std::uint64_t unknown_kinds = 0;
+  std::uint32_t truncated = kNoFunction;  // the pseudo-function of truncated frames, once needed
+
+  std::uint32_t truncated_function() {
+    if (truncated == kNoFunction) {
+      truncated = static_cast<std::uint32_t>(functions.size());
+      functions.push_back({0, "[truncated: frames deeper than " + std::to_string(options.max_depth) + "]"});
+    }
+    return truncated;
+  }
 
   std::uint32_t intern(std::uint64_t address) {
     bool added;
@@ -109,32 +137,49 @@ struct ProfileBuilder::State {
   void enter(ThreadState& t, std::uint64_t address, std::uint64_t time) {
     const std::uint32_t f = intern(address);
     const std::uint32_t parent = t.stack.empty() ? 0 : t.stack.back().node;
-    const std::uint64_t key = (std::uint64_t{parent} << 32) | f;
+    const bool truncate = options.max_depth != 0 && t.stack.size() >= options.max_depth;
+    // Below a truncated frame: the same node.
+    if (truncate && truncated != kNoFunction && t.profile.tree[parent].function == truncated) {
+      push(t, {address, f, parent, &t.profile.functions[f], time});
+      return;
+    }
+    const std::uint32_t node_function = truncate ? truncated_function() : f;
+    const std::uint64_t key = (std::uint64_t{parent} << 32) | node_function;
     bool added;
     const std::uint32_t node = t.child_of.find_or_add(key, static_cast<std::uint32_t>(t.profile.tree.size()), added);
     if (added) {
       CallNode n;
-      n.function = f;
+      n.function = node_function;
       n.parent = parent;
       t.profile.tree.push_back(std::move(n));
       t.profile.tree[parent].children.push_back(node);
-      t.node_stats.push_back(&t.profile.functions[f]);
+      t.node_stats.push_back(truncate ? nullptr : &t.profile.functions[f]);
     }
-    t.stack.push_back({address, f, node, time});
+    push(t, {address, f, node, truncate ? &t.profile.functions[f] : t.node_stats[node], time});
+  }
+
+  static void push(ThreadState& t, const OpenFrame& frame) {
+    if (t.stack.size() >= kScannedDepth) t.deep_open[frame.address]++;
+    t.stack.push_back(frame);
   }
 
   // Closes the top frame at `time`.
   void close_top(ThreadState& t, std::uint64_t time, CallEnd how) {
     const OpenFrame frame = t.stack.back();
     t.stack.pop_back();
+    if (t.stack.size() >= kScannedDepth) {
+      auto it = t.deep_open.find(frame.address);
+      if (--it->second == 0) t.deep_open.erase(it);
+    }
     // Timestamps of one thread do not go backwards; if a damaged file says so, count zero.
     const std::uint64_t duration = time > frame.start_ns ? time - frame.start_ns : 0;
     const std::uint64_t self = duration - std::min(frame.children_ns, duration);
     CallNode& node = t.profile.tree[frame.node];
     node.calls++;
-    node.total_ns += duration;
+    // Truncated frames nest on one node: its total is the time of the outermost of them.
+    if (t.stack.empty() || t.stack.back().node != frame.node) node.total_ns += duration;
     node.self_ns += self;
-    FunctionStats& stats = *t.node_stats[frame.node];
+    FunctionStats& stats = *frame.stats;
     stats.calls++;
     stats.total_ns += duration;
     stats.self_ns += self;
@@ -142,12 +187,21 @@ struct ProfileBuilder::State {
     if (!t.stack.empty()) t.stack.back().children_ns += duration;
     if (how == CallEnd::unwound) t.profile.unwound++;
     if (how == CallEnd::open) t.profile.open_at_end++;
+    if (node.function == truncated) t.profile.truncated++;
     if (options.keep_calls)
       t.profile.calls.push_back({frame.start_ns, duration, frame.function,
                                  static_cast<std::uint32_t>(t.stack.size()), how});
   }
 
   void leave(ThreadState& t, std::uint64_t address, std::uint64_t time, CallEnd how) {
+    // A scan that finds a frame closes every frame it passed; one that finds none would cost
+    // the whole depth for nothing, once per such exit.
+    if (t.stack.size() > kScannedDepth && !t.deep_open.count(address) &&
+        std::none_of(t.stack.begin(), t.stack.begin() + kScannedDepth,
+                     [&](const OpenFrame& f) { return f.address == address; })) {
+      t.profile.unmatched_exits++;
+      return;
+    }
     auto match = std::find_if(t.stack.rbegin(), t.stack.rend(),
                               [&](const OpenFrame& f) { return f.address == address; });
     if (match == t.stack.rend()) {
@@ -222,8 +276,11 @@ Profile ProfileBuilder::finish(ReadSummary source) {
     }
     p.threads.push_back(std::move(t.profile));
   }
-  for (FunctionInfo& f : s.functions)
+  for (FunctionInfo& f : s.functions) {
     if (f.name.empty()) f.name = common::hex_address(f.address);
+    bound_name(f.name);
+  }
+  for (ThreadProfile& t : p.threads) bound_name(t.name);
   p.functions = std::move(s.functions);
   p.lost = std::max(lost, source.lost);
   p.unknown_kind_events = s.unknown_kinds;

@@ -4,6 +4,7 @@
 // sink decides what to keep. A file cut short reads up to its last complete chunk; a damaged
 // chunk whose size is still plausible is skipped with a warning, so one bad chunk does not
 // cost the rest of the recording.
+#include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -19,6 +20,15 @@
 
 namespace tramway::trace::report {
 namespace {
+
+const char* file_kind(mode_t mode) {
+  if (S_ISFIFO(mode)) return "a FIFO (named pipe)";
+  if (S_ISDIR(mode)) return "a directory";
+  if (S_ISCHR(mode)) return "a character device";
+  if (S_ISBLK(mode)) return "a block device";
+  if (S_ISSOCK(mode)) return "a socket";
+  return "a special file";
+}
 
 using format::ChunkHeader;
 using format::ChunkType;
@@ -277,27 +287,38 @@ class Reader {
 Result<ReadSummary> read_trace(const std::string& path, TraceSink& sink, const ReadOptions& options) {
   ReadSummary summary;
   summary.path = path;
-  std::FILE* f = std::fopen(path.c_str(), "rb");
-  if (!f) {
+  // Non-blocking, so that opening a FIFO does not wait for a writer: it is refused below.
+  const int fd = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+  if (fd < 0) {
     const int e = errno;
     return Status::error("cannot open trace file " + path + ": " + errno_text(e) +
                              (e == ENOENT ? " (record one with `tramway record`)" : ""),
                          e);
   }
+  struct stat st {};
+  if (fstat(fd, &st) != 0) {
+    const int e = errno;
+    ::close(fd);
+    return Status::error("cannot read trace file " + path + ": " + errno_text(e), e);
+  }
+  if (!S_ISREG(st.st_mode)) {
+    ::close(fd);
+    return Status::error(path + " is " + file_kind(st.st_mode) +
+                         ", not a regular file: pass a trace file written by `tramway record` (to read a "
+                         "pipe, save it to a file first)");
+  }
+  ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) & ~O_NONBLOCK);
+  std::FILE* f = ::fdopen(fd, "rb");
+  if (!f) {
+    const int e = errno;
+    ::close(fd);
+    return Status::error("cannot read trace file " + path + ": " + errno_text(e), e);
+  }
   // Chunks are read with small freads; a large buffer keeps that to few system calls.
   std::vector<char> buffer(1 << 20);
   std::setvbuf(f, buffer.data(), _IOFBF, buffer.size());
-  struct stat st {};
-  Status status;
-  if (fstat(fileno(f), &st) != 0) {
-    const int e = errno;
-    status = Status::error("cannot read trace file " + path + ": " + errno_text(e), e);
-  } else if (!S_ISREG(st.st_mode)) {
-    status = Status::error(path + " is not a regular file: pass a trace file written by `tramway record`");
-  } else {
-    summary.file_bytes = static_cast<std::uint64_t>(st.st_size);
-    status = Reader(f, sink, options, summary).read();
-  }
+  summary.file_bytes = static_cast<std::uint64_t>(st.st_size);
+  const Status status = Reader(f, sink, options, summary).read();
   std::fclose(f);
   if (!status.ok()) return status;
   return summary;

@@ -28,6 +28,12 @@ namespace tramway::trace::report {
 
 enum class SortKey { calls, total, self, mean, p99, name };
 
+// Outputs repeat a stack's frames (a folded line names every frame of its stack), so a deep
+// stack or a long name would make them grow faster than the file; these bounds keep every
+// output proportional to the events read.
+inline constexpr std::uint32_t kDefaultMaxDepth = 512;
+inline constexpr std::size_t kMaxNameBytes = 1024;  // longer function and thread names are cut, marked "..."
+
 struct Options {
   std::string input;           // the trace file
   SortKey sort = SortKey::total;
@@ -36,6 +42,7 @@ struct Options {
   std::string chrome;          // write Chrome trace-event JSON here, if not empty
   std::string folded;          // write folded stacks here, if not empty
   std::string svg;             // write an SVG flame graph here, if not empty
+  std::uint32_t max_depth = kDefaultMaxDepth;  // stack depth the tree outputs render (BuildOptions)
   bool progress = true;        // show progress on stderr for large files
 };
 
@@ -133,6 +140,7 @@ struct ThreadProfile {
   std::uint64_t unmatched_exits = 0;  // exits/unwinds with no open frame of that function
   std::uint64_t unwound = 0;          // frames closed by unwinding (exception, longjmp, exit)
   std::uint64_t open_at_end = 0;      // frames closed at last_ns because the trace ended
+  std::uint64_t truncated = 0;        // frames deeper than BuildOptions::max_depth
   std::vector<CallNode> tree;         // tree[0] is the root
   std::unordered_map<std::uint32_t, FunctionStats> functions;  // by function index
   std::vector<Call> calls;            // BuildOptions::keep_calls only, sorted by start
@@ -152,6 +160,10 @@ struct Profile {
 
 struct BuildOptions {
   bool keep_calls = false;  // record every frame in ThreadProfile::calls (memory ~ calls)
+  // Frames deeper than this (0: no bound) become one node of the calling-context tree per
+  // stack, a pseudo-function named "[truncated: frames deeper than N]" whose calls are the
+  // frames it stands for; the table's per-function figures and the Chrome output keep them all.
+  std::uint32_t max_depth = kDefaultMaxDepth;
 };
 
 // The sink that rebuilds call stacks. Feed it (directly, or through read_trace), then finish().

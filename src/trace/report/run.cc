@@ -34,6 +34,7 @@ Status run(const Options& options, std::FILE* out) {
   read.diagnostics = stderr;
   BuildOptions build;
   build.keep_calls = !options.chrome.empty();
+  build.max_depth = options.max_depth;
   Result<Profile> profile = load_profile(options.input, read, build);
   if (!profile.ok()) return profile.status();
 

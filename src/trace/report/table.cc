@@ -166,13 +166,14 @@ std::string format_report(const Profile& profile, const Options& options) {
   }
 
   // Footnotes: whatever makes the numbers above less than exact.
-  std::uint64_t open = 0, unmatched = 0, unwound = 0;
+  std::uint64_t open = 0, unmatched = 0, unwound = 0, truncated = 0;
   std::string lossy_tids;
   std::size_t lossy_threads = 0;
   for (const ThreadProfile& t : profile.threads) {
     open += t.open_at_end;
     unmatched += t.unmatched_exits;
     unwound += t.unwound;
+    truncated += t.truncated;
     if (t.lost == 0) continue;
     lossy_tids += (lossy_threads++ == 0 ? "" : ", ") + std::to_string(t.tid);
   }
@@ -193,6 +194,11 @@ std::string format_report(const Profile& profile, const Options& options) {
   if (unwound > 0)
     notes += "note: " + plural(unwound, "frame was", "frames were") +
              " left by unwinding (exception, longjmp or thread exit) rather than by returning.\n";
+  if (truncated > 0)
+    notes += "note: " + plural(truncated, "frame was", "frames were") + " deeper than " +
+             std::to_string(options.max_depth) +
+             ": the folded stacks and the flame graph show them as one '[truncated]' frame (--max-depth sets the "
+             "depth).\n";
   if (profile.unknown_kind_events > 0)
     notes += "note: " +
              plural(profile.unknown_kind_events, "event of an unknown kind was", "events of an unknown kind were") +
