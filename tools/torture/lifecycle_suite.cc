@@ -200,6 +200,17 @@ void count_child_callback(const hooks::Ops&, std::uintptr_t, std::uintptr_t, hoo
   _exit(0);
 }
 
+std::string read_first_line(const std::string& path) {
+  std::string line;
+  if (FILE* f = std::fopen(path.c_str(), "re")) {
+    char buf[256];
+    if (std::fgets(buf, sizeof buf, f)) line = buf;
+    std::fclose(f);
+  }
+  while (!line.empty() && line.back() == '\n') line.pop_back();
+  return line;
+}
+
 void forker(const Options& o) {
   for (int round = 0; !g_stop.load(std::memory_order_relaxed); ++round) {
     const pid_t pid = fork();
@@ -216,9 +227,11 @@ void forker(const Options& o) {
       std::this_thread::sleep_for(std::chrono::milliseconds(1));
     }
     if (got == 0) {
+      const std::string where = read_first_line("/proc/" + std::to_string(pid) + "/wchan") + ", syscall " +
+                                read_first_line("/proc/" + std::to_string(pid) + "/syscall");
       kill(pid, SIGKILL);
       waitpid(pid, &status, 0);
-      violation("a fork child hung (killed after 20 s)", "round " + std::to_string(round));
+      violation("a fork child hung (killed after 20 s)", "round " + std::to_string(round) + ", in " + where);
     } else if (!WIFEXITED(status)) {
       violation("a fork child died", "signal " + std::to_string(WTERMSIG(status)));
     } else if (WEXITSTATUS(status) != 0) {
