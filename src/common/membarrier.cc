@@ -12,9 +12,12 @@
 namespace tramway::common {
 namespace {
 
-// The process's seccomp mode from /proc/self/status (0 none, 1 strict, 2 filter), -1 unknown.
+// The calling thread's seccomp mode (0 none, 1 strict, 2 filter), -1 unknown. A filter belongs
+// to the thread that installed it (and the threads it creates later) unless installed with
+// TSYNC, so /proc/self/status, the main thread's, can show none while the caller has one.
 int seccomp_mode() {
-  const int fd = ::open("/proc/self/status", O_RDONLY | O_CLOEXEC);
+  int fd = ::open("/proc/thread-self/status", O_RDONLY | O_CLOEXEC);
+  if (fd < 0) fd = ::open("/proc/self/status", O_RDONLY | O_CLOEXEC);  // before Linux 3.17
   if (fd < 0) return -1;
   char buf[4096];
   const ssize_t n = ::read(fd, buf, sizeof buf - 1);
@@ -33,7 +36,7 @@ std::string explain_membarrier_failure(const char* step, int e, const char* need
     case EPERM:
     case EACCES:
       if (seccomp_mode() == 2) {
-        return m + "This process runs under a seccomp filter (Seccomp: 2 in /proc/self/status) that refuses it: "
+        return m + "This thread runs under a seccomp filter (Seccomp: 2 in /proc/thread-self/status) that refuses it: "
                    "allow the membarrier system call in that filter (a container's seccomp profile, e.g. docker "
                    "--security-opt seccomp=PROFILE; systemd's SystemCallFilter=; the sandbox that started the program)";
       }

@@ -203,4 +203,61 @@ TEST(ReportBounds, LongNamesAreCutInEveryOutput) {
   for (const std::string& f : {options.input, options.folded, options.svg, table}) std::remove(f.c_str());
 }
 
+// Many distinct deep stacks: a folded line repeats every frame of its stack (up to max_depth
+// names of up to kMaxNameBytes), so a 35 KB file of 500 frames of 1 KB names over a binary
+// tree of 8 levels below them made 510 lines of half a megabyte (a 281 KB one, 12 levels, made
+// over 4 GB): the folded stacks stop at their budget, proportional to the file, and say so.
+void branch(std::vector<report_test::fmt::Event>& events, std::uint64_t& t, int levels) {
+  if (levels == 0) return;
+  for (const std::uint64_t f : {kLevel0 + 0x100, kLevel0 + 0x200}) {
+    events.push_back(enter(t++, f));
+    branch(events, t, levels - 1);
+    events.push_back(leave(t++, f));
+  }
+}
+
+TEST(ReportBounds, ManyDistinctDeepStacksStopTheFoldedStacksAtTheirBudget) {
+  TraceWriter w;
+  w.functions({{kLevel0, std::string(1000, 'p')}, {kLevel0 + 0x100, std::string(1000, 'l')},
+               {kLevel0 + 0x200, std::string(1000, 'r')}});
+  w.thread(1, "wide");
+  std::vector<report_test::fmt::Event> events;
+  std::uint64_t t = 0;
+  for (int i = 0; i < 500; ++i) events.push_back(enter(t++, kLevel0));
+  branch(events, t, 8);
+  for (int i = 0; i < 500; ++i) events.push_back(leave(t++, kLevel0));
+  w.events(1, events);
+  w.end();
+  const std::string input = w.save("wide.trace");
+  ASSERT_LT(folded_budget(file_size(input)), kFileLimit + 1);
+
+  Options options;
+  options.input = input;
+  options.folded = temp_path("out.folded");
+  options.progress = false;
+  const std::string table = temp_path("table.txt"), message = temp_path("message.txt");
+  const pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    const rlimit limit{kFileLimit, kFileLimit};
+    ::setrlimit(RLIMIT_FSIZE, &limit);
+    ::signal(SIGXFSZ, SIG_DFL);
+    std::FILE* out = std::fopen(table.c_str(), "w");
+    const tramway::Status st = run(options, out);
+    std::FILE* m = std::fopen(message.c_str(), "w");
+    std::fputs(st.message().c_str(), m);
+    std::fclose(m);
+    ::_exit(st.ok() ? 1 : 0);
+  }
+  int status = 0;
+  ASSERT_EQ(::waitpid(child, &status, 0), child);
+  ASSERT_FALSE(WIFSIGNALED(status) && WTERMSIG(status) == SIGXFSZ)
+      << "the folded stacks outgrew " << (kFileLimit >> 20) << " MiB";
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "the report did not fail: status " << status;
+  const std::string said = slurp(message);
+  EXPECT_NE(said.find("--max-depth"), std::string::npos) << said;
+  EXPECT_LE(file_size(options.folded), folded_budget(file_size(input)));
+  for (const std::string& f : {input, options.folded, table, message}) std::remove(f.c_str());
+}
+
 }  // namespace

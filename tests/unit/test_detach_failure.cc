@@ -14,6 +14,7 @@
 #include <cstdio>
 #include <cstring>
 #include <string>
+#include <thread>
 
 #include "bounded_child.h"
 #include "common/membarrier.h"
@@ -185,6 +186,30 @@ TEST(MembarrierErrors, EachCauseSaysWhatToDo) {
   while (std::fgets(line, sizeof line, f)) filtered = filtered || std::strncmp(line, "Seccomp:\t2", 10) == 0;
   std::fclose(f);
   EXPECT_TRUE(contains(perm, filtered ? "seccomp filter" : "not registered") && !contains(perm, "Linux >=")) << perm;
+}
+
+// A seccomp filter installed by one thread (no TSYNC) filters that thread only: the advice must
+// read the calling thread's mode, not the main thread's (/proc/self/status said "no seccomp
+// filter is set" to the thread whose filter refused membarrier).
+int explain_on_a_filtered_thread() {
+  std::string perm;
+  bool filtered = false;
+  std::thread worker([&] {
+    filtered = refuse_membarrier();
+    perm = tramway::common::explain_membarrier_failure("PRIVATE_EXPEDITED", EPERM, "needs");
+  });
+  worker.join();
+  if (!filtered) return kFilterFailed;
+  if (!contains(perm, "seccomp filter") || contains(perm, "no seccomp filter is set")) {
+    std::fprintf(stderr, "advice: %s\n", perm.c_str());
+    return kFirstErrorUnclear;
+  }
+  return kOk;
+}
+
+TEST(MembarrierErrors, AFilterOfTheCallingThreadOnlyIsNamed) {
+  const int code = bounded::run_in_child(explain_on_a_filtered_thread, 5000);
+  EXPECT_EQ(code, kOk) << bounded::describe(code);
 }
 
 }  // namespace

@@ -147,6 +147,8 @@ std::string zoom_script() {
 // total self time of the trace (= the time of the outermost frames) with nothing counted twice.
 Status write_folded(const Profile& profile, std::FILE* out, bool per_thread) {
   const detail::NameTree tree = detail::merge_by_name(profile, per_thread);
+  const std::uint64_t budget = folded_budget(profile.source.file_bytes);
+  std::uint64_t written = 0;
   std::string path;
   std::vector<std::pair<std::uint32_t, std::size_t>> todo;  // (node, length of its parent's path)
   for (auto it = tree.nodes[0].children.rbegin(); it != tree.nodes[0].children.rend(); ++it)
@@ -158,7 +160,20 @@ Status write_folded(const Profile& profile, std::FILE* out, bool per_thread) {
     path.resize(prefix);
     if (prefix > 0) path += ';';
     path += folded_frame(node.name);
-    if (node.self_ns > 0) std::fprintf(out, "%s %" PRIu64 "\n", path.c_str(), node.self_ns);
+    if (node.self_ns > 0) {
+      char value[32];
+      const int value_bytes = std::snprintf(value, sizeof value, " %" PRIu64 "\n", node.self_ns);
+      written += path.size() + static_cast<std::uint64_t>(value_bytes);
+      if (written > budget) {
+        std::fflush(out);
+        return Status::error("the folded stacks would outgrow " + std::to_string(budget >> 20) +
+                             " MiB (64 times the trace file, at least 64 MiB) and were cut there: each line names "
+                             "every frame of its stack, and this trace has many distinct deep stacks; a smaller "
+                             "--max-depth (default 512) shortens the lines");
+      }
+      std::fputs(path.c_str(), out);
+      std::fputs(value, out);
+    }
     for (auto it = node.children.rbegin(); it != node.children.rend(); ++it) todo.emplace_back(it->second, path.size());
   }
   return finish_write(out, "folded stacks");

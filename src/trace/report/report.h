@@ -33,6 +33,12 @@ enum class SortKey { calls, total, self, mean, p99, name };
 // output proportional to the events read.
 inline constexpr std::uint32_t kDefaultMaxDepth = 512;
 inline constexpr std::size_t kMaxNameBytes = 1024;  // longer function and thread names are cut, marked "..."
+// Even so, a folded line repeats up to max_depth names, and a crafted file can hold many
+// distinct deep stacks: the folded stacks stop (write_folded fails, saying so) past this many
+// bytes, 64 times the trace file's size and at least 64 MiB.
+inline constexpr std::uint64_t folded_budget(std::uint64_t trace_file_bytes) {
+  return trace_file_bytes > (std::uint64_t{1} << 20) ? 64 * trace_file_bytes : std::uint64_t{64} << 20;
+}
 
 struct Options {
   std::string input;           // the trace file
