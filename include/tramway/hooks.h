@@ -104,11 +104,17 @@ Status attach(Ops& ops, const Filter& filter);
 
 // Detaches `ops` from every function. When it returns, no callback of `ops` runs or will
 // run on any thread (a grace period has passed); `ops` may then be attached again or freed.
+// When grace periods cannot run (membarrier refused, e.g. by a seccomp filter) it fails and
+// says why: the ops is still attached if that was known before (disable() then stops its
+// callbacks), else it is unpublished — no callback of it starts any more, but it is not freed
+// — and a later detach (or detach_async) finishes it once grace periods work again.
 Status detach(Ops& ops);
 
 // Detaches `ops` without waiting for the grace period: `done` runs on tramway's callback
-// thread once no callback of `ops` runs or can run any more. Until then `ops` must stay alive
-// and cannot be attached again; from then on it may be reused or freed.
+// thread once no callback of `ops` runs or can run any more (the thread retries a grace period
+// that fails). Until then `ops` must stay alive and cannot be attached again; from then on it
+// may be reused or freed. Fails, changing nothing and never running `done`, when grace periods
+// are known not to work.
 Status detach_async(Ops& ops, std::function<void()> done);
 
 // Stops and resumes callbacks of an attached ops without detaching it (no code patch).

@@ -1,5 +1,5 @@
 // One private membarrier command, registered for on first use. Registration is per mm: a
-// forked child may call forget() so that its first use registers again.
+// forked child calls forget() so that its first use registers again.
 #pragma once
 
 #include <linux/membarrier.h>
@@ -8,12 +8,18 @@
 
 #include <atomic>
 #include <cerrno>
-#include <cstring>
 #include <string>
 
 #include "tramway/status.h"
 
 namespace tramway::common {
+
+// Why membarrier `step` ("QUERY", "registration for PRIVATE_EXPEDITED", "PRIVATE_EXPEDITED")
+// failed with errno `e`, and what to do: a seccomp filter that refuses it (EPERM, the usual
+// cause in containers and sandboxes), a kernel without the system call (ENOSYS) or without the
+// command (EINVAL: `needs` says which kernel has it), or a missing registration.
+// membarrier.cc.
+std::string explain_membarrier_failure(const char* step, int e, const char* needs);
 
 class Membarrier {
  public:
@@ -26,14 +32,18 @@ class Membarrier {
   Status prepare() {
     if (registered_.load(std::memory_order_acquire)) return {};
     const long mask = call(MEMBARRIER_CMD_QUERY);
-    if (mask < 0 || !(mask & command_)) {
+    if (mask < 0) {
+      const int e = errno;
+      return Status::error(explain_membarrier_failure("QUERY", e, needs_), e);
+    }
+    if (!(mask & command_)) {
       return Status::error(std::string("this kernel does not offer membarrier(MEMBARRIER_CMD_") + name_ + ") (" +
                                needs_ + ")",
-                           mask < 0 ? errno : ENOSYS);
+                           EINVAL);
     }
     if (call(register_command_) != 0) {
       const int e = errno;
-      return Status::error(std::string("membarrier registration for ") + name_ + " failed: " + std::strerror(e), e);
+      return Status::error(explain_membarrier_failure(("registration for " + std::string(name_)).c_str(), e, needs_), e);
     }
     registered_.store(true, std::memory_order_release);
     return {};
@@ -43,9 +53,18 @@ class Membarrier {
     if (Status s = prepare(); !s.ok()) return s;
     if (call(command_) != 0) {
       const int e = errno;
-      return Status::error(std::string("membarrier(") + name_ + ") failed: " + std::strerror(e), e);
+      failed_.store(true, std::memory_order_relaxed);
+      return Status::error(explain_membarrier_failure(name_, e, needs_), e);
     }
+    failed_.store(false, std::memory_order_relaxed);
     return {};
+  }
+
+  // Whether run() can be expected to work: registered, and working again if it failed last
+  // time (then this runs the command once). No system call while it works.
+  Status usable() {
+    if (Status s = prepare(); !s.ok()) return s;
+    return failed_.load(std::memory_order_relaxed) ? run() : Status();
   }
 
   void forget() noexcept { registered_.store(false, std::memory_order_relaxed); }
@@ -57,6 +76,7 @@ class Membarrier {
   const char* const name_;
   const char* const needs_;
   std::atomic<bool> registered_{false};
+  std::atomic<bool> failed_{false};
 };
 
 }  // namespace tramway::common

@@ -28,6 +28,13 @@ std::uint64_t phase_flips() noexcept;
 // read-side region that began before the first phase flip after `flips_before` was read.
 bool quiet_since(std::uint64_t flips_before) noexcept;
 
+// Whether grace periods can run (membarrier registered, and working if it failed last time):
+// checked before unpublishing something that then needs one (hooks::detach). Costs no system
+// call while membarrier works.
+Status grace_periods_usable();
+// For tests: the next `count` grace periods fail (as if membarrier had been refused).
+void inject_grace_period_failures(int count) noexcept;
+
 // tasks.cc: synchronize(Flavor::tasks), and its part of holdouts().
 Status synchronize_tasks(Wait wait);
 std::vector<Holdout> tasks_holdouts();

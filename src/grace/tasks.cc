@@ -33,12 +33,15 @@
 namespace tramway::grace {
 namespace {
 
-// Retired ranges waiting for a tasks grace period. Short critical sections only.
+// Retired ranges waiting for a tasks grace period. Short critical sections only; lock rank
+// grace_leaves (common/lock_order.h), like g_held_mu.
 pthread_mutex_t g_retired_mu = PTHREAD_MUTEX_INITIALIZER;
 std::vector<text::PcRange> g_retired;
 
 // Serialises tasks grace periods; held for a whole one (which may stall), so fork() does not
 // take it: a child re-initialises it instead (the grace period's thread is not in the child).
+// Outside common/lock_order.h's list; taken before the grace-period lock (a tasks grace period
+// includes a trace one) and never under a lock of the list.
 pthread_mutex_t g_tasks_mu = PTHREAD_MUTEX_INITIALIZER;
 std::atomic<std::uint64_t> g_tasks_started{0}, g_tasks_completed{0};
 std::atomic<std::uint64_t> g_signalled{0}, g_observed{0};

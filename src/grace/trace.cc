@@ -28,6 +28,7 @@
 #include <cerrno>
 #include <cstring>
 #include <deque>
+#include <new>
 #include <string>
 #include <vector>
 
@@ -36,6 +37,7 @@
 #include <cstdio>
 #include <cstdlib>
 
+#include "common/fork_hooks.h"
 #include "common/format.h"
 #include "common/membarrier.h"
 #include "common/proc.h"
@@ -62,11 +64,20 @@ long futex(std::atomic<int>* addr, int op, int value, const timespec* timeout = 
 }
 
 // ---- registry -------------------------------------------------------------------------------
+// A registered thread's marker, with a robust mutex the thread holds for as long as it lives:
+// however the thread ends (even a raw SYS_exit inside a region, which runs no TLS destructor),
+// the kernel marks the mutex's owner dead, so a grace period can tell an exited thread from a
+// live one without /proc and without mistaking a new thread that got the same tid.
+struct LiveMarker : Marker {
+  pthread_mutex_t alive;
+};
+
 // The grace period holds `mu` while it scans and releases it while it waits, so a thread can
 // register or exit between two scans but never during one: a scan never reads a freed marker.
+// Lock rank grace_leaves (common/lock_order.h): taken by any thread's first region.
 struct Registry {
   pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
-  std::vector<Marker*> markers;
+  std::vector<LiveMarker*> markers;
 };
 Registry& registry() {
   static auto* r = new Registry;  // leaked: threads may exit after static destructors ran
@@ -76,17 +87,29 @@ Registry& registry() {
 pthread_key_t g_exit_key;
 pthread_once_t g_exit_key_once = PTHREAD_ONCE_INIT;
 
+void hold_alive(LiveMarker* m) {
+  pthread_mutexattr_t attr;
+  pthread_mutexattr_init(&attr);
+  pthread_mutexattr_setrobust(&attr, PTHREAD_MUTEX_ROBUST);
+  pthread_mutex_init(&m->alive, &attr);
+  pthread_mutexattr_destroy(&attr);
+  pthread_mutex_lock(&m->alive);
+}
+
 void unregister_thread(void* p) {
-  auto* m = static_cast<Marker*>(p);
+  auto* m = static_cast<LiveMarker*>(p);
   Registry& r = registry();
   pthread_mutex_lock(&r.mu);
   std::erase(r.markers, m);
   pthread_mutex_unlock(&r.mu);
   detail::t_marker = nullptr;
+  pthread_mutex_unlock(&m->alive);  // off the thread's robust list before it is freed
+  pthread_mutex_destroy(&m->alive);
   delete m;  // a thread that exits inside a region simply stops being waited for
 }
 
 // ---- grace periods ----------------------------------------------------------------------------
+// Lock rank grace_period (common/lock_order.h): held for a whole trace grace period.
 pthread_mutex_t g_gp_mu = PTHREAD_MUTEX_INITIALIZER;
 std::atomic<std::uint64_t> g_started{0}, g_completed{0};
 std::atomic<std::uint64_t> g_synchronize_calls{0}, g_callbacks_run{0};
@@ -138,6 +161,30 @@ void report_stall(std::uint64_t phase, std::int64_t waited_ns) {
   std::fputs(text.c_str(), stderr);
 }
 
+// True once the marker's thread has ended without unregistering. Under the registry's lock.
+bool owner_exited(LiveMarker* m) {
+  const int e = pthread_mutex_trylock(&m->alive);
+  if (e == EOWNERDEAD) {
+    pthread_mutex_consistent(&m->alive);
+    pthread_mutex_unlock(&m->alive);
+    return true;
+  }
+  if (e == 0) pthread_mutex_unlock(&m->alive);  // never: a registered thread holds it
+  return false;
+}
+
+// Drops the markers of threads that exited without unregistering (a raw SYS_exit, even inside
+// a region: an exited thread is quiescent). Under the registry's lock; the slow path of a
+// grace period only, since a trylock dirties the marker's line.
+void drop_exited(Registry& r, std::uint64_t phase) {
+  std::erase_if(r.markers, [&](LiveMarker* m) {
+    if (!active_in_other_phase(m->value.load(std::memory_order_relaxed), phase) || !owner_exited(m)) return false;
+    pthread_mutex_destroy(&m->alive);
+    delete m;
+    return true;
+  });
+}
+
 // Waits until no registered thread is inside a region begun in a phase other than the
 // current one: spin briefly (regions are short), then sleep on the futex the last unlock of
 // such a region wakes.
@@ -150,6 +197,7 @@ Status wait_for_readers(std::uint64_t phase, std::int64_t gp_start_ns, bool& rep
   const std::int64_t stall_ns = detail::stall_threshold_ns();
   for (int attempt = 0;; ++attempt) {
     pthread_mutex_lock(&r.mu);
+    if (attempt >= kSpinAttempts) drop_exited(r, phase);
     const bool any = std::any_of(r.markers.begin(), r.markers.end(), [&](const Marker* m) {
       return active_in_other_phase(m->value.load(std::memory_order_relaxed), phase);
     });
@@ -178,6 +226,7 @@ Status wait_for_readers(std::uint64_t phase, std::int64_t gp_start_ns, bool& rep
     detail::g_waiting_futex.store(-1, std::memory_order_seq_cst);
     if (Status s = membarrier_expedited(); !s.ok()) return s;
     pthread_mutex_lock(&r.mu);
+    drop_exited(r, phase);
     const bool still = std::any_of(r.markers.begin(), r.markers.end(), [&](const Marker* m) {
       return active_in_other_phase(m->value.load(std::memory_order_relaxed), phase);
     });
@@ -194,9 +243,17 @@ Status wait_for_readers(std::uint64_t phase, std::int64_t gp_start_ns, bool& rep
 // flip (wait 1 of every grace period empties that phase before flipping to it).
 std::atomic<std::uint64_t> g_flips{0};
 
+// Grace periods left to fail, for tests of what callers do when one fails (detach).
+std::atomic<int> g_injected_failures{0};
+
 Status run_grace_period(Wait wait, const std::function<void()>* after_flip) {
   const std::int64_t start = common::monotonic_ns();
   bool reported = false;
+  for (int n = g_injected_failures.load(); n > 0;) {
+    if (g_injected_failures.compare_exchange_weak(n, n - 1)) {
+      return Status::error("the grace period failed: a failure injected by a test", EIO);
+    }
+  }
   if (Status s = membarrier_expedited(); !s.ok()) return s;
   const std::uint64_t before = detail::g_phase_and_one.load(std::memory_order_relaxed);
   if (Status s = wait_for_readers(before, start, reported, wait); !s.ok()) return s;
@@ -221,6 +278,7 @@ Status run_counted_grace_period(Wait wait, const std::function<void()>* after_fl
 }
 
 // ---- callbacks ------------------------------------------------------------------------------------
+// Lock rank grace_leaves (common/lock_order.h).
 struct Callbacks {
   pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
   pthread_cond_t queued_cv = PTHREAD_COND_INITIALIZER;
@@ -230,6 +288,11 @@ struct Callbacks {
     std::function<void()> fn;
   };
   std::deque<Pending> queue;
+  // The batch the thread took: running[next_to_run..] have not begun; in_progress while the
+  // one before them runs. A fork()ed child queues the ones not begun again.
+  std::vector<Pending> running;
+  std::size_t next_to_run = 0;
+  bool in_progress = false;
   std::uint64_t queued = 0, done = 0;
   bool thread_running = false;
 };
@@ -241,67 +304,118 @@ Callbacks& callbacks() {
 void* callback_thread(void*) {
   pthread_setname_np(pthread_self(), "tramway-grace");
   Callbacks& c = callbacks();
-  std::vector<Callbacks::Pending> batch;
   for (;;) {
     pthread_mutex_lock(&c.mu);
     while (c.queue.empty()) pthread_cond_wait(&c.queued_cv, &c.mu);
-    batch.assign(std::make_move_iterator(c.queue.begin()), std::make_move_iterator(c.queue.end()));
+    c.running.assign(std::make_move_iterator(c.queue.begin()), std::make_move_iterator(c.queue.end()));
     c.queue.clear();
+    c.next_to_run = 0;
+    const bool tasks =
+        std::any_of(c.running.begin(), c.running.end(), [](const auto& p) { return p.flavor == Flavor::tasks; });
     pthread_mutex_unlock(&c.mu);
     // Every callback of the batch was queued (and its ranges retired) before this grace
-    // period began. A tasks grace period includes a trace one.
-    const bool tasks = std::any_of(batch.begin(), batch.end(), [](const auto& p) { return p.flavor == Flavor::tasks; });
+    // period began. A tasks grace period includes a trace one. One that fails (membarrier
+    // refused) is retried: the callbacks run once one succeeds.
     while (!synchronize(tasks ? Flavor::tasks : Flavor::trace).ok()) {
       const timespec pause{0, 1'000'000};
       nanosleep(&pause, nullptr);
     }
-    for (auto& p : batch) p.fn();
-    g_callbacks_run.fetch_add(batch.size(), std::memory_order_relaxed);
-    pthread_mutex_lock(&c.mu);
-    c.done += batch.size();
-    pthread_cond_broadcast(&c.done_cv);
-    pthread_mutex_unlock(&c.mu);
-    batch.clear();
+    for (;;) {
+      pthread_mutex_lock(&c.mu);
+      if (c.next_to_run == c.running.size()) {
+        c.running.clear();
+        c.next_to_run = 0;
+        pthread_mutex_unlock(&c.mu);
+        break;
+      }
+      Callbacks::Pending p = std::move(c.running[c.next_to_run++]);
+      c.in_progress = true;
+      pthread_mutex_unlock(&c.mu);
+      p.fn();
+      g_callbacks_run.fetch_add(1, std::memory_order_relaxed);
+      pthread_mutex_lock(&c.mu);
+      c.in_progress = false;
+      ++c.done;
+      pthread_cond_broadcast(&c.done_cv);
+      pthread_mutex_unlock(&c.mu);
+    }
   }
   return nullptr;
 }
 
-// ---- fork ------------------------------------------------------------------------------------------
-void before_fork() {
-  detail::tasks_before_fork();
-  pthread_mutex_lock(&g_gp_mu);
-  pthread_mutex_lock(&registry().mu);
-  pthread_mutex_lock(&callbacks().mu);
+// Starts the callback thread if it is not running (first use, or in a fork()ed child). Under c.mu.
+Status start_callback_thread_locked(Callbacks& c) {
+  if (c.thread_running) return {};
+  pthread_attr_t attr;
+  pthread_attr_init(&attr);
+  pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+  pthread_t t;
+  const int e = pthread_create(&t, &attr, callback_thread, nullptr);
+  pthread_attr_destroy(&attr);
+  if (e != 0) return Status::error(std::string("starting the grace-period callback thread failed: ") + std::strerror(e), e);
+  c.thread_running = true;
+  return {};
 }
-void after_fork_in_parent() {
-  pthread_mutex_unlock(&callbacks().mu);
-  pthread_mutex_unlock(&registry().mu);
+
+// ---- fork (lock ranks grace_period and grace_leaves, common/lock_order.h) -------------------------
+void gp_before_fork() { pthread_mutex_lock(&g_gp_mu); }
+void gp_after_fork_in_parent() { pthread_mutex_unlock(&g_gp_mu); }
+void gp_after_fork_in_child() {
+  g_completed.store(g_started.load());
+  // Membarrier registration belongs to the mm: the child's first grace period registers again.
+  g_expedited.forget();
   pthread_mutex_unlock(&g_gp_mu);
+}
+
+void leaves_before_fork() {
+  detail::tasks_before_fork();
+  pthread_mutex_lock(&callbacks().mu);
+  pthread_mutex_lock(&registry().mu);
+}
+void leaves_after_fork_in_parent() {
+  pthread_mutex_unlock(&registry().mu);
+  pthread_mutex_unlock(&callbacks().mu);
   detail::tasks_after_fork_in_parent();
 }
-void after_fork_in_child() {
+void leaves_after_fork_in_child() {
   // Only the forking thread exists: keep its marker, forget the others (their memory is
-  // leaked: their threads' exit handlers will never run here). The callback thread is gone
-  // and starts again on demand; queued callbacks stay queued.
+  // leaked: their threads' exit handlers will never run here). Its liveness mutex is not on
+  // the child's robust list (glibc empties it): take it again.
   Registry& r = registry();
   r.markers.clear();
-  if (detail::t_marker) {
-    detail::t_marker->tid = common::current_tid();  // the child's own
-    r.markers.push_back(detail::t_marker);
+  if (auto* m = static_cast<LiveMarker*>(detail::t_marker)) {
+    m->tid = common::current_tid();  // the child's own
+    hold_alive(m);
+    r.markers.push_back(m);
   }
-  callbacks().thread_running = false;
   detail::g_waiting_futex.store(0, std::memory_order_relaxed);
-  g_completed.store(g_started.load());
-  pthread_mutex_unlock(&callbacks().mu);
+  // The callback thread is gone; it starts again on demand (call, barrier). Callbacks it had
+  // taken but not begun are queued again; the one it was running, if any, is lost (its
+  // thread's state is not in the child), and counted as done so that barrier() returns.
+  Callbacks& c = callbacks();
+  c.thread_running = false;
+  for (std::size_t i = c.running.size(); i-- > c.next_to_run;) c.queue.push_front(std::move(c.running[i]));
+  if (c.in_progress) ++c.done;
+  c.running.clear();
+  c.next_to_run = 0;
+  c.in_progress = false;
+  // Threads of the parent that waited on them are not here: a condition variable that counts
+  // them could swallow the child's wake-ups.
+  new (&c.queued_cv) pthread_cond_t(PTHREAD_COND_INITIALIZER);
+  new (&c.done_cv) pthread_cond_t(PTHREAD_COND_INITIALIZER);
   pthread_mutex_unlock(&r.mu);
-  pthread_mutex_unlock(&g_gp_mu);
+  pthread_mutex_unlock(&c.mu);
   detail::tasks_after_fork_in_child();
 }
 
-void init_once() {
-  pthread_key_create(&g_exit_key, unregister_thread);
-  pthread_atfork(before_fork, after_fork_in_parent, after_fork_in_child);
+__attribute__((constructor)) void register_grace_fork_hooks() {
+  common::register_fork_hook(
+      {common::LockRank::grace_period, gp_before_fork, gp_after_fork_in_parent, gp_after_fork_in_child});
+  common::register_fork_hook(
+      {common::LockRank::grace_leaves, leaves_before_fork, leaves_after_fork_in_parent, leaves_after_fork_in_child});
 }
+
+void init_once() { pthread_key_create(&g_exit_key, unregister_thread); }
 
 }  // namespace
 
@@ -350,6 +464,10 @@ Status trace_grace_period_with(Wait wait, const std::function<void()>& after_fli
   return s;
 }
 
+Status grace_periods_usable() { return g_expedited.usable(); }
+
+void inject_grace_period_failures(int count) noexcept { g_injected_failures.store(count); }
+
 std::uint64_t phase_flips() noexcept { return g_flips.load(std::memory_order_seq_cst); }
 
 bool quiet_since(std::uint64_t flips_before) noexcept {
@@ -379,8 +497,9 @@ Marker* register_thread() noexcept {
   sigfillset(&all);
   pthread_sigmask(SIG_SETMASK, &all, &old);
   pthread_once(&g_exit_key_once, init_once);
-  auto* m = new Marker;
+  auto* m = new LiveMarker;
   m->tid = common::current_tid();
+  hold_alive(m);
   Registry& r = registry();
   pthread_mutex_lock(&r.mu);
   r.markers.push_back(m);
@@ -436,18 +555,9 @@ Status call(Flavor flavor, std::function<void()> fn) {
   pthread_once(&g_exit_key_once, init_once);
   Callbacks& c = callbacks();
   pthread_mutex_lock(&c.mu);
-  if (!c.thread_running) {
-    pthread_attr_t attr;
-    pthread_attr_init(&attr);
-    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-    pthread_t t;
-    const int e = pthread_create(&t, &attr, callback_thread, nullptr);
-    pthread_attr_destroy(&attr);
-    if (e != 0) {
-      pthread_mutex_unlock(&c.mu);
-      return Status::error(std::string("starting the grace-period callback thread failed: ") + std::strerror(e), e);
-    }
-    c.thread_running = true;
+  if (Status s = start_callback_thread_locked(c); !s.ok()) {
+    pthread_mutex_unlock(&c.mu);
+    return s;
   }
   c.queue.push_back({flavor, std::move(fn)});
   ++c.queued;
@@ -463,6 +573,12 @@ Status barrier() {
   Callbacks& c = callbacks();
   pthread_mutex_lock(&c.mu);
   const std::uint64_t target = c.queued;
+  if (c.done < target) {
+    if (Status s = start_callback_thread_locked(c); !s.ok()) {  // a fork()ed child's queue
+      pthread_mutex_unlock(&c.mu);
+      return s;
+    }
+  }
   while (c.done < target) pthread_cond_wait(&c.done_cv, &c.mu);
   pthread_mutex_unlock(&c.mu);
   return {};

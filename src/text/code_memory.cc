@@ -38,7 +38,7 @@ struct Arena {
 };
 
 struct State {
-  pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+  pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;  // lock rank text, the last of it (common/lock_order.h)
   std::vector<Arena*> arenas;  // never shrinks; arenas are not unmapped while the process runs
 };
 State& state() {

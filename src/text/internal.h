@@ -65,11 +65,9 @@ struct ThreadSlot;
 void sample_for_watch(ThreadSlot* s, const ucontext_t* uc) noexcept;
 void watch_after_fork_in_child() noexcept;
 
-// --- fork(): one registration, one lock order ---------------------------------------------
-// Lock order in the text layer: patch lock -> fix-up lock -> handler table -> code memory.
-// register_fork_handlers() (patch.cc) installs one pthread_atfork triple that takes them in
-// that order, so a child never inherits one of them held.
-void register_fork_handlers() noexcept;
+// --- fork(): lock rank text (common/lock_order.h) ---------------------------------------------
+// Patch lock -> fix-up lock -> handler table -> code memory: patch.cc's fork hook takes them
+// in that order, so a child never inherits one of them held.
 void router_before_fork() noexcept;
 void router_after_fork_in_parent() noexcept;
 void router_after_fork_in_child() noexcept;

@@ -26,6 +26,7 @@
 
 #include "arch/x86_64/emulate.h"
 #include "arch/x86_64/insn.h"
+#include "common/fork_hooks.h"
 #include "common/format.h"
 #include "text/internal.h"
 #include "tramway/text/code_memory.h"
@@ -165,30 +166,32 @@ bool handle_int3(ucontext_t* uc) noexcept {
 // ------------------------------------------------------------------------------------------
 namespace {
 
+// Lock rank text (common/lock_order.h): the patch lock, then the router's locks, then code
+// memory, all taken by one fork hook.
 pthread_mutex_t g_patch_mutex = PTHREAD_MUTEX_INITIALIZER;
-pthread_once_t g_atfork_once = PTHREAD_ONCE_INIT;
 
-void install_atfork() {
-  pthread_atfork(
-      [] {
-        pthread_mutex_lock(&g_patch_mutex);
-        detail::router_before_fork();
-        detail::code_memory_before_fork();
-      },
-      [] {
-        detail::code_memory_after_fork_in_parent();
-        detail::router_after_fork_in_parent();
-        pthread_mutex_unlock(&g_patch_mutex);
-      },
-      [] {
-        // The child has one thread and every lock (taken in prepare), so no batch is
-        // half-applied here. Per-mm state must be rebuilt.
-        detail::code_memory_after_fork_in_child();
-        detail::router_after_fork_in_child();
-        detail::writer_after_fork_in_child();
-        detail::serialize_after_fork_in_child();
-        pthread_mutex_unlock(&g_patch_mutex);
-      });
+void text_before_fork() {
+  pthread_mutex_lock(&g_patch_mutex);
+  detail::router_before_fork();
+  detail::code_memory_before_fork();
+}
+void text_after_fork_in_parent() {
+  detail::code_memory_after_fork_in_parent();
+  detail::router_after_fork_in_parent();
+  pthread_mutex_unlock(&g_patch_mutex);
+}
+void text_after_fork_in_child() {
+  // The child has one thread and every lock (taken in prepare), so no batch is half-applied
+  // here. Per-mm state must be rebuilt.
+  detail::code_memory_after_fork_in_child();
+  detail::router_after_fork_in_child();
+  detail::writer_after_fork_in_child();
+  detail::serialize_after_fork_in_child();
+  pthread_mutex_unlock(&g_patch_mutex);
+}
+__attribute__((constructor)) void register_text_fork_hook() {
+  common::register_fork_hook({common::LockRank::text, text_before_fork, text_after_fork_in_parent,
+                              text_after_fork_in_child});
 }
 
 struct Site {
@@ -256,8 +259,6 @@ Status roll_back(const std::vector<Site>& sites) {
 
 }  // namespace
 
-void detail::register_fork_handlers() noexcept { pthread_once(&g_atfork_once, install_atfork); }
-
 Status PatchBatch::queue(void* address, std::span<const std::uint8_t> new_bytes, bool over_nops) {
   const auto a = reinterpret_cast<std::uintptr_t>(address);
   if (new_bytes.empty() || new_bytes.size() > kMaxPatchBytes) {
@@ -288,10 +289,7 @@ Status PatchBatch::add_over_nops(void* address, std::span<const std::uint8_t> ne
   return queue(address, new_bytes, true);
 }
 
-PatchLock::PatchLock() {
-  detail::register_fork_handlers();
-  pthread_mutex_lock(&g_patch_mutex);
-}
+PatchLock::PatchLock() { pthread_mutex_lock(&g_patch_mutex); }
 PatchLock::~PatchLock() { pthread_mutex_unlock(&g_patch_mutex); }
 
 Status apply(const PatchBatch& batch) {

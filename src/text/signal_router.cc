@@ -58,6 +58,7 @@ struct UserAction {
   struct sigaction full {};                // what sigaction(sig, NULL, &old) reports
 };
 UserAction g_user[NSIG];
+// Lock rank text, after g_move_mutex (common/lock_order.h).
 std::atomic_flag g_user_lock = ATOMIC_FLAG_INIT;
 
 // Updates of g_user run with every signal blocked, so a handler on the same thread cannot
@@ -319,12 +320,13 @@ Status install() {
   return {};
 }
 
+// Lock rank text, after the patch lock (common/lock_order.h).
 pthread_mutex_t g_move_mutex = PTHREAD_MUTEX_INITIALIZER;
 thread_local sigset_t t_mask_before_fork;
 
 }  // namespace
 
-// fork() takes the fix-up and handler-table locks (see register_fork_handlers).
+// fork() takes the fix-up and handler-table locks after the patch lock (patch.cc, text_before_fork).
 void detail::router_before_fork() noexcept {
   pthread_mutex_lock(&g_move_mutex);
   sigset_t all;
@@ -392,7 +394,6 @@ Status ensure_router() noexcept {
   if (state == 2) return {};
   if (state == 0 && g_router_state.compare_exchange_strong(state, 1)) {
     Status s = install();
-    if (s.ok()) register_fork_handlers();
     g_router_state.store(s.ok() ? 2 : 3, std::memory_order_release);
     return s;
   }

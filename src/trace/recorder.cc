@@ -24,6 +24,7 @@
 #include <thread>
 #include <vector>
 
+#include "common/fork_hooks.h"
 #include "tramway/hooks.h"
 #include "tramway/trace.h"
 #include "trace/internal.h"
@@ -61,7 +62,10 @@ struct Owner {
 
 class Recording {
  public:
-  std::mutex mutex;  // control calls; the file
+  // Control calls; the file. Lock rank trace_recording (common/lock_order.h): held across
+  // hooks::attach and hooks::detach (a grace period), so it comes before every lock of
+  // libtramway, and fork() takes it first.
+  std::mutex mutex;
   bool active = false;
   int fd = -1;
   std::string output;
@@ -223,6 +227,8 @@ Recording& recording() {
 
 // fork(): the child gets a copy of the rings but no flusher, and shares the file, so it does
 // not write to the parent's recording (its hijacked frames still return through the stub).
+// The recorder's ops stay attached in the child (its sites name them) until the child starts a
+// recording of its own, which detaches them first.
 void lock_for_fork() { recording().mutex.lock(); }
 void unlock_after_fork() { recording().mutex.unlock(); }
 void forget_in_child() {
@@ -231,14 +237,17 @@ void forget_in_child() {
     ::close(r.fd);
     r.fd = -1;
     r.active = false;
-    // The child's sites still name these ops: leak them rather than free them under it.
-    for (Owner& o : r.owners) (void)o.ops.release();
-    r.owners.clear();
     r.globs.clear();
     new (&r.flusher) std::thread();  // the parent's flusher does not exist here
+    new (&r.wake) std::condition_variable();  // nor does its wait on this
   }
   r.mutex.unlock();
 }
+constexpr common::ForkHook kForkHook{common::LockRank::trace_recording, lock_for_fork, unlock_after_fork,
+                                     forget_in_child};
+// At load, not at the first start(): see common/fork_hooks.h.
+__attribute__((constructor)) void register_fork_hook() { common::register_fork_hook(kForkHook); }
+__attribute__((destructor)) void unregister_fork_hook() { common::unregister_fork_hook(kForkHook); }
 
 }  // namespace
 
@@ -250,8 +259,11 @@ Status start(const RecordOptions& options) {
   if (options.ring_events < 64 || (options.ring_events & (options.ring_events - 1)) != 0) {
     return Status::error("trace::start: ring_events must be a power of two of at least 64");
   }
-  static std::once_flag atfork;
-  std::call_once(atfork, [] { pthread_atfork(lock_for_fork, unlock_after_fork, forget_in_child); });
+  // A fork()ed child's inherited ops (forget_in_child): one ops a function, so they go first.
+  for (auto it = r.owners.begin(); it != r.owners.end();) {
+    if (Status s = hooks::detach(*it->ops); !s.ok()) return Status::error("trace::start: " + s.message(), s.sys_errno());
+    it = r.owners.erase(it);
+  }
   const int fd = ::open(options.output.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0) {
     const int e = errno;
@@ -395,7 +407,10 @@ Status stop() {
   if (!r.active) return Status::error("trace::stop: not recording");
   Status result;
   for (Owner& o : r.owners) {
-    if (Status s = hooks::detach(*o.ops); !s.ok() && result.ok()) result = s;
+    if (Status s = hooks::detach(*o.ops); !s.ok()) {
+      if (result.ok()) result = s;
+      (void)o.ops.release();  // not freed: its state still names it (hooks::detach says so)
+    }
   }
   r.owners.clear();
   r.globs.clear();

@@ -3,6 +3,7 @@
 // and exit freely; fork leaves a working engine in the child.
 #include <gtest/gtest.h>
 #include <pthread.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -12,6 +13,7 @@
 #include <thread>
 #include <vector>
 
+#include "bounded_child.h"
 #include "tramway/grace.h"
 
 namespace grace = tramway::grace;
@@ -170,6 +172,58 @@ TEST(Grace, ThreadsRegisterAndExitWhileGracePeriodsScan) {
   writer.join();
   ASSERT_TRUE(grace::synchronize().ok());  // exited threads are not waited for
   EXPECT_LE(grace::stats().threads_registered, 3u);
+}
+
+// Issue 11, defect 10: a raw SYS_exit runs no TLS destructor, so the thread's marker stays
+// registered and raised. An exited thread is quiescent: grace periods must not wait for it.
+// In a child of the test, so that the old behaviour (waiting forever) fails the test instead of
+// hanging it.
+TEST(Grace, AThreadThatExitsInsideARegionIsNotWaitedFor) {
+  const int code = bounded::run_in_child(
+      [] {
+        static std::atomic<bool> inside{false};
+        pthread_t t;
+        if (pthread_create(
+                &t, nullptr,
+                [](void*) -> void* {
+                  grace::read_lock();
+                  inside = true;
+                  ::syscall(SYS_exit, 0);  // no unlock, no unregistering
+                  return nullptr;
+                },
+                nullptr) != 0) {
+          return 2;
+        }
+        while (!inside.load()) std::this_thread::yield();
+        if (!grace::synchronize().ok()) return 3;  // whether or not the thread is gone yet
+        if (!grace::synchronize().ok() || !grace::holdouts().empty()) return 4;
+        return grace::stats().threads_registered == 0 ? 0 : 5;  // its marker was dropped
+      },
+      5000);
+  EXPECT_EQ(code, 0) << bounded::describe(code);
+}
+
+// The callback thread is not in a fork()ed child: the callbacks it had not run yet must still
+// run there (barrier() starts a thread for them), and the one it was running when the parent
+// forked must not keep barrier() waiting for ever.
+TEST(Grace, ABarrierInAForkedChildRunsTheCallbacksItInherited) {
+  static std::atomic<bool> first_running{false}, release_first{false}, second_ran{false};
+  ASSERT_TRUE(grace::call([] {
+                first_running = true;
+                while (!release_first.load()) std::this_thread::sleep_for(1ms);
+              }).ok());
+  while (!first_running.load()) std::this_thread::sleep_for(1ms);
+  ASSERT_TRUE(grace::call([] { second_ran = true; }).ok());
+  const int code = bounded::run_in_child(
+      [] {
+        if (!grace::barrier().ok()) return 2;
+        return second_ran.load() ? 0 : 3;
+      },
+      5000);
+  release_first = true;
+  ASSERT_TRUE(grace::barrier().ok());
+  EXPECT_TRUE(second_ran.load());
+  EXPECT_EQ(code, 0) << bounded::describe(code);
 }
 
 TEST(Grace, WorksInAForkedChild) {

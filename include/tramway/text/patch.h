@@ -77,7 +77,8 @@ class PatchBatch {
 
 // Holds the process-wide patch lock. Layers above the text layer (static keys, static
 // calls, hooks) take it around "read tables, build batch, apply" so that table updates and
-// code updates are one atomic step. pthread_atfork handlers take it too.
+// code updates are one atomic step. fork() takes it too, in the order of tramway's internal
+// src/common/lock_order.h.
 class PatchLock {
  public:
   PatchLock();

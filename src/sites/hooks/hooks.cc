@@ -17,8 +17,10 @@
 // Objects that are unloaded: a batch writes only into objects it pinned, and the tables drop
 // objects that are gone before they are used (sites/hooks/unload.h).
 //
-// Lock order: the loader lock -> g_mu (hook tables) -> the text layer's patch lock, and
-// g_mu -> dl_iterate_phdr's lock (unload.h says why these).
+// Lock order (common/lock_order.h): g_mu, the hook tables, rank hooks_tables: after the
+// recorder's and the grace period's, before the text layer's; fork() takes it. Never held
+// across a grace period (callbacks may take it: hooks::disable, counters). Also: the loader
+// lock -> g_mu, and g_mu -> dl_iterate_phdr's lock (unload.h says why).
 #include "tramway/hooks.h"
 
 #include <cpuid.h>
@@ -47,7 +49,9 @@
 #include "arch/x86_64/callback_scan.h"
 #include "arch/x86_64/hook_layout.h"
 #include "arch/x86_64/insn.h"
+#include "common/fork_hooks.h"
 #include "common/format.h"
+#include "grace/internal.h"
 #include "sites/hooks/discovery.h"
 #include "sites/hooks/unload.h"
 #include "tramway/grace.h"
@@ -70,7 +74,8 @@ struct Ops::State {
   EntryCallback entry = nullptr;  // Ops::entry at attach: the code the scan below proved
   Ops* ops = nullptr;
   bool vector_free = false;  // the callback touches no vector register nor its EntryRegs
-  bool detaching = false;    // detach_async began (under g_mu)
+  bool detaching = false;    // unpublished: detach_async began, or a detach failed (under g_mu)
+  bool detach_failed = false;  // that detach's grace period failed: detach again finishes it
   std::uint64_t hits_baseline = 0;  // what the blocks held for `id` when it was attached
   std::atomic<std::uint64_t> recursion_skipped{0};
   std::vector<std::uintptr_t> entries;  // functions attached to (under g_mu)
@@ -340,9 +345,23 @@ struct Retired {
   bool empty() const noexcept { return targets.empty() && slots.empty(); }
 };
 
-std::mutex g_mu;
+std::mutex g_mu;  // lock rank hooks_tables (common/lock_order.h)
 std::map<std::uintptr_t, Site> g_sites;  // every site ever hooked, by entry
 std::vector<text::CodeBlock> g_thunks;   // permanent
+
+// fork(): the child gets the tables whole (no attach or detach half done) and g_mu free. The
+// forking thread's counter block names its parent-side tid, which is no thread of the child:
+// it is renamed, or the child's next new thread would take it over while it is still in use.
+void hooks_before_fork() { g_mu.lock(); }
+void hooks_after_fork_in_parent() { g_mu.unlock(); }
+void hooks_after_fork_in_child() {
+  if (t_block) t_block->owner.store(static_cast<pid_t>(::syscall(SYS_gettid)), std::memory_order_relaxed);
+  g_mu.unlock();
+}
+__attribute__((constructor)) void register_hooks_fork_hook() {
+  common::register_fork_hook(
+      {common::LockRank::hooks_tables, hooks_before_fork, hooks_after_fork_in_parent, hooks_after_fork_in_child});
+}
 
 std::uintptr_t target_for(const std::vector<Ops*>& ops) {
   if (ops.empty()) return 0;
@@ -696,6 +715,10 @@ Filter Filter::addresses(std::vector<std::uintptr_t> entries) {
 namespace {
 
 Status attached_already(const Ops& ops) {
+  if (ops.state->detach_failed) {
+    return Status::error("hooks::attach: this ops's detach failed (its grace period did not complete); call "
+                         "hooks::detach again to finish it");
+  }
   return Status::error(ops.state->detaching ? "hooks::attach: this ops is still being detached (wait for detach_async's done)"
                                             : "hooks::attach: this ops is attached already (detach it first)");
 }
@@ -828,16 +851,23 @@ Status attach(Ops& ops, const Filter& filter) {
 
 namespace {
 
+// Detaches whose grace period failed: what they unpublished, kept until a later detach of the
+// same ops passes one (under g_mu).
+std::map<const Ops::State*, Retired> g_failed_detaches;
+
+// Whether `ops` can be detached now: attached, and not being detached (unless its detach
+// failed, which a new detach finishes).
 Status check_detachable(const Ops& ops, const char* who) {
   if (!ops.state) return Status::error(std::string(who) + ": this ops is not attached");
-  if (ops.state->detaching) return Status::error(std::string(who) + ": this ops is being detached already");
+  if (ops.state->detaching && !ops.state->detach_failed)
+    return Status::error(std::string(who) + ": this ops is being detached already");
   return {};
 }
 
 // Takes `ops` out of every site's cell and puts each site in the mode its remaining ops ask
 // for (off, common, or direct with another slot). Returns what threads inside the stubs may
-// still read until a grace period passes.
-
+// still read until a grace period passes. For an ops whose earlier detach failed, returns what
+// that one unpublished. Refuses, changing nothing, when grace periods cannot run.
 Result<Retired> unpublish(Ops& ops, const char* who) {
   // As in attach: the sites' objects are pinned without g_mu, and released after it.
   sites::hooks::ObjectPins pins;
@@ -856,6 +886,24 @@ Result<Retired> unpublish(Ops& ops, const char* who) {
   Retired retired;
   std::lock_guard lock(g_mu);
   if (Status st = check_detachable(ops, who); !st.ok()) return st;
+  if (ops.state->detach_failed) {
+    if (Status s = grace::detail::grace_periods_usable(); !s.ok()) {
+      return Status::error(std::string(who) + ": " + s.message() +
+                               "; the ops is still unpublished since its failed detach: call hooks::detach again once "
+                               "grace periods work",
+                           s.sys_errno());
+    }
+    auto it = g_failed_detaches.find(ops.state);
+    retired = std::move(it->second);
+    g_failed_detaches.erase(it);
+    ops.state->detach_failed = false;
+    return retired;
+  }
+  if (Status s = grace::detail::grace_periods_usable(); !s.ok()) {
+    return Status::error(std::string(who) + ": " + s.message() +
+                             "; the ops is still attached (hooks::disable stops its callbacks without a grace period)",
+                         s.sys_errno());
+  }
   ops.state->detaching = true;
   forget_dead_objects();
   std::vector<ModeChange> changes;
@@ -878,7 +926,23 @@ Result<Retired> unpublish(Ops& ops, const char* who) {
   // slot, whose cleared tag turns calls away, until a later change fixes the site.
   (void)apply_modes(changes, retired);
   for (std::uintptr_t e : ops.state->entries) retire_dead_slot(g_sites[e], retired);
+  ops.state->entries.clear();  // attached to nothing now
   return retired;
+}
+
+// A detach whose grace period failed: the ops stays unpublished (no callback of it starts any
+// more) but is not freed, since callbacks begun before may still run; detach or detach_async
+// again finishes it.
+Status keep_failed_detach(Ops& ops, Retired retired, const char* who, const Status& why) {
+  {
+    std::lock_guard lock(g_mu);
+    ops.state->detach_failed = true;
+    g_failed_detaches[ops.state] = std::move(retired);
+  }
+  return Status::error(std::string(who) + ": " + why.message() +
+                           "; the ops is unpublished (no callback of it starts any more) but callbacks begun before "
+                           "may still run, so it is not freed: call hooks::detach again to finish",
+                       why.sys_errno());
 }
 
 // After a grace period: nothing reads the retired targets and slots or runs the ops any more.
@@ -897,7 +961,7 @@ Status detach(Ops& ops) {
   auto retired = unpublish(ops, "hooks::detach");
   if (!retired.ok()) return retired.status();
   // Every thread that may still run a callback of `ops` is inside the stub's marker region.
-  if (Status st = grace::synchronize(); !st.ok()) return st;
+  if (Status st = grace::synchronize(); !st.ok()) return keep_failed_detach(ops, std::move(*retired), "hooks::detach", st);
   free_all(*retired, ops);
   return {};
 }
@@ -906,10 +970,14 @@ Status detach_async(Ops& ops, std::function<void()> done) {
   if (t_in_callback) return Status::error("hooks::detach_async called from inside a hook callback");
   auto retired = unpublish(ops, "hooks::detach_async");
   if (!retired.ok()) return retired.status();
-  return grace::call([retired = std::move(*retired), &ops, done = std::move(done)] {
-    free_all(retired, ops);
+  // The callback thread retries a grace period that fails, so `done` runs once one succeeds.
+  auto shared = std::make_shared<Retired>(std::move(*retired));
+  Status st = grace::call([shared, &ops, done = std::move(done)] {
+    free_all(*shared, ops);
     if (done) done();
   });
+  if (!st.ok()) return keep_failed_detach(ops, std::move(*shared), "hooks::detach_async", st);
+  return {};
 }
 
 Status disable(Ops& ops) {
