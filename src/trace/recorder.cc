@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "common/fork_hooks.h"
+#include "common/loader_gate.h"
 #include "tramway/hooks.h"
 #include "tramway/trace.h"
 #include "trace/internal.h"
@@ -252,6 +253,7 @@ __attribute__((destructor)) void unregister_fork_hook() { common::unregister_for
 }  // namespace
 
 Status start(const RecordOptions& options) {
+  common::LoaderUse loader_use;  // before the recorder's lock: hooks pin objects (common/loader_gate.h)
   Recording& r = recording();
   std::lock_guard lock(r.mutex);
   if (r.active) return Status::error("trace::start: already recording to " + r.output + " (stop it first)");
@@ -322,6 +324,7 @@ Status start(const RecordOptions& options) {
 }
 
 Result<std::size_t> attach(const std::string& glob) {
+  common::LoaderUse loader_use;  // before the recorder's lock: hooks pin objects (common/loader_gate.h)
   Recording& r = recording();
   std::lock_guard lock(r.mutex);
   if (!r.active || r.stopping) return Status::error("trace::attach: not recording (start a recording first)");
@@ -348,6 +351,7 @@ Result<std::size_t> attach(const std::string& glob) {
 }
 
 Status detach(const std::string& glob) {
+  common::LoaderUse loader_use;  // before the recorder's lock: hooks pin objects (common/loader_gate.h)
   Recording& r = recording();
   std::lock_guard lock(r.mutex);
   auto it = r.globs.find(glob);
@@ -402,6 +406,7 @@ Status flush() {
 }
 
 Status stop() {
+  common::LoaderUse loader_use;  // before the recorder's lock: hooks pin objects (common/loader_gate.h)
   Recording& r = recording();
   std::unique_lock lock(r.mutex);
   if (!r.active) return Status::error("trace::stop: not recording");

@@ -51,6 +51,7 @@
 #include "arch/x86_64/insn.h"
 #include "common/fork_hooks.h"
 #include "common/format.h"
+#include "common/loader_gate.h"
 #include "grace/internal.h"
 #include "sites/hooks/discovery.h"
 #include "sites/hooks/unload.h"
@@ -756,6 +757,7 @@ Status pin_selected_objects(const Ops& ops, const Filter& filter, sites::hooks::
 
 Status attach(Ops& ops, const Filter& filter) {
   if (t_in_callback) return Status::error("hooks::attach called from inside a hook callback");
+  common::LoaderUse loader_use;  // outermost: pins dlopen and dlclose (common/loader_gate.h)
   if (!ops.entry) return Status::error("hooks::attach: the ops has no entry callback");
   // The scan reads code (a system call a page): outside the lock. The stubs leave
   // EntryRegs::xmm unset for a lean callback, so it must not read them either.
@@ -958,6 +960,7 @@ void free_all(const Retired& retired, Ops& ops) {
 
 Status detach(Ops& ops) {
   if (t_in_callback) return Status::error("hooks::detach called from inside a hook callback");
+  common::LoaderUse loader_use;  // outermost: pins dlopen and dlclose (common/loader_gate.h)
   auto retired = unpublish(ops, "hooks::detach");
   if (!retired.ok()) return retired.status();
   // Every thread that may still run a callback of `ops` is inside the stub's marker region.
@@ -968,6 +971,7 @@ Status detach(Ops& ops) {
 
 Status detach_async(Ops& ops, std::function<void()> done) {
   if (t_in_callback) return Status::error("hooks::detach_async called from inside a hook callback");
+  common::LoaderUse loader_use;  // outermost: pins dlopen and dlclose (common/loader_gate.h)
   auto retired = unpublish(ops, "hooks::detach_async");
   if (!retired.ok()) return retired.status();
   // The callback thread retries a grace period that fails, so `done` runs once one succeeds.
