@@ -80,6 +80,9 @@ struct Ops::State {
   std::uint64_t hits_baseline = 0;  // what the blocks held for `id` when it was attached
   std::atomic<std::uint64_t> recursion_skipped{0};
   std::vector<std::uintptr_t> entries;  // functions attached to (under g_mu)
+  // Their objects (key, path), which a detach pins: found once here rather than by looking up
+  // every entry's site again (under g_mu).
+  std::vector<std::pair<sites::hooks::ObjectKey, std::string>> objects;
 };
 
 // Read by the stubs' fast path (arch/x86_64/hook_entry.S) under their assembler names, so
@@ -679,8 +682,16 @@ sites::hooks::Witness witness_of(const Site& s) {
 // Forgets every object of the tables that is gone (sites/hooks/unload.h). Under g_mu, before
 // the tables are used: no batch runs meanwhile, so an object alive when looked at keeps what
 // was written in it.
+// The loader's unload count when forget_dead_objects last looked (under g_mu). While it has not
+// moved, no object died since (every object in the tables was alive then, or pinned when it
+// entered them), and the look — a pass over every site, a read of code per object — is skipped.
+std::optional<unsigned long long> g_unloads_checked;
+
 void forget_dead_objects() {
   if (g_sites.empty()) return;
+  const std::optional<unsigned long long> unloads = sites::hooks::unloads_so_far();
+  if (unloads && unloads == g_unloads_checked) return;
+  g_unloads_checked = unloads;  // read before looking: an unload meanwhile is seen next time
   const sites::hooks::LoadedObjects loaded;
   std::map<ObjectKey, std::optional<bool>> gone;  // nullopt: undecided (nothing written to check yet)
   for (const auto& [entry, s] : g_sites) {
@@ -840,11 +851,17 @@ Status attach(Ops& ops, const Filter& filter) {
     return st;
   }
   state.release();
+  const ObjectKey* last_key = nullptr;
   for (const Candidate& c : *selected) {
     Site& s = g_sites[c.entry];
     s.ops.push_back(&ops);
     retired.targets.push_back(s.cell->target.exchange(target_for(s.ops), std::memory_order_acq_rel));
     ops.state->entries.push_back(c.entry);
+    if (c.key == last_key) continue;  // the candidates of one object are adjacent
+    last_key = c.key;
+    auto& objects = ops.state->objects;
+    if (std::none_of(objects.begin(), objects.end(), [&](const auto& o) { return o.first == *c.key; }))
+      objects.emplace_back(*c.key, *c.object);
   }
   // Lists replaced in cells and slots sites left may still be read by threads in the stubs.
   release_after_grace_period(std::move(retired));
@@ -877,11 +894,7 @@ Result<Retired> unpublish(Ops& ops, const char* who) {
   {
     std::lock_guard lock(g_mu);
     if (Status st = check_detachable(ops, who); !st.ok()) return st;
-    for (std::uintptr_t e : ops.state->entries) {
-      const Site& s = g_sites[e];
-      if (std::none_of(wanted.begin(), wanted.end(), [&](const auto& w) { return w.first == s.object_key; }))
-        wanted.emplace_back(s.object_key, s.object);
-    }
+    wanted = ops.state->objects;  // objects forgotten since are not pinned: they are gone
   }
   // An object that cannot be pinned is gone (forgotten below), or cannot be held (dlmopen).
   for (const auto& [key, path] : wanted) (void)pins.pin(key.first, key.second, path);
@@ -929,6 +942,7 @@ Result<Retired> unpublish(Ops& ops, const char* who) {
   (void)apply_modes(changes, retired);
   for (std::uintptr_t e : ops.state->entries) retire_dead_slot(g_sites[e], retired);
   ops.state->entries.clear();  // attached to nothing now
+  ops.state->objects.clear();
   return retired;
 }
 

@@ -33,19 +33,6 @@ DlopenFn real_dlopen() {
   return real;
 }
 
-// How many objects the loader has unloaded so far (dl_phdr_info::dlpi_subs), if it says.
-std::optional<unsigned long long> unloads_so_far() {
-  std::optional<unsigned long long> subs;
-  dl_iterate_phdr(
-      [](dl_phdr_info* info, std::size_t size, void* arg) {
-        if (size >= offsetof(dl_phdr_info, dlpi_subs) + sizeof info->dlpi_subs)
-          *static_cast<std::optional<unsigned long long>*>(arg) = info->dlpi_subs;
-        return 1;
-      },
-      &subs);
-  return subs;
-}
-
 bool listed(std::uintptr_t base, const std::string& loader_name) {
   struct Query {
     std::uintptr_t base;
@@ -64,6 +51,18 @@ bool listed(std::uintptr_t base, const std::string& loader_name) {
 }
 
 }  // namespace
+
+std::optional<unsigned long long> unloads_so_far() {
+  std::optional<unsigned long long> subs;
+  dl_iterate_phdr(
+      [](dl_phdr_info* info, std::size_t size, void* arg) {
+        if (size >= offsetof(dl_phdr_info, dlpi_subs) + sizeof info->dlpi_subs)
+          *static_cast<std::optional<unsigned long long>*>(arg) = info->dlpi_subs;
+        return 1;
+      },
+      &subs);
+  return subs;
+}
 
 LoadedObjects::LoadedObjects() {
   dl_iterate_phdr(

@@ -56,6 +56,10 @@ struct Witness {
   std::size_t size = 0;
 };
 
+// How many objects the loader has unloaded so far (dl_phdr_info::dlpi_subs), if it says. An
+// object that tramway saw loaded and that is gone or loaded again since moved it.
+std::optional<unsigned long long> unloads_so_far();
+
 // The objects the loader lists at construction.
 class LoadedObjects {
  public:
