@@ -432,6 +432,7 @@ struct CachedObject {
 std::map<ObjectKey, CachedObject> g_objects;
 std::vector<Candidate> g_all;  // every cached site, sorted by entry; rebuilt when g_objects changes
 bool g_all_stale = true;
+std::uint64_t g_all_version = 0;  // rebuilds of g_all: candidates taken from it stay valid meanwhile
 
 // The objects dropped from the cache lately, so that an address selected while its object was
 // loaded (patchable_functions, then attach) is reported as unloaded, not as not patchable.
@@ -491,6 +492,7 @@ const std::vector<Candidate>& all_candidates() {
   }
   std::sort(g_all.begin(), g_all.end(), [](const Candidate& a, const Candidate& b) { return a.entry < b.entry; });
   g_all_stale = false;
+  ++g_all_version;
   return g_all;
 }
 
@@ -739,7 +741,13 @@ Status attached_already(const Ops& ops) {
 // until `pins` is destroyed (sites/hooks/unload.h). Pinning takes the loader lock, so it is
 // done without g_mu: a constructor or destructor calling hooks holds the loader lock and waits
 // for g_mu. The caller selects again under g_mu.
-Status pin_selected_objects(const Ops& ops, const Filter& filter, sites::hooks::ObjectPins& pins) {
+// `first` is that selection, and the version of the candidate list it was taken from: while
+// the list has not been rebuilt since, it is what selecting again would give.
+struct Selection {
+  std::vector<Candidate> candidates;
+  std::uint64_t version = 0;
+};
+Status pin_selected_objects(const Ops& ops, const Filter& filter, sites::hooks::ObjectPins& pins, Selection& first) {
   struct Wanted {
     ObjectKey key;
     std::string path;
@@ -750,10 +758,15 @@ Status pin_selected_objects(const Ops& ops, const Filter& filter, sites::hooks::
     if (ops.state) return attached_already(ops);
     auto selected = select(filter);
     if (!selected.ok()) return selected.status();
+    first.version = g_all_version;
+    const ObjectKey* last_key = nullptr;
     for (const Candidate& c : *selected) {
+      if (c.key == last_key) continue;  // the candidates of one object are adjacent
+      last_key = c.key;
       if (std::none_of(wanted.begin(), wanted.end(), [&](const Wanted& w) { return w.key == *c.key; }))
         wanted.push_back({*c.key, *c.object});
     }
+    first.candidates = std::move(*selected);
   }
   sites::hooks::testing::call_attach_hook(sites::hooks::testing::AttachPoint::selected);
   for (const Wanted& w : wanted) {
@@ -779,14 +792,19 @@ Status attach(Ops& ops, const Filter& filter) {
   }
   // Declared before the lock, so released after it: releasing a pin may unload the object.
   sites::hooks::ObjectPins pins;
-  if (Status st = pin_selected_objects(ops, filter, pins); !st.ok()) return st;
+  Selection first;
+  if (Status st = pin_selected_objects(ops, filter, pins, first); !st.ok()) return st;
   std::lock_guard lock(g_mu);
   if (ops.state) return attached_already(ops);
   forget_dead_objects();
-  auto selected = select(filter);
+  (void)all_candidates();  // rebuilt if an object came or went since the first selection
+  const bool unchanged = g_all_version == first.version;
+  auto selected = unchanged ? Result<std::vector<Candidate>>(std::move(first.candidates)) : select(filter);
   if (!selected.ok()) return selected.status();
-  // Objects loaded since the pins were taken are left out, as if loaded after the attach.
-  std::erase_if(*selected, [&](const Candidate& c) { return !pins.holds(c.key->first, c.key->second); });
+  // Objects loaded since the pins were taken are left out, as if loaded after the attach (the
+  // first selection's objects are all pinned).
+  if (!unchanged)
+    std::erase_if(*selected, [&](const Candidate& c) { return !pins.holds(c.key->first, c.key->second); });
   if (selected->empty()) {
     return Status::error("hooks::attach: the objects of every function the filter selected were unloaded meanwhile "
                          "(object unloaded); nothing was attached");
