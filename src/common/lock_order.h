@@ -6,6 +6,11 @@
 //
 //   rank             lock (file)                                 held across (what it nests)
 //   fork_hooks       the fork-hook registry (common/fork_hooks.cc) fork() itself
+//   loader_gate      the loader gate (common/loader_gate.h): held  a dlopen or dlclose (its
+//                    shared by each dlopen/dlclose tramway makes   constructors, destructors)
+//                    or interposes and by each tramway API before  and a whole tramway API
+//                    any lock below; the loader's own lock nests   call (grace periods)
+//                    inside it, so it comes first
 //   trace_recording  Recording::mutex (trace/recorder.cc)          hooks::attach/detach, so
 //                                                                 a whole grace period
 //   grace_period     g_gp_mu (grace/trace.cc)                      a trace grace period: it
@@ -48,6 +53,7 @@ namespace tramway::common {
 
 enum class LockRank : int {
   fork_hooks = 0,
+  loader_gate = 5,
   trace_recording = 10,
   grace_period = 20,
   hooks_tables = 30,

@@ -26,6 +26,7 @@
 
 #include "common/fork_hooks.h"
 #include "tramway/grace.h"
+#include "common/loader_gate.h"
 #include "tramway/hooks.h"
 #include "tramway/trace.h"
 #include "trace/internal.h"
@@ -290,6 +291,7 @@ void detail::retire(ThreadState* t) noexcept {
 }
 
 Status start(const RecordOptions& options) {
+  common::LoaderUse loader_use;  // before the recorder's lock: hooks pin objects (common/loader_gate.h)
   Recording& r = recording();
   std::lock_guard lock(r.mutex);
   if (r.active) return Status::error("trace::start: already recording to " + r.output + " (stop it first)");
@@ -360,6 +362,7 @@ Status start(const RecordOptions& options) {
 }
 
 Result<std::size_t> attach(const std::string& glob) {
+  common::LoaderUse loader_use;  // before the recorder's lock: hooks pin objects (common/loader_gate.h)
   Recording& r = recording();
   std::lock_guard lock(r.mutex);
   if (!r.active || r.stopping) return Status::error("trace::attach: not recording (start a recording first)");
@@ -386,6 +389,7 @@ Result<std::size_t> attach(const std::string& glob) {
 }
 
 Status detach(const std::string& glob) {
+  common::LoaderUse loader_use;  // before the recorder's lock: hooks pin objects (common/loader_gate.h)
   Recording& r = recording();
   std::lock_guard lock(r.mutex);
   auto it = r.globs.find(glob);
@@ -440,6 +444,7 @@ Status flush() {
 }
 
 Status stop() {
+  common::LoaderUse loader_use;  // before the recorder's lock: hooks pin objects (common/loader_gate.h)
   Recording& r = recording();
   std::unique_lock lock(r.mutex);
   if (!r.active) return Status::error("trace::stop: not recording");

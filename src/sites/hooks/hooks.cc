@@ -52,6 +52,7 @@
 #include "arch/x86_64/insn.h"
 #include "common/fork_hooks.h"
 #include "common/format.h"
+#include "common/loader_gate.h"
 #include "grace/internal.h"
 #include "sites/hooks/discovery.h"
 #include "sites/hooks/unload.h"
@@ -80,6 +81,9 @@ struct Ops::State {
   std::uint64_t hits_baseline = 0;  // what the blocks held for `id` when it was attached
   std::atomic<std::uint64_t> recursion_skipped{0};
   std::vector<std::uintptr_t> entries;  // functions attached to (under g_mu)
+  // Their objects (key, path), which a detach pins: found once here rather than by looking up
+  // every entry's site again (under g_mu).
+  std::vector<std::pair<sites::hooks::ObjectKey, std::string>> objects;
 };
 
 // Read by the stubs' fast path (arch/x86_64/hook_entry.S) under their assembler names, so
@@ -429,6 +433,7 @@ struct CachedObject {
 std::map<ObjectKey, CachedObject> g_objects;
 std::vector<Candidate> g_all;  // every cached site, sorted by entry; rebuilt when g_objects changes
 bool g_all_stale = true;
+std::uint64_t g_all_version = 0;  // rebuilds of g_all: candidates taken from it stay valid meanwhile
 
 // The objects dropped from the cache lately, so that an address selected while its object was
 // loaded (patchable_functions, then attach) is reported as unloaded, not as not patchable.
@@ -488,6 +493,7 @@ const std::vector<Candidate>& all_candidates() {
   }
   std::sort(g_all.begin(), g_all.end(), [](const Candidate& a, const Candidate& b) { return a.entry < b.entry; });
   g_all_stale = false;
+  ++g_all_version;
   return g_all;
 }
 
@@ -679,8 +685,16 @@ sites::hooks::Witness witness_of(const Site& s) {
 // Forgets every object of the tables that is gone (sites/hooks/unload.h). Under g_mu, before
 // the tables are used: no batch runs meanwhile, so an object alive when looked at keeps what
 // was written in it.
+// The loader's unload count when forget_dead_objects last looked (under g_mu). While it has not
+// moved, no object died since (every object in the tables was alive then, or pinned when it
+// entered them), and the look — a pass over every site, a read of code per object — is skipped.
+std::optional<unsigned long long> g_unloads_checked;
+
 void forget_dead_objects() {
   if (g_sites.empty()) return;
+  const std::optional<unsigned long long> unloads = sites::hooks::unloads_so_far();
+  if (unloads && unloads == g_unloads_checked) return;
+  g_unloads_checked = unloads;  // read before looking: an unload meanwhile is seen next time
   const sites::hooks::LoadedObjects loaded;
   std::map<ObjectKey, std::optional<bool>> gone;  // nullopt: undecided (nothing written to check yet)
   for (const auto& [entry, s] : g_sites) {
@@ -728,7 +742,13 @@ Status attached_already(const Ops& ops) {
 // until `pins` is destroyed (sites/hooks/unload.h). Pinning takes the loader lock, so it is
 // done without g_mu: a constructor or destructor calling hooks holds the loader lock and waits
 // for g_mu. The caller selects again under g_mu.
-Status pin_selected_objects(const Ops& ops, const Filter& filter, sites::hooks::ObjectPins& pins) {
+// `first` is that selection, and the version of the candidate list it was taken from: while
+// the list has not been rebuilt since, it is what selecting again would give.
+struct Selection {
+  std::vector<Candidate> candidates;
+  std::uint64_t version = 0;
+};
+Status pin_selected_objects(const Ops& ops, const Filter& filter, sites::hooks::ObjectPins& pins, Selection& first) {
   struct Wanted {
     ObjectKey key;
     std::string path;
@@ -739,10 +759,15 @@ Status pin_selected_objects(const Ops& ops, const Filter& filter, sites::hooks::
     if (ops.state) return attached_already(ops);
     auto selected = select(filter);
     if (!selected.ok()) return selected.status();
+    first.version = g_all_version;
+    const ObjectKey* last_key = nullptr;
     for (const Candidate& c : *selected) {
+      if (c.key == last_key) continue;  // the candidates of one object are adjacent
+      last_key = c.key;
       if (std::none_of(wanted.begin(), wanted.end(), [&](const Wanted& w) { return w.key == *c.key; }))
         wanted.push_back({*c.key, *c.object});
     }
+    first.candidates = std::move(*selected);
   }
   sites::hooks::testing::call_attach_hook(sites::hooks::testing::AttachPoint::selected);
   for (const Wanted& w : wanted) {
@@ -757,6 +782,7 @@ Status pin_selected_objects(const Ops& ops, const Filter& filter, sites::hooks::
 
 Status attach(Ops& ops, const Filter& filter) {
   if (t_in_callback) return Status::error("hooks::attach called from inside a hook callback");
+  common::LoaderUse loader_use;  // outermost: pins dlopen and dlclose (common/loader_gate.h)
   if (!ops.entry) return Status::error("hooks::attach: the ops has no entry callback");
   // The scan reads code (a system call a page): outside the lock. The stubs leave
   // EntryRegs::xmm unset for a lean callback, so it must not read them either.
@@ -767,14 +793,19 @@ Status attach(Ops& ops, const Filter& filter) {
   }
   // Declared before the lock, so released after it: releasing a pin may unload the object.
   sites::hooks::ObjectPins pins;
-  if (Status st = pin_selected_objects(ops, filter, pins); !st.ok()) return st;
+  Selection first;
+  if (Status st = pin_selected_objects(ops, filter, pins, first); !st.ok()) return st;
   std::lock_guard lock(g_mu);
   if (ops.state) return attached_already(ops);
   forget_dead_objects();
-  auto selected = select(filter);
+  (void)all_candidates();  // rebuilt if an object came or went since the first selection
+  const bool unchanged = g_all_version == first.version;
+  auto selected = unchanged ? Result<std::vector<Candidate>>(std::move(first.candidates)) : select(filter);
   if (!selected.ok()) return selected.status();
-  // Objects loaded since the pins were taken are left out, as if loaded after the attach.
-  std::erase_if(*selected, [&](const Candidate& c) { return !pins.holds(c.key->first, c.key->second); });
+  // Objects loaded since the pins were taken are left out, as if loaded after the attach (the
+  // first selection's objects are all pinned).
+  if (!unchanged)
+    std::erase_if(*selected, [&](const Candidate& c) { return !pins.holds(c.key->first, c.key->second); });
   if (selected->empty()) {
     return Status::error("hooks::attach: the objects of every function the filter selected were unloaded meanwhile "
                          "(object unloaded); nothing was attached");
@@ -839,11 +870,17 @@ Status attach(Ops& ops, const Filter& filter) {
     return st;
   }
   state.release();
+  const ObjectKey* last_key = nullptr;
   for (const Candidate& c : *selected) {
     Site& s = g_sites[c.entry];
     s.ops.push_back(&ops);
     retired.targets.push_back(s.cell->target.exchange(target_for(s.ops), std::memory_order_acq_rel));
     ops.state->entries.push_back(c.entry);
+    if (c.key == last_key) continue;  // the candidates of one object are adjacent
+    last_key = c.key;
+    auto& objects = ops.state->objects;
+    if (std::none_of(objects.begin(), objects.end(), [&](const auto& o) { return o.first == *c.key; }))
+      objects.emplace_back(*c.key, *c.object);
   }
   // Lists replaced in cells and slots sites left may still be read by threads in the stubs.
   release_after_grace_period(std::move(retired));
@@ -852,16 +889,18 @@ Status attach(Ops& ops, const Filter& filter) {
 
 namespace {
 
-Status check_detachable(const Ops& ops, const char* who) {
-  if (!ops.state) return Status::error(std::string(who) + ": this ops is not attached");
-  if (ops.state->detach_failed) return {};  // this detach finishes the failed one
-  if (ops.state->detaching) return Status::error(std::string(who) + ": this ops is being detached already");
-  return {};
-}
-
 // Detaches whose grace period failed: what they unpublished, kept until a later detach of the
 // same ops passes one (under g_mu).
 std::map<const Ops::State*, Retired> g_failed_detaches;
+
+// Whether `ops` can be detached now: attached, and not being detached (unless its detach
+// failed, which a new detach finishes).
+Status check_detachable(const Ops& ops, const char* who) {
+  if (!ops.state) return Status::error(std::string(who) + ": this ops is not attached");
+  if (ops.state->detaching && !ops.state->detach_failed)
+    return Status::error(std::string(who) + ": this ops is being detached already");
+  return {};
+}
 
 // Takes `ops` out of every site's cell and puts each site in the mode its remaining ops ask
 // for (off, common, or direct with another slot). Returns what threads inside the stubs may
@@ -874,11 +913,7 @@ Result<Retired> unpublish(Ops& ops, const char* who) {
   {
     std::lock_guard lock(g_mu);
     if (Status st = check_detachable(ops, who); !st.ok()) return st;
-    for (std::uintptr_t e : ops.state->entries) {
-      const Site& s = g_sites[e];
-      if (std::none_of(wanted.begin(), wanted.end(), [&](const auto& w) { return w.first == s.object_key; }))
-        wanted.emplace_back(s.object_key, s.object);
-    }
+    wanted = ops.state->objects;  // objects forgotten since are not pinned: they are gone
   }
   // An object that cannot be pinned is gone (forgotten below), or cannot be held (dlmopen).
   for (const auto& [key, path] : wanted) (void)pins.pin(key.first, key.second, path);
@@ -926,6 +961,7 @@ Result<Retired> unpublish(Ops& ops, const char* who) {
   (void)apply_modes(changes, retired);
   for (std::uintptr_t e : ops.state->entries) retire_dead_slot(g_sites[e], retired);
   ops.state->entries.clear();  // attached to nothing now
+  ops.state->objects.clear();
   return retired;
 }
 
@@ -957,6 +993,7 @@ void free_all(const Retired& retired, Ops& ops) {
 
 Status detach(Ops& ops) {
   if (t_in_callback) return Status::error("hooks::detach called from inside a hook callback");
+  common::LoaderUse loader_use;  // outermost: pins dlopen and dlclose (common/loader_gate.h)
   auto retired = unpublish(ops, "hooks::detach");
   if (!retired.ok()) return retired.status();
   // Every thread that may still run a callback of `ops` is inside the stub's marker region.
@@ -967,6 +1004,7 @@ Status detach(Ops& ops) {
 
 Status detach_async(Ops& ops, std::function<void()> done) {
   if (t_in_callback) return Status::error("hooks::detach_async called from inside a hook callback");
+  common::LoaderUse loader_use;  // outermost: pins dlopen and dlclose (common/loader_gate.h)
   auto retired = unpublish(ops, "hooks::detach_async");
   if (!retired.ok()) return retired.status();
   // The callback thread retries a grace period that fails, so `done` runs once one succeeds.

@@ -9,6 +9,7 @@
 #include <cstring>
 #include <optional>
 
+#include "common/loader_gate.h"
 #include "tramway/text/patch.h"
 
 namespace tramway::sites::hooks {
@@ -26,17 +27,10 @@ int real_dlclose(void* handle) {
   return real(handle);
 }
 
-// How many objects the loader has unloaded so far (dl_phdr_info::dlpi_subs), if it says.
-std::optional<unsigned long long> unloads_so_far() {
-  std::optional<unsigned long long> subs;
-  dl_iterate_phdr(
-      [](dl_phdr_info* info, std::size_t size, void* arg) {
-        if (size >= offsetof(dl_phdr_info, dlpi_subs) + sizeof info->dlpi_subs)
-          *static_cast<std::optional<unsigned long long>*>(arg) = info->dlpi_subs;
-        return 1;
-      },
-      &subs);
-  return subs;
+using DlopenFn = void* (*)(const char*, int);
+DlopenFn real_dlopen() {
+  static const auto real = reinterpret_cast<DlopenFn>(dlsym(RTLD_NEXT, "dlopen"));
+  return real;
 }
 
 bool listed(std::uintptr_t base, const std::string& loader_name) {
@@ -57,6 +51,18 @@ bool listed(std::uintptr_t base, const std::string& loader_name) {
 }
 
 }  // namespace
+
+std::optional<unsigned long long> unloads_so_far() {
+  std::optional<unsigned long long> subs;
+  dl_iterate_phdr(
+      [](dl_phdr_info* info, std::size_t size, void* arg) {
+        if (size >= offsetof(dl_phdr_info, dlpi_subs) + sizeof info->dlpi_subs)
+          *static_cast<std::optional<unsigned long long>*>(arg) = info->dlpi_subs;
+        return 1;
+      },
+      &subs);
+  return subs;
+}
 
 LoadedObjects::LoadedObjects() {
   dl_iterate_phdr(
@@ -96,8 +102,9 @@ Status ObjectPins::pin(std::uintptr_t base, const std::string& loader_name, cons
   }
   // dlopen waits for the loader lock: an unload under way completes first, and the object is
   // then either gone or not being unloaded (and from now on cannot be).
+  common::LoaderUse use;
   for (int attempt = 0; attempt < 2; ++attempt) {
-    if (void* h = dlopen(loader_name.c_str(), RTLD_NOLOAD | RTLD_LAZY)) {
+    if (void* h = real_dlopen()(loader_name.c_str(), RTLD_NOLOAD | RTLD_LAZY)) {
       link_map* lm = nullptr;
       if (dlinfo(h, RTLD_DI_LINKMAP, &lm) == 0 && lm && lm->l_addr == base) {
         pins_.push_back({base, loader_name, h});
@@ -115,6 +122,7 @@ Status ObjectPins::pin(std::uintptr_t base, const std::string& loader_name, cons
 }
 
 int close_object(void* handle) {
+  common::LoaderUse use;
   const auto before = unloads_so_far();
   ++t_closing;
   const int rc = real_dlclose(handle);
@@ -134,3 +142,17 @@ void call_attach_hook(AttachPoint point) {
 
 // dlclose, interposed: see close_object.
 extern "C" int dlclose(void* handle) { return tramway::sites::hooks::close_object(handle); }
+
+// dlopen, interposed (loader_entry.S): where the stub jumps, the caller's arguments intact.
+extern "C" __attribute__((visibility("hidden"))) void* tramway_dlopen_gated(const char* file, int mode) {
+  tramway::common::LoaderUse use;
+  return tramway::sites::hooks::real_dlopen()(file, mode);
+}
+
+// A name with a '/' and no '$' (no dynamic string token) is opened as it is, whoever calls;
+// any other is searched for along its caller's paths, so the real dlopen must see the caller.
+extern "C" __attribute__((visibility("hidden"))) void* tramway_dlopen_route(const char* file) {
+  const bool caller_independent = file && std::strchr(file, '/') && !std::strchr(file, '$');
+  return caller_independent ? reinterpret_cast<void*>(&tramway_dlopen_gated)
+                            : reinterpret_cast<void*>(tramway::sites::hooks::real_dlopen());
+}

@@ -25,11 +25,13 @@
 // thread inside a real dlclose (its destructors calling hooks) pins nothing, as it holds the
 // loader lock — which holds for the interposed dlclose only, not for libc's own unloads.
 //
-// Lock order: the loader lock (held by dlopen and dlclose while they run constructors and
-// destructors, which may call hooks) -> the hooks lock (g_mu) -> dl_iterate_phdr's lock (the
-// loader's write lock, held only while it edits its list, never while user code runs) and
-// the text layer's patch lock. Pins are taken and released with no tramway lock held, and no
-// tramway lock is held across the real dlclose.
+// Lock order: the loader gate (common/loader_gate.h: held by pins, by the interposed dlopen and
+// dlclose and by the hooks API; fork takes it) -> the loader lock (held by dlopen and dlclose
+// while they run constructors and destructors, which may call hooks) -> the hooks lock (g_mu)
+// -> dl_iterate_phdr's lock (the loader's write lock, held only while it edits its list, never
+// while user code runs) and the text layer's patch lock. Pins are taken and released with no
+// tramway lock but the gate held, and no tramway lock but the gate is held across the real
+// dlclose.
 #pragma once
 
 #include <cstddef>
@@ -53,6 +55,10 @@ struct Witness {
   std::uint8_t bytes[8] = {};
   std::size_t size = 0;
 };
+
+// How many objects the loader has unloaded so far (dl_phdr_info::dlpi_subs), if it says. An
+// object that tramway saw loaded and that is gone or loaded again since moved it.
+std::optional<unsigned long long> unloads_so_far();
 
 // The objects the loader lists at construction.
 class LoadedObjects {
