@@ -20,7 +20,6 @@ int g_users = 0;             // threads inside an outermost use
 bool g_fork_waiting = false;  // a fork waits for g_users to reach 0
 bool g_fork_holds = false;    // a fork took the gate: nobody enters until it has passed
 bool g_taken = false;         // this fork's prepare took it (parent and child release it)
-std::atomic<bool> g_enabled{true};
 std::atomic<unsigned long> g_timeouts{0};
 thread_local int t_depth = 0;
 
@@ -28,7 +27,7 @@ constexpr int kForkWaitSeconds = 2;
 
 void prepare() {
   g_taken = false;
-  if (t_depth > 0 || !g_enabled.load(std::memory_order_relaxed)) return;
+  if (t_depth > 0) return;
   timespec deadline;
   clock_gettime(CLOCK_REALTIME, &deadline);
   deadline.tv_sec += kForkWaitSeconds;
@@ -84,7 +83,6 @@ LoaderUse::~LoaderUse() {
 }
 
 namespace testing {
-void set_loader_gate_enabled(bool enabled) noexcept { g_enabled.store(enabled); }
 unsigned long loader_gate_timeouts() noexcept { return g_timeouts.load(); }
 }  // namespace testing
 

@@ -44,8 +44,6 @@ class LoaderUse {
 };
 
 namespace testing {
-// Whether fork's prepare step takes the gate (default true): a test shows the hang without it.
-void set_loader_gate_enabled(bool enabled) noexcept;
 // How many forks proceeded without the gate because it stayed busy for the whole wait.
 unsigned long loader_gate_timeouts() noexcept;
 }  // namespace testing

@@ -180,14 +180,4 @@ TEST(ForkLoader, AHookCallbackMayDlopenWhileAForkWaitsForTheGate) {
                           "the callback, which waited for the fork)";
 }
 
-// The same storm without the gate shows what it prevents (glibc 2.36: a few children in a
-// hundred hang). Not part of the suite's verdict: how often depends on the machine.
-TEST(ForkLoader, DISABLED_WithoutTheGateChildrenHang) {
-  tramway::common::testing::set_loader_gate_enabled(false);
-  const StormResult r = fork_storm(300, 20000);
-  std::printf("without the gate: %d of %d children hung, %d failed (last: %s)\n", r.hung, r.forks, r.failures,
-              bounded::describe(r.failed).c_str());
-  EXPECT_GT(r.hung + r.failures, 0);
-}
-
 }  // namespace
