@@ -243,11 +243,16 @@ void forker(const Options& o) {
 }
 
 // ---- controller -----------------------------------------------------------------------------------
+// Static, not on the controller's stack: a fork child keeps them attached (and finishes their
+// async detaches), while glibc gives the stacks of threads the child lacks to its new threads.
+hooks::Ops g_controller_ops[2];
+std::atomic<int> g_async_pending{0};
+
 void controller(const Options& o) {
   std::mt19937_64 rng(o.seed);
   const char* const globs[] = {"tw_fn_5*", "tw_fn_6*", "tw_fn_1*", "tw_fn_*9"};
-  std::atomic<int> async_pending{0};
-  hooks::Ops ops[2];
+  std::atomic<int>& async_pending = g_async_pending;
+  hooks::Ops* const ops = g_controller_ops;
   bool recording = false;
   for (std::uint64_t cycle = 0; !g_stop.load(std::memory_order_relaxed); ++cycle) {
     hooks::Ops& op = ops[cycle % 2];
@@ -271,7 +276,7 @@ void controller(const Options& o) {
         if (Status d = hooks::detach(op); !d.ok()) violation("detach", d.message());
       } else {
         async_pending.fetch_add(1);
-        if (Status d = hooks::detach_async(op, [&] { async_pending.fetch_sub(1); }); !d.ok()) {
+        if (Status d = hooks::detach_async(op, [] { g_async_pending.fetch_sub(1); }); !d.ok()) {
           async_pending.fetch_sub(1);
           violation("detach_async", d.message());
         }
@@ -307,7 +312,7 @@ void controller(const Options& o) {
     progressed(kController);
   }
   while (async_pending.load() > 0) std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  for (hooks::Ops& op : ops) {
+  for (hooks::Ops& op : g_controller_ops) {
     if (op.state) (void)hooks::detach(op);
   }
   if (recording) (void)trace::stop();
