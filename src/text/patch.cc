@@ -339,6 +339,7 @@ Status apply(const PatchBatch& batch, const PatchLock&) {
     }
   }
   if (Status st = detail::ensure_router(); !st.ok()) return st;
+  if (Status st = detail::precheck_batch(); !st.ok()) return st;  // would an int3 kill a thread?
   if (Status st = detail::prepare_serialization(); !st.ok()) return st;  // before any int3 exists
   detail::free_retired_tables_if_unread();
 

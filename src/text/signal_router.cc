@@ -257,9 +257,15 @@ int choose_fixup_signal() {
     std::fprintf(stderr, "tramway: TRAMWAY_FIXUP_SIGNAL=%s is not a real-time signal (%d..%d); using the default\n",
                  env, SIGRTMIN, SIGRTMAX);
   }
+  // A signal the program already uses is not taken: one with a handler, one blocked in the
+  // loading thread (read with sigwait or a signalfd), one a signalfd of ours waits for.
+  sigset_t blocked;
+  raw_sigprocmask(SIG_BLOCK, nullptr, &blocked);
+  const std::uint64_t in_signalfds = detail::signalfd_signals();
   for (int s = SIGRTMAX - 1; s > SIGRTMIN; --s) {
     struct sigaction cur {};
-    if (__sigaction(s, nullptr, &cur) == 0 && !is_function(reinterpret_cast<std::uintptr_t>(cur.sa_handler)))
+    if (__sigaction(s, nullptr, &cur) == 0 && !is_function(reinterpret_cast<std::uintptr_t>(cur.sa_handler)) &&
+        !sigismember(&blocked, s) && !((in_signalfds >> (s - 1)) & 1))
       return s;
   }
   return SIGRTMAX - 1;
@@ -387,6 +393,18 @@ bool answered(pid_t tid, std::uint64_t gen, int* anonymous_budget) {
 }  // namespace
 
 namespace detail {
+void strip_router_signals(sigset_t* set) noexcept {
+  strip_protected(set);
+  sigdelset(set, kGlibcInternalFirst);
+  sigdelset(set, kGlibcInternalLast);
+}
+bool fixup_signal_chosen_by_user() noexcept { return std::getenv("TRAMWAY_FIXUP_SIGNAL") != nullptr; }
+std::uintptr_t router_handler_for(int sig) noexcept {
+  if (sig == SIGTRAP) return reinterpret_cast<std::uintptr_t>(&trap_handler);
+  if (sig == g_fixup_signal.load(std::memory_order_relaxed)) return reinterpret_cast<std::uintptr_t>(&fixup_handler);
+  return 0;
+}
+
 Status ensure_router() noexcept {
   int state = g_router_state.load(std::memory_order_acquire);
   if (state == 2) return {};
@@ -565,7 +583,7 @@ Result<MoveReport> move_pcs_from(std::span<const PcMove> moves, std::chrono::mil
       return Status::error("PC fix-up for " + ranges_text(moves) + ": no answer within " +
                            std::to_string(timeout.count()) + " ms from " + who +
                            ". A stopped or traced thread cannot run the fix-up handler; resume it (SIGCONT, "
-                           "or detach the debugger) and retry");
+                           "or detach the debugger) and retry" + detail::debugger_note());
     }
     if (round < 64) {
       sched_yield();
@@ -599,6 +617,7 @@ __attribute__((visibility("default"))) int sigaction(int sig, const struct sigac
   }
   const auto h = act ? reinterpret_cast<std::uintptr_t>(act->sa_handler) : 0;
   if (sig == g_fixup_signal.load(std::memory_order_relaxed) && act && is_function(h)) {
+    detail::report_fixup_signal_use("sigaction");
     errno = EINVAL;  // reserved: see TRAMWAY_FIXUP_SIGNAL
     return -1;
   }
@@ -669,9 +688,10 @@ static int filtered_mask(int how, const sigset_t* set, sigset_t* old) noexcept {
   sigset_t copy;
   if (set && (how == SIG_BLOCK || how == SIG_SETMASK)) {
     copy = *set;
-    tramway::text::strip_protected(&copy);
-    sigdelset(&copy, tramway::text::kGlibcInternalFirst);
-    sigdelset(&copy, tramway::text::kGlibcInternalLast);
+    // Blocking the fix-up signal by name (not with every signal) means the program wants to
+    // read it: a later batch looks for a signalfd that waits for it (batch_precheck.cc).
+    if (tramway::text::detail::names_fixup_signal(&copy)) tramway::text::detail::note_fixup_use();
+    tramway::text::detail::strip_router_signals(&copy);
     set = &copy;
   }
   return static_cast<int>(tramway::text::raw_sigprocmask(how, set, old));
