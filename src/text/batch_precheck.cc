@@ -12,7 +12,9 @@
 #include <dirent.h>
 #include <fcntl.h>
 #include <signal.h>
+#include <sched.h>
 #include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <cstdio>
@@ -23,6 +25,7 @@
 #include "common/format.h"
 #include "common/proc.h"
 #include "text/internal.h"
+#include "text/thread_slots.h"
 #include "tramway/text/signal_router.h"
 
 namespace tramway::text::detail {
@@ -75,6 +78,36 @@ Status disposition_check(int sig, const char* role) {
                        "would then kill the program. Install handlers through sigaction(), which tramway chains to");
 }
 
+// A thread's sets, read again for a few milliseconds while they show one of `watched`
+// blocked: every signal is blocked for a moment by the router's own handlers before sigreturn,
+// by glibc around pthread_create and fork, and by the router's table lock; none of these
+// windows runs a patch site. A mask that stays is the program's.
+// A thread between a router handler's end and its sigreturn (FrameGuard's destructor blocked
+// everything and marked the frame exiting): ours, and over at sigreturn, however long a
+// debugger holds the thread there.
+bool leaving_a_router_handler(pid_t tid) {
+  const ThreadSlot* s = find_slot(tid);
+  if (!s) return false;
+  const std::uint32_t d = s->depth.load(std::memory_order_acquire);
+  return d > 0 && d <= kMaxNest && (s->frames[d - 1].load(std::memory_order_acquire) & kExitingTag);
+}
+
+common::SignalSets settled_signal_sets(pid_t tid, std::uint64_t watched, bool debugger) {
+  common::SignalSets sets = common::signal_sets(tid);
+  // About 5 ms, or 100 ms when a debugger may hold threads stopped inside such a window.
+  const int tries = debugger ? 1000 : 50;
+  for (int i = 0; i < tries && sets.known && (sets.blocked & watched) && !leaving_a_router_handler(tid); ++i) {
+    if (i < 20) {
+      sched_yield();
+    } else {
+      const timespec pause{0, 100'000};
+      nanosleep(&pause, nullptr);
+    }
+    sets = common::signal_sets(tid);
+  }
+  return sets;
+}
+
 }  // namespace
 
 std::string debugger_note() {
@@ -113,9 +146,14 @@ Status precheck_batch() {
   const std::string fixup_hint = "; it is tramway's fix-up signal: set TRAMWAY_FIXUP_SIGNAL to a real-time signal "
                                  "the program does not use and restart it";
   if (st.ok()) {
+    bool debugger_checked = false, debugger = false;
     for (pid_t tid : common::list_threads()) {
-      const common::SignalSets sets = common::signal_sets(tid);
-      if (!sets.known) continue;  // exited meanwhile
+      common::SignalSets sets = common::signal_sets(tid);
+      if (sets.known && (sets.blocked & (bit(SIGTRAP) | bit(fix)))) {
+        if (!debugger_checked) debugger = tracer_pid() != 0, debugger_checked = true;
+        sets = settled_signal_sets(tid, bit(SIGTRAP) | bit(fix), debugger);
+      }
+      if (!sets.known || leaving_a_router_handler(tid)) continue;  // exited meanwhile, or ours
       if (sets.blocked & bit(SIGTRAP)) {
         st = Status::error("refusing to patch: " + thread_text(tid) +
                            " blocks SIGTRAP (its mask was set without going through sigprocmask/pthread_sigmask: "

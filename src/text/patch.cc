@@ -31,6 +31,12 @@
 #include "tramway/text/code_memory.h"
 #include "tramway/text/signal_router.h"
 
+// Nonzero while a batch may have int3s in code (its trap table is published). Read by the gdb
+// script (share/tramway/tramway.gdb) to tell tramway's traps from the program's own.
+extern "C" {
+__attribute__((visibility("default"))) volatile int tramway_batch_in_flight = 0;
+}
+
 namespace tramway::text {
 namespace detail {
 
@@ -119,6 +125,7 @@ TrapTable* take_table(std::size_t n) {
 
 void retire_table() {
   if (TrapTable* old = g_table.exchange(nullptr, std::memory_order_seq_cst)) retired_tables().push_back(old);
+  tramway_batch_in_flight = 0;
   g_table_generation.fetch_add(1, std::memory_order_seq_cst);
   free_retired_tables_if_unread();
 }
@@ -347,6 +354,7 @@ Status apply(const PatchBatch& batch, const PatchLock&) {
   for (std::size_t i = 0; i < sites.size(); ++i) table->entries[i] = {sites[i].address, sites[i].emulation};
   // Published before the first int3 is written: a thread that sees our int3 finds the table.
   detail::g_table.store(table, std::memory_order_seq_cst);
+  tramway_batch_in_flight = 1;
   detail::g_table_generation.fetch_add(1, std::memory_order_seq_cst);  // before any int3 is written
 
   detail::PageWriter& w = scratch_writer();

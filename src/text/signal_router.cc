@@ -126,11 +126,24 @@ sigset_t g_fixup_set;  // {fixup signal}, filled at install
 
 void unblock_fixup() noexcept { raw_sigprocmask(SIG_UNBLOCK, &g_fixup_set, nullptr); }
 
+// The kernel runs the wrapper without SA_NODEFER even when the program asked for it: the
+// wrapper unblocks the signal itself once its frame is recorded, with the fix-up signal (one
+// system call). Otherwise a storm of the signal nests frames on the wrapper's entry faster
+// than the program's handler would ever have seen them, and overflows a small alternate stack
+// (issue 11, defect 12).
+int wrapper_flags(int program_flags) noexcept { return (program_flags | SA_SIGINFO) & ~SA_NODEFER; }
+
 void wrapper(int sig, siginfo_t* si, void* uc) {
   FrameGuard frame(static_cast<ucontext_t*>(uc), false);
-  unblock_fixup();  // the frame is recorded: fix-ups may now move its PC
   const std::uintptr_t h = g_user[sig].handler.load(std::memory_order_acquire);
   const int flags = g_user[sig].flags.load(std::memory_order_relaxed);
+  if (flags & SA_NODEFER) {
+    sigset_t both = g_fixup_set;
+    sigaddset(&both, sig);
+    raw_sigprocmask(SIG_UNBLOCK, &both, nullptr);  // the frame is recorded: see wrapper_flags
+  } else {
+    unblock_fixup();  // the frame is recorded: fix-ups may now move its PC
+  }
   reset_if_oneshot(sig, flags);
   if (is_function(h)) call_user(h, flags, sig, si, uc);
 }
@@ -143,7 +156,12 @@ void chain_trap(int sig, siginfo_t* si, ucontext_t* uc) noexcept {
   const bool from_int3 = si->si_code == SI_KERNEL;
   if (is_function(h)) {
     reset_if_oneshot(SIGTRAP, flags);
-    unblock_fixup();
+    // The mask the program's handler would have had: the router's trap handler blocks every
+    // asynchronous signal (see install), the program's need not.
+    sigset_t m = uc->uc_sigmask, user = g_user[SIGTRAP].full.sa_mask;
+    sigorset(&m, &m, &user);
+    strip_protected(&m);
+    raw_sigprocmask(SIG_SETMASK, &m, nullptr);
     call_user(h, flags, sig, si, uc);
     return;
   }
@@ -271,6 +289,12 @@ int choose_fixup_signal() {
   return SIGRTMAX - 1;
 }
 
+void trap_mask(sigset_t* set) noexcept {
+  sigfillset(set);
+  for (int sig : {SIGTRAP, SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGSYS, kGlibcInternalFirst, kGlibcInternalLast})
+    sigdelset(set, sig);
+}
+
 bool is_ours(std::uintptr_t h) {
   return h == reinterpret_cast<std::uintptr_t>(&wrapper) || h == reinterpret_cast<std::uintptr_t>(&trap_handler) ||
          h == reinterpret_cast<std::uintptr_t>(&fixup_handler);
@@ -295,17 +319,20 @@ Status install() {
     if (is_function(h) && !is_protected(sig)) {
       struct sigaction k = cur;
       k.sa_sigaction = wrapper;
-      k.sa_flags |= SA_SIGINFO;
+      k.sa_flags = wrapper_flags(k.sa_flags);
       kernel_mask(&k.sa_mask);
       __sigaction(sig, &k, nullptr);
     }
   }
   // SA_NODEFER: a site may be hit inside a handler that interrupted our SIGTRAP handler; a
-  // blocked SIGTRAP at an int3 would kill the process.
+  // blocked SIGTRAP at an int3 would kill the process. Every asynchronous signal waits until
+  // the emulation is over: a signal storm on a small alternate stack (SA_ONSTACK|SA_NODEFER)
+  // then nests one trap frame at most on top of the program's own frames, not one per level
+  // (issue 11, defect 12). The synchronous ones (a fault) cannot wait.
   struct sigaction trap {};
   trap.sa_sigaction = trap_handler;
   trap.sa_flags = SA_SIGINFO | SA_NODEFER | SA_RESTART;
-  trap.sa_mask = g_fixup_set;
+  trap_mask(&trap.sa_mask);
   if (__sigaction(SIGTRAP, &trap, nullptr) != 0) {
     return Status::error(std::string("installing the SIGTRAP router failed: ") + std::strerror(errno), errno);
   }
@@ -629,7 +656,7 @@ __attribute__((visibility("default"))) int sigaction(int sig, const struct sigac
       struct sigaction k = *act;
       if (is_function(h)) {
         k.sa_sigaction = wrapper;
-        k.sa_flags |= SA_SIGINFO;
+        k.sa_flags = wrapper_flags(k.sa_flags);
         kernel_mask(&k.sa_mask);
       } else {
         strip_protected(&k.sa_mask);
