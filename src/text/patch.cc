@@ -31,10 +31,11 @@
 #include "tramway/text/code_memory.h"
 #include "tramway/text/signal_router.h"
 
-// Nonzero while a batch may have int3s in code (its trap table is published). Read by the gdb
-// script (share/tramway/tramway.gdb) to tell tramway's traps from the program's own.
+// Odd while a batch may have int3s in code (its trap table is published), bumped at every
+// publish and unpublish. Read by the gdb script (share/tramway/tramway.gdb) to tell tramway's
+// traps from the program's own: an int3 seen between two equal even readings is not ours.
 extern "C" {
-__attribute__((visibility("default"))) volatile int tramway_batch_in_flight = 0;
+__attribute__((visibility("default"))) volatile unsigned long tramway_batch_generation = 0;
 }
 
 namespace tramway::text {
@@ -125,7 +126,7 @@ TrapTable* take_table(std::size_t n) {
 
 void retire_table() {
   if (TrapTable* old = g_table.exchange(nullptr, std::memory_order_seq_cst)) retired_tables().push_back(old);
-  tramway_batch_in_flight = 0;
+  tramway_batch_generation = tramway_batch_generation + 1;  // even: no table
   g_table_generation.fetch_add(1, std::memory_order_seq_cst);
   free_retired_tables_if_unread();
 }
@@ -354,7 +355,7 @@ Status apply(const PatchBatch& batch, const PatchLock&) {
   for (std::size_t i = 0; i < sites.size(); ++i) table->entries[i] = {sites[i].address, sites[i].emulation};
   // Published before the first int3 is written: a thread that sees our int3 finds the table.
   detail::g_table.store(table, std::memory_order_seq_cst);
-  tramway_batch_in_flight = 1;
+  tramway_batch_generation = tramway_batch_generation + 1;  // odd: before any int3 is written
   detail::g_table_generation.fetch_add(1, std::memory_order_seq_cst);  // before any int3 is written
 
   detail::PageWriter& w = scratch_writer();
