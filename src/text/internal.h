@@ -64,7 +64,7 @@ Status ensure_router() noexcept;
 void strip_router_signals(sigset_t* set) noexcept;
 // The handler the router installed for SIGTRAP or the fix-up signal (0 for other signals).
 std::uintptr_t router_handler_for(int sig) noexcept;
-bool fixup_signal_chosen_by_user() noexcept;  // TRAMWAY_FIXUP_SIGNAL is set
+int installed_fixup_signal() noexcept;        // 0 before the router is installed; never installs it
 
 // --- signal_masks.cc: the glibc mask APIs that do not go through sigprocmask --------------------
 // Tells the program, once, on stderr, that it asked for the fix-up signal (`how`: "signalfd",

@@ -83,9 +83,10 @@ bool fixup_use_seen() noexcept { return g_fixup_use_seen.load(std::memory_order_
 void note_fixup_use() noexcept { g_fixup_use_seen.store(true, std::memory_order_relaxed); }
 
 // True when `set` names the fix-up signal but not every real-time signal.
+// Called from sigprocmask, which may run in a signal handler: it must not install the router.
 bool names_fixup_signal(const sigset_t* set) noexcept {
-  const int fix = fixup_signal();
-  if (!set || !sigismember(set, fix)) return false;
+  const int fix = installed_fixup_signal();
+  if (!set || fix == 0 || !sigismember(set, fix)) return false;
   for (int s = SIGRTMIN; s <= SIGRTMAX; ++s)
     if (!sigismember(set, s)) return true;
   return false;
@@ -167,8 +168,7 @@ __attribute__((visibility("default"))) int sigsuspend(const sigset_t* set) {
   return real().sigsuspend(&copy);
 }
 
-__attribute__((visibility("default"))) int pthread_attr_setsigmask_np(pthread_attr_t* attr,
-                                                                       const sigset_t* set) noexcept {
+__attribute__((visibility("default"))) int pthread_attr_setsigmask_np(pthread_attr_t* attr, const sigset_t* set) {
   if (!real().attr_setsigmask) return ENOSYS;
   if (!set) return real().attr_setsigmask(attr, nullptr);
   const sigset_t copy = stripped(set);

@@ -425,7 +425,7 @@ void strip_router_signals(sigset_t* set) noexcept {
   sigdelset(set, kGlibcInternalFirst);
   sigdelset(set, kGlibcInternalLast);
 }
-bool fixup_signal_chosen_by_user() noexcept { return std::getenv("TRAMWAY_FIXUP_SIGNAL") != nullptr; }
+int installed_fixup_signal() noexcept { return g_fixup_signal.load(std::memory_order_relaxed); }
 std::uintptr_t router_handler_for(int sig) noexcept {
   if (sig == SIGTRAP) return reinterpret_cast<std::uintptr_t>(&trap_handler);
   if (sig == g_fixup_signal.load(std::memory_order_relaxed)) return reinterpret_cast<std::uintptr_t>(&fixup_handler);
