@@ -78,10 +78,9 @@ Status disposition_check(int sig, const char* role) {
                        "would then kill the program. Install handlers through sigaction(), which tramway chains to");
 }
 
-// A thread's sets, read again for a few milliseconds while they show one of `watched`
-// blocked: every signal is blocked for a moment by the router's own handlers before sigreturn,
-// by glibc around pthread_create and fork, and by the router's table lock; none of these
-// windows runs a patch site. A mask that stays is the program's.
+// Every signal is blocked for a moment by the router's own handlers before sigreturn, by
+// glibc around pthread_create and fork, and by the router's table lock; none of these windows
+// runs a patch site, but a preempted thread can sit in one for milliseconds on a loaded machine.
 // A thread between a router handler's end and its sigreturn (FrameGuard's destructor blocked
 // everything and marked the frame exiting): ours, and over at sigreturn, however long a
 // debugger holds the thread there.
@@ -92,11 +91,26 @@ bool leaving_a_router_handler(pid_t tid) {
   return d > 0 && d <= kMaxNest && (s->frames[d - 1].load(std::memory_order_acquire) & kExitingTag);
 }
 
+// CPU time the thread has run (/proc/self/task/TID/schedstat, ns), -1 if unknown.
+long long run_time_ns(pid_t tid) {
+  char path[64], buf[128];
+  std::snprintf(path, sizeof path, "/proc/self/task/%d/schedstat", tid);
+  return read_small(path, buf, sizeof buf) ? std::atoll(buf) : -1;
+}
+
+// The thread's sets once a blocked SIGTRAP or fix-up signal has proven to be the program's:
+// it stayed blocked while the thread ran 2 ms of CPU time (no transient window lasts that
+// long), or for 1 s of wall time (a thread asleep or stopped: it might wake into a site), or
+// until the mask changes.
 common::SignalSets settled_signal_sets(pid_t tid, std::uint64_t watched, bool debugger) {
   common::SignalSets sets = common::signal_sets(tid);
-  // About 5 ms, or 100 ms when a debugger may hold threads stopped inside such a window.
-  const int tries = debugger ? 1000 : 50;
-  for (int i = 0; i < tries && sets.known && (sets.blocked & watched) && !leaving_a_router_handler(tid); ++i) {
+  const long long ran_at_start = run_time_ns(tid);
+  const std::int64_t start = common::monotonic_ns();
+  const std::int64_t wall_limit = (debugger ? 5'000 : 1'000) * std::int64_t{1'000'000};
+  for (int i = 0; sets.known && (sets.blocked & watched) && !leaving_a_router_handler(tid); ++i) {
+    const long long ran = run_time_ns(tid);
+    if (ran >= 0 && ran_at_start >= 0 && ran - ran_at_start >= 2'000'000) break;
+    if (common::monotonic_ns() - start >= wall_limit) break;
     if (i < 20) {
       sched_yield();
     } else {
