@@ -98,18 +98,29 @@ long long run_time_ns(pid_t tid) {
   return read_small(path, buf, sizeof buf) ? std::atoll(buf) : -1;
 }
 
-// The thread's sets once a blocked SIGTRAP or fix-up signal has proven to be the program's:
-// it stayed blocked while the thread ran 2 ms of CPU time (no transient window lasts that
-// long), or for 1 s of wall time (a thread asleep or stopped: it might wake into a site), or
-// until the mask changes.
+// True while the thread runs one of the router's handlers (a frame recorded in its slot),
+// whose masks block the fix-up signal or everything for a moment.
+bool in_a_router_handler(pid_t tid) {
+  const ThreadSlot* s = find_slot(tid);
+  return s && s->depth.load(std::memory_order_acquire) > 0;
+}
+
+// The thread's sets, with the `watched` signals it blocks kept only once proven blocked by the
+// program: blocked in every reading, under one unchanged mask and outside the router's
+// handlers, while the thread ran 2 ms of CPU time (no transient window lasts that long; a
+// thread in a signal storm goes in and out of them, and each change starts the count again),
+// or for 1 s of wall time (a thread asleep or stopped: it might wake into a site). A signal
+// found unblocked in one reading is dropped.
 common::SignalSets settled_signal_sets(pid_t tid, std::uint64_t watched, bool debugger) {
   common::SignalSets sets = common::signal_sets(tid);
-  const long long ran_at_start = run_time_ns(tid);
-  const std::int64_t start = common::monotonic_ns();
   const std::int64_t wall_limit = (debugger ? 5'000 : 1'000) * std::int64_t{1'000'000};
-  for (int i = 0; sets.known && (sets.blocked & watched) && !leaving_a_router_handler(tid); ++i) {
+  const std::int64_t start = common::monotonic_ns();
+  std::uint64_t held = sets.blocked & watched;  // blocked in every reading so far
+  std::uint64_t mask = sets.blocked;
+  long long since = in_a_router_handler(tid) ? -1 : run_time_ns(tid);
+  for (int i = 0; sets.known && held != 0 && !leaving_a_router_handler(tid); ++i) {
     const long long ran = run_time_ns(tid);
-    if (ran >= 0 && ran_at_start >= 0 && ran - ran_at_start >= 2'000'000) break;
+    if (ran >= 0 && since >= 0 && ran - since >= 2'000'000) break;
     if (common::monotonic_ns() - start >= wall_limit) break;
     if (i < 20) {
       sched_yield();
@@ -118,7 +129,12 @@ common::SignalSets settled_signal_sets(pid_t tid, std::uint64_t watched, bool de
       nanosleep(&pause, nullptr);
     }
     sets = common::signal_sets(tid);
+    held &= sets.blocked;
+    if (sets.blocked != mask || in_a_router_handler(tid)) since = -1;  // moving: count again
+    else if (since < 0) since = run_time_ns(tid);
+    mask = sets.blocked;
   }
+  sets.blocked = (sets.blocked & ~watched) | held;
   return sets;
 }
 
@@ -161,18 +177,24 @@ Status precheck_batch() {
                                  "the program does not use and restart it";
   if (st.ok()) {
     bool debugger_checked = false, debugger = false;
+    // The router's own handlers block the fix-up signal for moments that a loaded machine
+    // stretches; a thread's mask is asked about it only once the program named the signal
+    // (a mask, signalfd, sigwait, a handler: signal_masks.cc).
+    const std::uint64_t watched = bit(SIGTRAP) | (fixup_use_seen() ? bit(fix) : 0);
     for (pid_t tid : common::list_threads()) {
       common::SignalSets sets = common::signal_sets(tid);
-      if (sets.known && (sets.blocked & (bit(SIGTRAP) | bit(fix)))) {
+      sets.blocked &= ~(bit(fix) & ~watched);
+      if (sets.known && (sets.blocked & watched)) {
         if (!debugger_checked) debugger = tracer_pid() != 0, debugger_checked = true;
-        sets = settled_signal_sets(tid, bit(SIGTRAP) | bit(fix), debugger);
+        sets = settled_signal_sets(tid, watched, debugger);
       }
       if (!sets.known || leaving_a_router_handler(tid)) continue;  // exited meanwhile, or ours
       if (sets.blocked & bit(SIGTRAP)) {
         st = Status::error("refusing to patch: " + thread_text(tid) +
                            " blocks SIGTRAP (its mask was set without going through sigprocmask/pthread_sigmask: "
                            "a raw rt_sigprocmask system call, or a glibc function that makes one), and an int3 "
-                           "trap it took would kill the program. Unblock SIGTRAP in that thread and retry");
+                           "trap it took would kill the program (its blocked set: " + common::hex_address(sets.blocked) +
+                           "). Unblock SIGTRAP in that thread and retry");
         break;
       }
       if (sets.blocked & bit(fix)) {

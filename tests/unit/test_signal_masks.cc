@@ -333,7 +333,13 @@ TEST(SignalMasks, RawSignalfdOfTheFixupSignalRefusesTheBatch) {
 TEST(SignalMasks, RawBlockOfTheFixupSignalRefusesTheBatchNamingTheThread) {
   ASSERT_TRUE(tramway::text::install_signal_router().ok());
   const int fix = tramway::text::fixup_signal();
-  Parked t("fixblocker", [fix] { raw_block(fix); });
+  // The program names the signal (blocking it through sigprocmask, which strips it), then
+  // blocks it for real with a raw system call.
+  Parked t("fixblocker", [fix] {
+    const sigset_t s = only(fix);
+    sigprocmask(SIG_BLOCK, &s, nullptr);
+    raw_block(fix);
+  });
   const Status s = flip();
   ASSERT_FALSE(s.ok());
   EXPECT_NE(s.message().find("thread " + std::to_string(t.tid()) + " (fixblocker)"), std::string::npos)
