@@ -183,11 +183,11 @@ Status precheck_batch() {
     const std::uint64_t watched = bit(SIGTRAP) | (fixup_use_seen() ? bit(fix) : 0);
     for (pid_t tid : common::list_threads()) {
       common::SignalSets sets = common::signal_sets(tid);
-      sets.blocked &= ~(bit(fix) & ~watched);
       if (sets.known && (sets.blocked & watched)) {
         if (!debugger_checked) debugger = tracer_pid() != 0, debugger_checked = true;
         sets = settled_signal_sets(tid, watched, debugger);
       }
+      sets.blocked &= watched;
       if (!sets.known || leaving_a_router_handler(tid)) continue;  // exited meanwhile, or ours
       if (sets.blocked & bit(SIGTRAP)) {
         st = Status::error("refusing to patch: " + thread_text(tid) +

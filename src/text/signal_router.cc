@@ -716,8 +716,9 @@ static int filtered_mask(int how, const sigset_t* set, sigset_t* old) noexcept {
   if (set && (how == SIG_BLOCK || how == SIG_SETMASK)) {
     copy = *set;
     // Blocking the fix-up signal by name (not with every signal) means the program wants to
-    // read it: a later batch looks for a signalfd that waits for it (batch_precheck.cc).
-    if (tramway::text::detail::names_fixup_signal(&copy)) tramway::text::detail::note_fixup_use();
+    // read it: later batches look for a thread or a signalfd waiting for it (batch_precheck.cc).
+    // Not SIG_SETMASK: restoring a mask saved inside one of the router's handlers names it too.
+    if (how == SIG_BLOCK && tramway::text::detail::names_fixup_signal(&copy)) tramway::text::detail::note_fixup_use();
     tramway::text::detail::strip_router_signals(&copy);
     set = &copy;
   }
