@@ -5,6 +5,8 @@ include(CMakePackageConfigHelpers)
 install(TARGETS tramway tramway_trace EXPORT tramwayTargets
   LIBRARY DESTINATION ${CMAKE_INSTALL_LIBDIR})
 install(DIRECTORY ${PROJECT_SOURCE_DIR}/include/tramway DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
+# gdb settings for programs that use tramway (README, "Debugging with gdb").
+install(FILES ${PROJECT_SOURCE_DIR}/share/tramway/tramway.gdb DESTINATION ${CMAKE_INSTALL_DATADIR}/tramway)
 install(EXPORT tramwayTargets NAMESPACE tramway:: DESTINATION ${CMAKE_INSTALL_LIBDIR}/cmake/tramway)
 configure_package_config_file(${PROJECT_SOURCE_DIR}/cmake/tramwayConfig.cmake.in
   ${PROJECT_BINARY_DIR}/tramwayConfig.cmake INSTALL_DESTINATION ${CMAKE_INSTALL_LIBDIR}/cmake/tramway)

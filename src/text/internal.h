@@ -1,11 +1,13 @@
 // Internals shared by the text layer's files. Not installed.
 #pragma once
 
+#include <signal.h>
 #include <ucontext.h>
 
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "tramway/status.h"
@@ -58,6 +60,33 @@ bool handle_int3(ucontext_t* uc) noexcept;
 
 // --- signal_router.cc ------------------------------------------------------------------------
 Status ensure_router() noexcept;
+// Removes SIGTRAP, the fix-up signal and glibc's internal signals from a mask the program sets.
+void strip_router_signals(sigset_t* set) noexcept;
+// The handler the router installed for SIGTRAP or the fix-up signal (0 for other signals).
+std::uintptr_t router_handler_for(int sig) noexcept;
+int installed_fixup_signal() noexcept;        // 0 before the router is installed; never installs it
+
+// --- signal_masks.cc: the glibc mask APIs that do not go through sigprocmask --------------------
+// Tells the program, once, on stderr, that it asked for the fix-up signal (`how`: "signalfd",
+// "sigwait", "sigaction"...) and what to do; later batches refuse until it is resolved.
+void report_fixup_signal_use(const char* how) noexcept;
+// True when `set` names the fix-up signal but not every real-time signal (sigfillset).
+bool names_fixup_signal(const sigset_t* set) noexcept;
+// Whether the program ever named the fix-up signal (a mask, signalfd, sigwait, a handler).
+bool fixup_use_seen() noexcept;
+void note_fixup_use() noexcept;
+
+// --- batch_precheck.cc: what apply() checks before any int3 is written --------------------------
+// Every thread may take SIGTRAP (none blocks it) and the kernel's SIGTRAP and fix-up
+// dispositions are still the router's; the fix-up signal is not the program's (no thread
+// blocks it, no signalfd waits for it). Errors name the thread, the signal, and a debugger
+// attached to the process.
+Status precheck_batch();
+// Signals some signalfd of this process waits for (/proc/self/fdinfo, `sigmask:`), bit n-1 for
+// signal n.
+std::uint64_t signalfd_signals() noexcept;
+// "; a debugger (pid N) is attached: see the README's gdb section", or "" when none is.
+std::string debugger_note();
 
 // --- range_watch.cc ---------------------------------------------------------------------------
 struct ThreadSlot;

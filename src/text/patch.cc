@@ -32,6 +32,13 @@
 #include "tramway/text/code_memory.h"
 #include "tramway/text/signal_router.h"
 
+// Odd while a batch may have int3s in code (its trap table is published), bumped at every
+// publish and unpublish. Read by the gdb script (share/tramway/tramway.gdb) to tell tramway's
+// traps from the program's own: an int3 seen between two equal even readings is not ours.
+extern "C" {
+__attribute__((visibility("default"))) volatile unsigned long tramway_batch_generation = 0;
+}
+
 namespace tramway::text {
 namespace detail {
 
@@ -120,6 +127,7 @@ TrapTable* take_table(std::size_t n) {
 
 void retire_table() {
   if (TrapTable* old = g_table.exchange(nullptr, std::memory_order_seq_cst)) retired_tables().push_back(old);
+  tramway_batch_generation = tramway_batch_generation + 1;  // even: no table
   g_table_generation.fetch_add(1, std::memory_order_seq_cst);
   free_retired_tables_if_unread();
 }
@@ -337,6 +345,7 @@ Status apply(const PatchBatch& batch, const PatchLock&) {
     }
   }
   if (Status st = detail::ensure_router(); !st.ok()) return st;
+  if (Status st = detail::precheck_batch(); !st.ok()) return st;  // would an int3 kill a thread?
   if (Status st = detail::prepare_serialization(); !st.ok()) return st;  // before any int3 exists
   detail::free_retired_tables_if_unread();
 
@@ -344,6 +353,7 @@ Status apply(const PatchBatch& batch, const PatchLock&) {
   for (std::size_t i = 0; i < sites.size(); ++i) table->entries[i] = {sites[i].address, sites[i].emulation};
   // Published before the first int3 is written: a thread that sees our int3 finds the table.
   detail::g_table.store(table, std::memory_order_seq_cst);
+  tramway_batch_generation = tramway_batch_generation + 1;  // odd: before any int3 is written
   detail::g_table_generation.fetch_add(1, std::memory_order_seq_cst);  // before any int3 is written
 
   detail::PageWriter& w = scratch_writer();

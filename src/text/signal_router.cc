@@ -127,11 +127,24 @@ sigset_t g_fixup_set;  // {fixup signal}, filled at install
 
 void unblock_fixup() noexcept { raw_sigprocmask(SIG_UNBLOCK, &g_fixup_set, nullptr); }
 
+// The kernel runs the wrapper without SA_NODEFER even when the program asked for it: the
+// wrapper unblocks the signal itself once its frame is recorded, with the fix-up signal (one
+// system call). Otherwise a storm of the signal nests frames on the wrapper's entry faster
+// than the program's handler would ever have seen them, and overflows a small alternate stack
+// (issue 11, defect 12).
+int wrapper_flags(int program_flags) noexcept { return (program_flags | SA_SIGINFO) & ~SA_NODEFER; }
+
 void wrapper(int sig, siginfo_t* si, void* uc) {
   FrameGuard frame(static_cast<ucontext_t*>(uc), false);
-  unblock_fixup();  // the frame is recorded: fix-ups may now move its PC
   const std::uintptr_t h = g_user[sig].handler.load(std::memory_order_acquire);
   const int flags = g_user[sig].flags.load(std::memory_order_relaxed);
+  if (flags & SA_NODEFER) {
+    sigset_t both = g_fixup_set;
+    sigaddset(&both, sig);
+    raw_sigprocmask(SIG_UNBLOCK, &both, nullptr);  // the frame is recorded: see wrapper_flags
+  } else {
+    unblock_fixup();  // the frame is recorded: fix-ups may now move its PC
+  }
   reset_if_oneshot(sig, flags);
   if (is_function(h)) call_user(h, flags, sig, si, uc);
 }
@@ -144,7 +157,12 @@ void chain_trap(int sig, siginfo_t* si, ucontext_t* uc) noexcept {
   const bool from_int3 = si->si_code == SI_KERNEL;
   if (is_function(h)) {
     reset_if_oneshot(SIGTRAP, flags);
-    unblock_fixup();
+    // The mask the program's handler would have had: the router's trap handler blocks every
+    // asynchronous signal (see install), the program's need not.
+    sigset_t m = uc->uc_sigmask, user = g_user[SIGTRAP].full.sa_mask;
+    sigorset(&m, &m, &user);
+    strip_protected(&m);
+    raw_sigprocmask(SIG_SETMASK, &m, nullptr);
     call_user(h, flags, sig, si, uc);
     return;
   }
@@ -258,12 +276,24 @@ int choose_fixup_signal() {
     std::fprintf(stderr, "tramway: TRAMWAY_FIXUP_SIGNAL=%s is not a real-time signal (%d..%d); using the default\n",
                  env, SIGRTMIN, SIGRTMAX);
   }
+  // A signal the program already uses is not taken: one with a handler, one blocked in the
+  // loading thread (read with sigwait or a signalfd), one a signalfd of ours waits for.
+  sigset_t blocked;
+  raw_sigprocmask(SIG_BLOCK, nullptr, &blocked);
+  const std::uint64_t in_signalfds = detail::signalfd_signals();
   for (int s = SIGRTMAX - 1; s > SIGRTMIN; --s) {
     struct sigaction cur {};
-    if (__sigaction(s, nullptr, &cur) == 0 && !is_function(reinterpret_cast<std::uintptr_t>(cur.sa_handler)))
+    if (__sigaction(s, nullptr, &cur) == 0 && !is_function(reinterpret_cast<std::uintptr_t>(cur.sa_handler)) &&
+        !sigismember(&blocked, s) && !((in_signalfds >> (s - 1)) & 1))
       return s;
   }
   return SIGRTMAX - 1;
+}
+
+void trap_mask(sigset_t* set) noexcept {
+  sigfillset(set);
+  for (int sig : {SIGTRAP, SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGSYS, kGlibcInternalFirst, kGlibcInternalLast})
+    sigdelset(set, sig);
 }
 
 bool is_ours(std::uintptr_t h) {
@@ -290,17 +320,20 @@ Status install() {
     if (is_function(h) && !is_protected(sig)) {
       struct sigaction k = cur;
       k.sa_sigaction = wrapper;
-      k.sa_flags |= SA_SIGINFO;
+      k.sa_flags = wrapper_flags(k.sa_flags);
       kernel_mask(&k.sa_mask);
       __sigaction(sig, &k, nullptr);
     }
   }
   // SA_NODEFER: a site may be hit inside a handler that interrupted our SIGTRAP handler; a
-  // blocked SIGTRAP at an int3 would kill the process.
+  // blocked SIGTRAP at an int3 would kill the process. Every asynchronous signal waits until
+  // the emulation is over: a signal storm on a small alternate stack (SA_ONSTACK|SA_NODEFER)
+  // then nests one trap frame at most on top of the program's own frames, not one per level
+  // (issue 11, defect 12). The synchronous ones (a fault) cannot wait.
   struct sigaction trap {};
   trap.sa_sigaction = trap_handler;
   trap.sa_flags = SA_SIGINFO | SA_NODEFER | SA_RESTART;
-  trap.sa_mask = g_fixup_set;
+  trap_mask(&trap.sa_mask);
   if (__sigaction(SIGTRAP, &trap, nullptr) != 0) {
     return Status::error(std::string("installing the SIGTRAP router failed: ") + std::strerror(errno), errno);
   }
@@ -389,6 +422,18 @@ bool answered(pid_t tid, std::uint64_t gen, int* anonymous_budget) {
 }  // namespace
 
 namespace detail {
+void strip_router_signals(sigset_t* set) noexcept {
+  strip_protected(set);
+  sigdelset(set, kGlibcInternalFirst);
+  sigdelset(set, kGlibcInternalLast);
+}
+int installed_fixup_signal() noexcept { return g_fixup_signal.load(std::memory_order_relaxed); }
+std::uintptr_t router_handler_for(int sig) noexcept {
+  if (sig == SIGTRAP) return reinterpret_cast<std::uintptr_t>(&trap_handler);
+  if (sig == g_fixup_signal.load(std::memory_order_relaxed)) return reinterpret_cast<std::uintptr_t>(&fixup_handler);
+  return 0;
+}
+
 Status ensure_router() noexcept {
   int state = g_router_state.load(std::memory_order_acquire);
   if (state == 2) return {};
@@ -566,7 +611,7 @@ Result<MoveReport> move_pcs_from(std::span<const PcMove> moves, std::chrono::mil
       return Status::error("PC fix-up for " + ranges_text(moves) + ": no answer within " +
                            std::to_string(timeout.count()) + " ms from " + who +
                            ". A stopped or traced thread cannot run the fix-up handler; resume it (SIGCONT, "
-                           "or detach the debugger) and retry");
+                           "or detach the debugger) and retry" + detail::debugger_note());
     }
     if (round < 64) {
       sched_yield();
@@ -600,6 +645,7 @@ __attribute__((visibility("default"))) int sigaction(int sig, const struct sigac
   }
   const auto h = act ? reinterpret_cast<std::uintptr_t>(act->sa_handler) : 0;
   if (sig == g_fixup_signal.load(std::memory_order_relaxed) && act && is_function(h)) {
+    detail::report_fixup_signal_use("sigaction");
     errno = EINVAL;  // reserved: see TRAMWAY_FIXUP_SIGNAL
     return -1;
   }
@@ -611,7 +657,7 @@ __attribute__((visibility("default"))) int sigaction(int sig, const struct sigac
       struct sigaction k = *act;
       if (is_function(h)) {
         k.sa_sigaction = wrapper;
-        k.sa_flags |= SA_SIGINFO;
+        k.sa_flags = wrapper_flags(k.sa_flags);
         kernel_mask(&k.sa_mask);
       } else {
         strip_protected(&k.sa_mask);
@@ -670,9 +716,11 @@ static int filtered_mask(int how, const sigset_t* set, sigset_t* old) noexcept {
   sigset_t copy;
   if (set && (how == SIG_BLOCK || how == SIG_SETMASK)) {
     copy = *set;
-    tramway::text::strip_protected(&copy);
-    sigdelset(&copy, tramway::text::kGlibcInternalFirst);
-    sigdelset(&copy, tramway::text::kGlibcInternalLast);
+    // Blocking the fix-up signal by name (not with every signal) means the program wants to
+    // read it: later batches look for a thread or a signalfd waiting for it (batch_precheck.cc).
+    // Not SIG_SETMASK: restoring a mask saved inside one of the router's handlers names it too.
+    if (how == SIG_BLOCK && tramway::text::detail::names_fixup_signal(&copy)) tramway::text::detail::note_fixup_use();
+    tramway::text::detail::strip_router_signals(&copy);
     set = &copy;
   }
   return static_cast<int>(tramway::text::raw_sigprocmask(how, set, old));

@@ -1,0 +1,214 @@
+// What a batch checks before it writes its first int3 (issue 11, defects 4, 5, 6 and 11).
+//
+// An int3 delivered to a thread that blocks SIGTRAP, or whose SIGTRAP disposition is not the
+// router's, kills the process (the kernel forces SIG_DFL). The interposers keep SIGTRAP out of
+// every mask set through glibc, but a raw system call (rt_sigprocmask, rt_sigaction) or a glibc
+// path that calls the kernel directly goes around them. So before every batch: the kernel's
+// SIGTRAP and fix-up dispositions (one rt_sigaction query each), and every thread's blocked
+// mask (SigBlk of /proc/self/task/TID/status, one read per thread). A thread that blocks the
+// fix-up signal, or a signalfd that waits for it, means the program uses that signal: the
+// batch is refused with a message naming TRAMWAY_FIXUP_SIGNAL rather than the program losing
+// its signal. Cost, measured with bench_hooks on one thread: see the README's signal section.
+#include <dirent.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <sched.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include "common/format.h"
+#include "common/proc.h"
+#include "text/internal.h"
+#include "text/thread_slots.h"
+#include "tramway/text/signal_router.h"
+
+namespace tramway::text::detail {
+namespace {
+
+// The kernel's struct sigaction (the raw system call's, not glibc's).
+struct KernelAction {
+  std::uintptr_t handler;
+  unsigned long flags;
+  std::uintptr_t restorer;
+  std::uint64_t mask;
+};
+
+std::uint64_t bit(int sig) { return std::uint64_t{1} << (sig - 1); }
+
+bool read_small(const char* path, char* buf, std::size_t cap) {
+  const int fd = ::open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return false;
+  const ssize_t n = ::read(fd, buf, cap - 1);
+  ::close(fd);
+  if (n < 0) return false;
+  buf[n] = '\0';
+  return true;
+}
+
+pid_t tracer_pid() {
+  char buf[4096];
+  if (!read_small("/proc/self/status", buf, sizeof buf)) return 0;
+  const char* at = std::strstr(buf, "\nTracerPid:");
+  return at ? static_cast<pid_t>(std::atoi(at + 11)) : 0;
+}
+
+std::string signal_name(int sig) {
+  if (sig == SIGTRAP) return "SIGTRAP";
+  return "signal " + std::to_string(sig) + " (SIGRTMIN+" + std::to_string(sig - SIGRTMIN) + ")";
+}
+
+std::string thread_text(pid_t tid) { return "thread " + std::to_string(tid) + " (" + common::thread_name(tid) + ")"; }
+
+Status disposition_check(int sig, const char* role) {
+  KernelAction k{};
+  if (::syscall(SYS_rt_sigaction, sig, nullptr, &k, sizeof(std::uint64_t)) != 0) return {};
+  if (k.handler == router_handler_for(sig)) return {};
+  const std::string what = k.handler == reinterpret_cast<std::uintptr_t>(SIG_DFL)   ? "SIG_DFL"
+                           : k.handler == reinterpret_cast<std::uintptr_t>(SIG_IGN) ? "SIG_IGN"
+                                                                                   : common::hex_address(k.handler);
+  return Status::error("refusing to patch: the kernel's " + signal_name(sig) + " disposition (" + role +
+                       ") is no longer tramway's signal router but " + what +
+                       ", installed without going through sigaction() (a raw rt_sigaction system call?); an int3 "
+                       "would then kill the program. Install handlers through sigaction(), which tramway chains to");
+}
+
+// Every signal is blocked for a moment by the router's own handlers before sigreturn, by
+// glibc around pthread_create and fork, and by the router's table lock; none of these windows
+// runs a patch site, but a preempted thread can sit in one for milliseconds on a loaded machine.
+// A thread between a router handler's end and its sigreturn (FrameGuard's destructor blocked
+// everything and marked the frame exiting): ours, and over at sigreturn, however long a
+// debugger holds the thread there.
+bool leaving_a_router_handler(pid_t tid) {
+  const ThreadSlot* s = find_slot(tid);
+  if (!s) return false;
+  const std::uint32_t d = s->depth.load(std::memory_order_acquire);
+  return d > 0 && d <= kMaxNest && (s->frames[d - 1].load(std::memory_order_acquire) & kExitingTag);
+}
+
+// CPU time the thread has run (/proc/self/task/TID/schedstat, ns), -1 if unknown.
+long long run_time_ns(pid_t tid) {
+  char path[64], buf[128];
+  std::snprintf(path, sizeof path, "/proc/self/task/%d/schedstat", tid);
+  return read_small(path, buf, sizeof buf) ? std::atoll(buf) : -1;
+}
+
+// True while the thread runs one of the router's handlers (a frame recorded in its slot),
+// whose masks block the fix-up signal or everything for a moment.
+bool in_a_router_handler(pid_t tid) {
+  const ThreadSlot* s = find_slot(tid);
+  return s && s->depth.load(std::memory_order_acquire) > 0;
+}
+
+// The thread's sets, with the `watched` signals it blocks kept only once proven blocked by the
+// program: blocked in every reading, under one unchanged mask and outside the router's
+// handlers, while the thread ran 2 ms of CPU time (no transient window lasts that long; a
+// thread in a signal storm goes in and out of them, and each change starts the count again),
+// or for 1 s of wall time (a thread asleep or stopped: it might wake into a site). A signal
+// found unblocked in one reading is dropped.
+common::SignalSets settled_signal_sets(pid_t tid, std::uint64_t watched, bool debugger) {
+  common::SignalSets sets = common::signal_sets(tid);
+  const std::int64_t wall_limit = (debugger ? 5'000 : 1'000) * std::int64_t{1'000'000};
+  const std::int64_t start = common::monotonic_ns();
+  std::uint64_t held = sets.blocked & watched;  // blocked in every reading so far
+  std::uint64_t mask = sets.blocked;
+  long long since = in_a_router_handler(tid) ? -1 : run_time_ns(tid);
+  for (int i = 0; sets.known && held != 0 && !leaving_a_router_handler(tid); ++i) {
+    const long long ran = run_time_ns(tid);
+    if (ran >= 0 && since >= 0 && ran - since >= 2'000'000) break;
+    if (common::monotonic_ns() - start >= wall_limit) break;
+    if (i < 20) {
+      sched_yield();
+    } else {
+      const timespec pause{0, 100'000};
+      nanosleep(&pause, nullptr);
+    }
+    sets = common::signal_sets(tid);
+    held &= sets.blocked;
+    if (sets.blocked != mask || in_a_router_handler(tid)) since = -1;  // moving: count again
+    else if (since < 0) since = run_time_ns(tid);
+    mask = sets.blocked;
+  }
+  sets.blocked = (sets.blocked & ~watched) | held;
+  return sets;
+}
+
+}  // namespace
+
+std::string debugger_note() {
+  const pid_t t = tracer_pid();
+  if (t == 0) return "";
+  return "; a debugger (pid " + std::to_string(t) + ") is attached: see the README's gdb section (share/tramway/tramway.gdb)";
+}
+
+std::uint64_t signalfd_signals() noexcept {
+  std::uint64_t out = 0;
+  DIR* d = ::opendir("/proc/self/fd");
+  if (!d) return 0;
+  const int self = ::dirfd(d);
+  char path[64], link[64], buf[1024];
+  while (dirent* e = ::readdir(d)) {
+    if (e->d_name[0] < '0' || e->d_name[0] > '9') continue;
+    const int fd = std::atoi(e->d_name);
+    if (fd == self) continue;
+    std::snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
+    const ssize_t n = ::readlink(path, link, sizeof link - 1);
+    if (n <= 0) continue;
+    link[n] = '\0';
+    if (std::strcmp(link, "anon_inode:[signalfd]") != 0) continue;
+    std::snprintf(path, sizeof path, "/proc/self/fdinfo/%d", fd);
+    if (!read_small(path, buf, sizeof buf)) continue;
+    if (const char* at = std::strstr(buf, "sigmask:")) out |= std::strtoull(at + 8, nullptr, 16);
+  }
+  ::closedir(d);
+  return out;
+}
+
+Status precheck_batch() {
+  const int fix = fixup_signal();
+  Status st = disposition_check(SIGTRAP, "int3 traps");
+  if (st.ok()) st = disposition_check(fix, "the fix-up signal");
+  const std::string fixup_hint = "; it is tramway's fix-up signal: set TRAMWAY_FIXUP_SIGNAL to a real-time signal "
+                                 "the program does not use and restart it";
+  if (st.ok()) {
+    bool debugger_checked = false, debugger = false;
+    // The router's own handlers block the fix-up signal for moments that a loaded machine
+    // stretches; a thread's mask is asked about it only once the program named the signal
+    // (a mask, signalfd, sigwait, a handler: signal_masks.cc).
+    const std::uint64_t watched = bit(SIGTRAP) | (fixup_use_seen() ? bit(fix) : 0);
+    for (pid_t tid : common::list_threads()) {
+      common::SignalSets sets = common::signal_sets(tid);
+      if (sets.known && (sets.blocked & watched)) {
+        if (!debugger_checked) debugger = tracer_pid() != 0, debugger_checked = true;
+        sets = settled_signal_sets(tid, watched, debugger);
+      }
+      sets.blocked &= watched;
+      if (!sets.known || leaving_a_router_handler(tid)) continue;  // exited meanwhile, or ours
+      if (sets.blocked & bit(SIGTRAP)) {
+        st = Status::error("refusing to patch: " + thread_text(tid) +
+                           " blocks SIGTRAP (its mask was set without going through sigprocmask/pthread_sigmask: "
+                           "a raw rt_sigprocmask system call, or a glibc function that makes one), and an int3 "
+                           "trap it took would kill the program (its blocked set: " + common::hex_address(sets.blocked) +
+                           "). Unblock SIGTRAP in that thread and retry");
+        break;
+      }
+      if (sets.blocked & bit(fix)) {
+        st = Status::error("refusing to patch: " + thread_text(tid) + " blocks " + signal_name(fix) +
+                           " (the program reads it with sigwait or a signalfd?)" + fixup_hint);
+        break;
+      }
+    }
+  }
+  if (st.ok() && fixup_use_seen() && (signalfd_signals() & bit(fix))) {
+    st = Status::error("refusing to patch: a signalfd of this process waits for " + signal_name(fix) + fixup_hint);
+  }
+  if (st.ok()) return st;
+  return Status::error(st.message() + debugger_note());
+}
+
+}  // namespace tramway::text::detail
