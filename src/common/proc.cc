@@ -10,9 +10,7 @@
 #include <cstring>
 
 namespace tramway::common {
-namespace {
 
-// Reads a small /proc file into buf (NUL-terminated); returns false if it cannot be read.
 bool read_small(const char* path, char* buf, std::size_t cap) {
   const int fd = ::open(path, O_RDONLY | O_CLOEXEC);
   if (fd < 0) return false;
@@ -22,8 +20,6 @@ bool read_small(const char* path, char* buf, std::size_t cap) {
   buf[n] = '\0';
   return true;
 }
-
-}  // namespace
 
 pid_t current_tid() noexcept { return static_cast<pid_t>(::syscall(SYS_gettid)); }
 

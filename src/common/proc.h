@@ -3,6 +3,7 @@
 
 #include <sys/types.h>
 
+#include <cstddef>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -10,6 +11,10 @@
 namespace tramway::common {
 
 pid_t current_tid() noexcept;  // async-signal-safe
+
+// Reads a small /proc file into buf (NUL-terminated); false if it cannot be read. One open,
+// one read, one close: no allocation.
+bool read_small(const char* path, char* buf, std::size_t cap);
 
 // Every thread of the process (/proc/self/task), the caller included.
 std::vector<pid_t> list_threads();

@@ -41,15 +41,7 @@ struct KernelAction {
 
 std::uint64_t bit(int sig) { return std::uint64_t{1} << (sig - 1); }
 
-bool read_small(const char* path, char* buf, std::size_t cap) {
-  const int fd = ::open(path, O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return false;
-  const ssize_t n = ::read(fd, buf, cap - 1);
-  ::close(fd);
-  if (n < 0) return false;
-  buf[n] = '\0';
-  return true;
-}
+using common::read_small;
 
 pid_t tracer_pid() {
   char buf[4096];
