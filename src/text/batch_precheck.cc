@@ -10,6 +10,7 @@
 // batch is refused with a message naming TRAMWAY_FIXUP_SIGNAL rather than the program losing
 // its signal. Cost, measured with bench_hooks on one thread: see the README's signal section.
 #include <dirent.h>
+#include <dlfcn.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <sched.h>
@@ -103,6 +104,8 @@ bool in_a_router_handler(pid_t tid) {
 // thread in a signal storm goes in and out of them, and each change starts the count again),
 // or for 1 s of wall time (a thread asleep or stopped: it might wake into a site). A signal
 // found unblocked in one reading is dropped.
+constexpr std::int64_t kRunnableLimitNs = 20'000'000'000;  // a thread runnable this long without running
+
 common::SignalSets settled_signal_sets(pid_t tid, std::uint64_t watched, bool debugger) {
   common::SignalSets sets = common::signal_sets(tid);
   const std::int64_t wall_limit = (debugger ? 5'000 : 1'000) * std::int64_t{1'000'000};
@@ -113,7 +116,12 @@ common::SignalSets settled_signal_sets(pid_t tid, std::uint64_t watched, bool de
   for (int i = 0; sets.known && held != 0 && !leaving_a_router_handler(tid); ++i) {
     const long long ran = run_time_ns(tid);
     if (ran >= 0 && since >= 0 && ran - since >= 2'000'000) break;
-    if (common::monotonic_ns() - start >= wall_limit) break;
+    // The wall-time rule is for a thread that sleeps or is stopped. A runnable thread that has
+    // not run proves nothing: on a loaded machine a preempted thread (a niced one, or one in
+    // glibc's block-everything window at thread exit, bug 12889) can wait for a CPU longer than
+    // a second; it gets one eventually, and then its mask moves or it is gone.
+    const std::int64_t waited = common::monotonic_ns() - start;
+    if (waited >= wall_limit && (waited >= kRunnableLimitNs || common::probe_task(tid).state != 'R')) break;
     if (i < 20) {
       sched_yield();
     } else {
@@ -128,6 +136,20 @@ common::SignalSets settled_signal_sets(pid_t tid, std::uint64_t watched, bool de
   }
   sets.blocked = (sets.blocked & ~watched) | held;
   return sets;
+}
+
+// Where a refused thread is, so that a mask nobody set on purpose can be traced to its code.
+std::string where_text(pid_t tid) {
+  const common::TaskProbe p = common::probe_task(tid);
+  if (p.gone) return "it has exited";
+  std::string out = std::string("state ") + p.state;
+  if (!p.running) {
+    out += ", pc " + common::hex_address(p.pc);
+    Dl_info info{};
+    if (dladdr(reinterpret_cast<void*>(p.pc), &info) && info.dli_sname) out += std::string(" (") + info.dli_sname + ")";
+    if (p.syscall >= 0) out += ", in system call " + std::to_string(p.syscall);
+  }
+  return out;
 }
 
 }  // namespace
@@ -179,14 +201,15 @@ Status precheck_batch() {
         if (!debugger_checked) debugger = tracer_pid() != 0, debugger_checked = true;
         sets = settled_signal_sets(tid, watched, debugger);
       }
+      const std::uint64_t whole_mask = sets.blocked;
       sets.blocked &= watched;
       if (!sets.known || leaving_a_router_handler(tid)) continue;  // exited meanwhile, or ours
       if (sets.blocked & bit(SIGTRAP)) {
         st = Status::error("refusing to patch: " + thread_text(tid) +
                            " blocks SIGTRAP (its mask was set without going through sigprocmask/pthread_sigmask: "
                            "a raw rt_sigprocmask system call, or a glibc function that makes one), and an int3 "
-                           "trap it took would kill the program (its blocked set: " + common::hex_address(sets.blocked) +
-                           "). Unblock SIGTRAP in that thread and retry");
+                           "trap it took would kill the program (its blocked set: " + common::hex_address(whole_mask) +
+                           "; " + where_text(tid) + "). Unblock SIGTRAP in that thread and retry");
         break;
       }
       if (sets.blocked & bit(fix)) {
