@@ -3,6 +3,7 @@
 
 #include <dlfcn.h>
 #include <link.h>
+#include <sched.h>
 
 #include <atomic>
 #include <cstddef>
@@ -103,7 +104,10 @@ Status ObjectPins::pin(std::uintptr_t base, const std::string& loader_name, cons
   // dlopen waits for the loader lock: an unload under way completes first, and the object is
   // then either gone or not being unloaded (and from now on cannot be).
   common::LoaderUse use;
-  for (int attempt = 0; attempt < 2; ++attempt) {
+  // A program that loads and unloads the object in a loop can unload and reload it between
+  // the two looks again and again: look a while before blaming another namespace.
+  for (int attempt = 0; attempt < 200; ++attempt) {
+    if (attempt > 0) sched_yield();
     if (void* h = real_dlopen()(loader_name.c_str(), RTLD_NOLOAD | RTLD_LAZY)) {
       link_map* lm = nullptr;
       if (dlinfo(h, RTLD_DI_LINKMAP, &lm) == 0 && lm && lm->l_addr == base) {
