@@ -21,6 +21,27 @@ bool read_small(const char* path, char* buf, std::size_t cap) {
   return true;
 }
 
+long long parse_decimal(const char* s) noexcept {
+  while (*s == ' ' || *s == '\t') ++s;
+  const bool negative = *s == '-';
+  if (negative || *s == '+') ++s;
+  long long v = 0;
+  for (; *s >= '0' && *s <= '9'; ++s) v = v * 10 + (*s - '0');
+  return negative ? -v : v;
+}
+
+std::uint64_t parse_hex(const char* s) noexcept {
+  while (*s == ' ' || *s == '\t') ++s;
+  if (s[0] == '0' && (s[1] == 'x' || s[1] == 'X')) s += 2;
+  std::uint64_t v = 0;
+  for (;; ++s) {
+    const char c = *s;
+    const int d = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+    if (d < 0) return v;
+    v = v << 4 | static_cast<std::uint64_t>(d);
+  }
+}
+
 pid_t current_tid() noexcept { return static_cast<pid_t>(::syscall(SYS_gettid)); }
 
 std::vector<pid_t> list_threads() {

@@ -16,6 +16,12 @@ pid_t current_tid() noexcept;  // async-signal-safe
 // one read, one close: no allocation.
 bool read_small(const char* path, char* buf, std::size_t cap);
 
+// A decimal (optionally negative) or hexadecimal number at the start of s, after blanks. No
+// libc call: these run where libc's parsers may not (the signal router installs itself from
+// a sigaction call that AddressSanitizer's initialisation makes, whose atoi is not ready).
+long long parse_decimal(const char* s) noexcept;
+std::uint64_t parse_hex(const char* s) noexcept;
+
 // Every thread of the process (/proc/self/task), the caller included.
 std::vector<pid_t> list_threads();
 

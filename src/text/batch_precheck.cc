@@ -48,7 +48,7 @@ pid_t tracer_pid() {
   char buf[4096];
   if (!read_small("/proc/self/status", buf, sizeof buf)) return 0;
   const char* at = std::strstr(buf, "\nTracerPid:");
-  return at ? static_cast<pid_t>(std::atoi(at + 11)) : 0;
+  return at ? static_cast<pid_t>(common::parse_decimal(at + 11)) : 0;
 }
 
 std::string signal_name(int sig) {
@@ -88,7 +88,7 @@ bool leaving_a_router_handler(pid_t tid) {
 long long run_time_ns(pid_t tid) {
   char path[64], buf[128];
   std::snprintf(path, sizeof path, "/proc/self/task/%d/schedstat", tid);
-  return read_small(path, buf, sizeof buf) ? std::atoll(buf) : -1;
+  return read_small(path, buf, sizeof buf) ? common::parse_decimal(buf) : -1;
 }
 
 // True while the thread runs one of the router's handlers (a frame recorded in its slot),
@@ -168,7 +168,7 @@ std::uint64_t signalfd_signals() noexcept {
   char path[64], link[64], buf[1024];
   while (dirent* e = ::readdir(d)) {
     if (e->d_name[0] < '0' || e->d_name[0] > '9') continue;
-    const int fd = std::atoi(e->d_name);
+    const int fd = static_cast<int>(common::parse_decimal(e->d_name));
     if (fd == self) continue;
     std::snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
     const ssize_t n = ::readlink(path, link, sizeof link - 1);
@@ -177,7 +177,7 @@ std::uint64_t signalfd_signals() noexcept {
     if (std::strcmp(link, "anon_inode:[signalfd]") != 0) continue;
     std::snprintf(path, sizeof path, "/proc/self/fdinfo/%d", fd);
     if (!read_small(path, buf, sizeof buf)) continue;
-    if (const char* at = std::strstr(buf, "sigmask:")) out |= std::strtoull(at + 8, nullptr, 16);
+    if (const char* at = std::strstr(buf, "sigmask:")) out |= common::parse_hex(at + 8);
   }
   ::closedir(d);
   return out;

@@ -271,7 +271,7 @@ void fixup_handler(int, siginfo_t*, void* ucv) {
 // ---- installation ---------------------------------------------------------------------------
 int choose_fixup_signal() {
   if (const char* env = std::getenv("TRAMWAY_FIXUP_SIGNAL")) {
-    const int s = std::atoi(env);
+    const auto s = static_cast<int>(common::parse_decimal(env));
     if (s >= SIGRTMIN && s <= SIGRTMAX) return s;
     std::fprintf(stderr, "tramway: TRAMWAY_FIXUP_SIGNAL=%s is not a real-time signal (%d..%d); using the default\n",
                  env, SIGRTMIN, SIGRTMAX);
