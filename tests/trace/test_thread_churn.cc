@@ -20,6 +20,18 @@
 #include "tramway/trace.h"
 #include "trace/internal.h"
 
+#if defined(__SANITIZE_ADDRESS__)
+constexpr bool kAddressSanitizer = true;
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+constexpr bool kAddressSanitizer = true;
+#else
+constexpr bool kAddressSanitizer = false;
+#endif
+#else
+constexpr bool kAddressSanitizer = false;
+#endif
+
 namespace {
 
 std::size_t rss_bytes() {
@@ -81,7 +93,11 @@ TEST(TraceThreadChurn, PerThreadStateIsReclaimedWhenThreadsExit) {
               static_cast<double>(warm) / (1 << 20), static_cast<double>(end) / (1 << 20),
               growth / static_cast<double>(threads - 1000));
   EXPECT_LE(states, std::size_t{kBatch}) << "states were made for threads while exited ones were not reclaimed";
-  EXPECT_LT(growth, bound) << "RSS grew by " << growth / (1 << 20) << " MiB over " << threads << " threads";
+  // Under AddressSanitizer freed memory sits in its quarantine, so RSS says nothing there; the
+  // count of states above still does.
+  if (!kAddressSanitizer) {
+    EXPECT_LT(growth, bound) << "RSS grew by " << growth / (1 << 20) << " MiB over " << threads << " threads";
+  }
   EXPECT_EQ(stats.events, static_cast<std::uint64_t>(threads) * 20u);
   EXPECT_EQ(stats.lost, 0u);
 }
