@@ -3,6 +3,7 @@
 #pragma once
 
 #include <signal.h>
+#include <sys/resource.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -55,6 +56,22 @@ inline int run_in_child(const std::function<int()>& fn, std::int64_t timeout_ms)
   if (pid < 0) return 201;
   if (pid == 0) _exit(fn());
   return wait_bounded(pid, timeout_ms);
+}
+
+// Runs `body` in a fork()ed child that may die of a signal (core dumps off; a 20 s alarm ends
+// it if it hangs) and returns its raw wait status.
+inline int in_child(const std::function<void()>& body) {
+  const pid_t pid = fork();
+  if (pid == 0) {
+    rlimit no_core{0, 0};
+    setrlimit(RLIMIT_CORE, &no_core);
+    alarm(20);
+    body();
+    _exit(0);
+  }
+  int status = -1;
+  if (waitpid(pid, &status, 0) != pid) return -1;
+  return status;
 }
 
 inline std::string describe(int code) {

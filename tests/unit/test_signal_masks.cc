@@ -20,6 +20,7 @@
 #include <string>
 #include <thread>
 
+#include "bounded_child.h"
 #include "tramway/text/patch.h"
 #include "tramway/text/signal_router.h"
 
@@ -80,20 +81,7 @@ sigset_t only(int sig) {
   return s;
 }
 
-// Runs `body` in a forked child (no core dumps, 20 s alarm) and returns its wait status.
-int in_child(const std::function<void()>& body) {
-  const pid_t pid = fork();
-  if (pid == 0) {
-    rlimit no_core{0, 0};
-    setrlimit(RLIMIT_CORE, &no_core);
-    alarm(20);
-    body();
-    _exit(0);
-  }
-  int status = -1;
-  EXPECT_EQ(waitpid(pid, &status, 0), pid);
-  return status;
-}
+using bounded::in_child;
 
 // A thread named `name` that runs `setup`, then waits until released. Deterministic: the test
 // applies batches only while the thread sits at the barrier with its mask set.

@@ -2,6 +2,7 @@
 // handlers and dispositions while tramway owns SIGTRAP and a fix-up signal; every handler's
 // interrupted context is recorded, so move_pcs() moves threads out of a range wherever they
 // were interrupted, without disturbing threads it can prove are outside.
+#include "bounded_child.h"
 #include "tramway/text/signal_router.h"
 
 #include <gtest/gtest.h>
@@ -70,20 +71,7 @@ class SavedAction {
   struct sigaction old_ {};
 };
 
-// Runs `body` in a forked child (core dumps off, 20 s alarm) and returns its wait status.
-int in_child(const std::function<void()>& body) {
-  const pid_t pid = fork();
-  if (pid == 0) {
-    rlimit no_core{0, 0};
-    setrlimit(RLIMIT_CORE, &no_core);
-    alarm(20);
-    body();
-    _exit(0);
-  }
-  int status = -1;
-  EXPECT_EQ(waitpid(pid, &status, 0), pid);
-  return status;
-}
+using bounded::in_child;
 
 bool wait_until(const std::function<bool()>& cond, std::chrono::milliseconds limit = 5000ms) {
   const auto end = std::chrono::steady_clock::now() + limit;
