@@ -25,6 +25,7 @@
 
 #include "common/format.h"
 #include "common/proc.h"
+#include "text/all_blocked.h"
 #include "text/internal.h"
 #include "text/thread_slots.h"
 #include "tramway/text/signal_router.h"
@@ -71,18 +72,15 @@ Status disposition_check(int sig, const char* role) {
                        "would then kill the program. Install handlers through sigaction(), which tramway chains to");
 }
 
-// Every signal is blocked for a moment by the router's own handlers before sigreturn, by
-// glibc around pthread_create and fork, and by the router's table lock; none of these windows
-// runs a patch site, but a preempted thread can sit in one for milliseconds on a loaded machine.
-// A thread between a router handler's end and its sigreturn (FrameGuard's destructor blocked
-// everything and marked the frame exiting): ours, and over at sigreturn, however long a
-// debugger holds the thread there.
-bool leaving_a_router_handler(pid_t tid) {
-  const ThreadSlot* s = find_slot(tid);
-  if (!s) return false;
-  const std::uint32_t d = s->depth.load(std::memory_order_acquire);
-  return d > 0 && d <= kMaxNest && (s->frames[d - 1].load(std::memory_order_acquire) & kExitingTag);
-}
+// Every signal is blocked for a moment by tramway's own windows (marked: all_blocked.h), by the
+// router's handlers before sigreturn (marked in the thread's slot) and by glibc around
+// pthread_create, thread exit and fork (not marked). None of these runs a patch site, but a
+// preempted thread can sit in one for milliseconds on a loaded machine.
+
+// SIGKILL, SIGSTOP and glibc's two internal signals, which no mask shows blocked.
+constexpr std::uint64_t kUnblockable = (std::uint64_t{1} << (SIGKILL - 1)) | (std::uint64_t{1} << (SIGSTOP - 1)) |
+                                       (std::uint64_t{1} << 31) | (std::uint64_t{1} << 32);
+bool blocks_everything(std::uint64_t mask) { return (mask | kUnblockable) == ~std::uint64_t{0}; }
 
 // CPU time the thread has run (/proc/self/task/TID/schedstat, ns), -1 if unknown.
 long long run_time_ns(pid_t tid) {
@@ -91,37 +89,68 @@ long long run_time_ns(pid_t tid) {
   return read_small(path, buf, sizeof buf) ? common::parse_decimal(buf) : -1;
 }
 
-// True while the thread runs one of the router's handlers (a frame recorded in its slot),
-// whose masks block the fix-up signal or everything for a moment.
-bool in_a_router_handler(pid_t tid) {
-  const ThreadSlot* s = find_slot(tid);
-  return s && s->depth.load(std::memory_order_acquire) > 0;
+// One reading of a thread's sets, judged with what tramway's own records say of the thread:
+// - inside one of tramway's windows, the mask that counts is the one the window restores;
+// - between a router handler's end and its sigreturn (FrameGuard's destructor blocked
+//   everything, then marked the frame exiting) the thread is `ours`, and over at sigreturn,
+//   however long a debugger holds it there; once past sigreturn (the record stays until the
+//   next handler prunes it) its mask is the program's again, unless it returned into an outer
+//   handler;
+// - while it moves into or out of a window, or runs a router handler (whose masks block the
+//   fix-up signal or everything for a moment), a reading proves nothing (`transient`).
+// The mask is read before the records: each verdict stands on one reading, never on a record
+// read at another moment than the mask it judges. (A program that blocks everything with a raw
+// system call after a handler returned looks `ours` until its next handler: not caught.)
+struct Reading {
+  common::SignalSets sets;
+  bool transient = false;
+  bool ours = false;
+};
+Reading read_sets(pid_t tid) {
+  Reading r{common::signal_sets(tid)};
+  const WindowLook w = look_at_window(tid);
+  if (w.state == WindowLook::inside) r.sets.blocked = w.saved;
+  r.transient = w.state == WindowLook::moving;
+  if (const ThreadSlot* s = find_slot(tid)) {
+    const std::uint32_t d = s->depth.load(std::memory_order_acquire);
+    if (d > 0) {
+      const bool exiting = d <= kMaxNest && (s->frames[d - 1].load(std::memory_order_acquire) & kExitingTag);
+      if (exiting && blocks_everything(r.sets.blocked)) r.ours = true;
+      else if (!exiting || d > 1) r.transient = true;
+    }
+  }
+  return r;
 }
 
+// How long a settled reading was watched, for the refusal's message.
+struct Settled {
+  common::SignalSets sets;
+  std::int64_t waited_ns = 0;
+  long long ran_ns = -1;  // CPU time the thread ran under the mask it was refused for
+  bool ours = false;      // in a router handler's exit: not the program's mask, whatever it is
+};
+
 // The thread's sets, with the `watched` signals it blocks kept only once proven blocked by the
-// program: blocked in every reading, under one unchanged mask and outside the router's
-// handlers, while the thread ran 2 ms of CPU time (no transient window lasts that long; a
-// thread in a signal storm goes in and out of them, and each change starts the count again),
-// or for 1 s of wall time (a thread asleep or stopped: it might wake into a site). A signal
-// found unblocked in one reading is dropped.
-// SIGKILL, SIGSTOP and glibc's two internal signals, which no mask shows blocked.
-constexpr std::uint64_t kUnblockable = (std::uint64_t{1} << (SIGKILL - 1)) | (std::uint64_t{1} << (SIGSTOP - 1)) |
-                                       (std::uint64_t{1} << 31) | (std::uint64_t{1} << 32);
+// program: blocked in every reading, under one unchanged mask and outside tramway's marked
+// windows and handlers, while the thread ran 2 ms of CPU time (no transient window lasts that
+// long; a thread in a signal storm goes in and out of them, and each change starts the count
+// again), or for 1 s of wall time (a thread asleep or stopped: it might wake into a site). A
+// signal found unblocked in one reading is dropped: every mask a thread passes through holds
+// the program's. `ours` as soon as one reading says so.
 constexpr std::int64_t kRunnableLimitNs = 20'000'000'000;  // a thread runnable this long without running
 
-common::SignalSets settled_signal_sets(pid_t tid, std::uint64_t watched, bool debugger) {
-  common::SignalSets sets = common::signal_sets(tid);
+Settled settled_signal_sets(pid_t tid, std::uint64_t watched, bool debugger) {
+  Reading r = read_sets(tid);
   const std::int64_t wall_limit = (debugger ? 5'000 : 1'000) * std::int64_t{1'000'000};
   const std::int64_t start = common::monotonic_ns();
-  std::uint64_t held = sets.blocked & watched;  // blocked in every reading so far
-  std::uint64_t mask = sets.blocked;
-  long long since = in_a_router_handler(tid) ? -1 : run_time_ns(tid);
-  for (int i = 0; sets.known && held != 0 && !leaving_a_router_handler(tid); ++i) {
-    const long long ran = run_time_ns(tid);
-    // Everything blocked is what tramway's and glibc's own windows look like (a thread claiming
-    // its signal slot scans every slot with a system call each, slow under a sanitizer): such
-    // a mask must hold for far longer before it counts as the program's.
-    const long long needed = (mask | kUnblockable) == ~std::uint64_t{0} ? 50'000'000 : 2'000'000;
+  std::uint64_t held = r.sets.blocked & watched;  // blocked in every reading so far
+  std::uint64_t mask = r.sets.blocked;
+  long long since = r.transient ? -1 : run_time_ns(tid), ran = -1;
+  for (int i = 0; r.sets.known && held != 0 && !r.ours; ++i) {
+    ran = run_time_ns(tid);
+    // Everything blocked, unmarked, is what glibc's own windows look like (pthread_create,
+    // thread exit): such a mask must hold for far longer before it counts as the program's.
+    const long long needed = blocks_everything(mask) ? 50'000'000 : 2'000'000;
     if (ran >= 0 && since >= 0 && ran - since >= needed) break;
     // The wall-time rule is for a thread that sleeps or is stopped. A runnable thread that has
     // not run proves nothing: on a loaded machine a preempted thread (a niced one, or one in
@@ -135,14 +164,19 @@ common::SignalSets settled_signal_sets(pid_t tid, std::uint64_t watched, bool de
       const timespec pause{0, 100'000};
       nanosleep(&pause, nullptr);
     }
-    sets = common::signal_sets(tid);
-    held &= sets.blocked;
-    if (sets.blocked != mask || in_a_router_handler(tid)) since = -1;  // moving: count again
-    else if (since < 0) since = run_time_ns(tid);
-    mask = sets.blocked;
+    r = read_sets(tid);
+    held &= r.sets.blocked;
+    if (r.transient || r.ours) {
+      since = -1;  // moving: count again
+      continue;
+    }
+    if (r.sets.blocked != mask) since = -1;
+    if (since < 0) since = run_time_ns(tid);
+    mask = r.sets.blocked;
   }
-  sets.blocked = (sets.blocked & ~watched) | held;
-  return sets;
+  Settled out{r.sets, common::monotonic_ns() - start, since >= 0 && ran >= 0 ? ran - since : -1, r.ours};
+  out.sets.blocked = (r.sets.blocked & ~watched) | held;
+  return out;
 }
 
 // Where a refused thread is, so that a mask nobody set on purpose can be traced to its code.
@@ -156,6 +190,12 @@ std::string where_text(pid_t tid) {
     if (dladdr(reinterpret_cast<void*>(p.pc), &info) && info.dli_sname) out += std::string(" (") + info.dli_sname + ")";
     if (p.syscall >= 0) out += ", in system call " + std::to_string(p.syscall);
   }
+  return out;
+}
+
+std::string watched_text(const Settled& s) {
+  std::string out = "; watched for " + std::to_string(s.waited_ns / 1'000'000) + " ms";
+  if (s.ran_ns >= 0) out += ", in which it ran " + std::to_string(s.ran_ns / 1'000'000) + " ms of CPU under that mask";
   return out;
 }
 
@@ -203,20 +243,22 @@ Status precheck_batch() {
     // (a mask, signalfd, sigwait, a handler: signal_masks.cc).
     const std::uint64_t watched = bit(SIGTRAP) | (fixup_use_seen() ? bit(fix) : 0);
     for (pid_t tid : common::list_threads()) {
-      common::SignalSets sets = common::signal_sets(tid);
-      if (sets.known && (sets.blocked & watched)) {
+      const Reading first = read_sets(tid);
+      Settled settled{first.sets, 0, -1, first.ours};
+      common::SignalSets& sets = settled.sets;
+      if (sets.known && !settled.ours && (sets.blocked & watched)) {
         if (!debugger_checked) debugger = tracer_pid() != 0, debugger_checked = true;
-        sets = settled_signal_sets(tid, watched, debugger);
+        settled = settled_signal_sets(tid, watched, debugger);
       }
       const std::uint64_t whole_mask = sets.blocked;
       sets.blocked &= watched;
-      if (!sets.known || leaving_a_router_handler(tid)) continue;  // exited meanwhile, or ours
+      if (!sets.known || settled.ours) continue;  // exited meanwhile, or ours
       if (sets.blocked & bit(SIGTRAP)) {
         st = Status::error("refusing to patch: " + thread_text(tid) +
                            " blocks SIGTRAP (its mask was set without going through sigprocmask/pthread_sigmask: "
                            "a raw rt_sigprocmask system call, or a glibc function that makes one), and an int3 "
                            "trap it took would kill the program (its blocked set: " + common::hex_address(whole_mask) +
-                           "; " + where_text(tid) + "). Unblock SIGTRAP in that thread and retry");
+                           "; " + where_text(tid) + watched_text(settled) + "). Unblock SIGTRAP in that thread and retry");
         break;
       }
       if (sets.blocked & bit(fix)) {

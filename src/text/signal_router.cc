@@ -31,6 +31,7 @@
 #include "common/format.h"
 #include "common/proc.h"
 #include "text/internal.h"
+#include "text/all_blocked.h"
 #include "text/thread_slots.h"
 
 extern "C" int __sigaction(int, const struct sigaction*, struct sigaction*) noexcept;
@@ -66,18 +67,12 @@ std::atomic_flag g_user_lock = ATOMIC_FLAG_INIT;
 class UserLock {
  public:
   UserLock() noexcept {
-    sigset_t all;
-    sigfillset(&all);
-    raw_sigprocmask(SIG_BLOCK, &all, &saved_);
     while (g_user_lock.test_and_set(std::memory_order_acquire)) sched_yield();
   }
-  ~UserLock() {
-    g_user_lock.clear(std::memory_order_release);
-    raw_sigprocmask(SIG_SETMASK, &saved_, nullptr);
-  }
+  ~UserLock() { g_user_lock.clear(std::memory_order_release); }
 
  private:
-  sigset_t saved_;
+  detail::AllSignalsBlocked blocked_;  // constructed first, destroyed last
 };
 
 std::atomic<int> g_fixup_signal{0};
@@ -355,26 +350,24 @@ Status install() {
 
 // Lock rank text, after the patch lock (common/lock_order.h).
 pthread_mutex_t g_move_mutex = PTHREAD_MUTEX_INITIALIZER;
-thread_local sigset_t t_mask_before_fork;
 
 }  // namespace
 
 // fork() takes the fix-up and handler-table locks after the patch lock (patch.cc, text_before_fork).
 void detail::router_before_fork() noexcept {
   pthread_mutex_lock(&g_move_mutex);
-  sigset_t all;
-  sigfillset(&all);
-  raw_sigprocmask(SIG_BLOCK, &all, &t_mask_before_fork);
+  detail::AllSignalsBlocked::enter();
   while (g_user_lock.test_and_set(std::memory_order_acquire)) sched_yield();
 }
 void detail::router_after_fork_in_parent() noexcept {
   g_user_lock.clear(std::memory_order_release);
-  raw_sigprocmask(SIG_SETMASK, &t_mask_before_fork, nullptr);
+  detail::AllSignalsBlocked::leave();
   pthread_mutex_unlock(&g_move_mutex);
 }
 void detail::router_after_fork_in_child() noexcept {
   g_user_lock.clear(std::memory_order_release);
-  raw_sigprocmask(SIG_SETMASK, &t_mask_before_fork, nullptr);
+  detail::all_blocked_after_fork_in_child();
+  detail::AllSignalsBlocked::leave();
   // No request is in flight in the child.
   const std::uint64_t gen = g_request.generation.load(std::memory_order_relaxed);
   g_request.generation.store(gen + (gen & 1), std::memory_order_relaxed);

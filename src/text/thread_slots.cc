@@ -7,6 +7,7 @@
 #include <cerrno>
 
 #include "arch/x86_64/emulate.h"
+#include "text/all_blocked.h"
 #include "common/proc.h"
 
 namespace tramway::text::detail {
@@ -99,12 +100,8 @@ void reclaim_dead_slots(pid_t me) noexcept {
 // and the thread would answer fix-ups in one slot while move_pcs looks in the other.
 ThreadSlot* self_slot() noexcept {
   if (ThreadSlot* s = t_slot) return s;
-  sigset_t all, saved;
-  sigfillset(&all);
-  raw_sigprocmask(SIG_BLOCK, &all, &saved);
-  ThreadSlot* s = t_slot ? t_slot : claim_slot();  // a handler that ran before the block may have claimed
-  raw_sigprocmask(SIG_SETMASK, &saved, nullptr);
-  return s;
+  AllSignalsBlocked blocked;
+  return t_slot ? t_slot : claim_slot();  // a handler that ran before the block may have claimed
 }
 
 void slots_after_fork_in_child() noexcept {

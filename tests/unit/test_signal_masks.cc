@@ -21,6 +21,7 @@
 #include <thread>
 
 #include "bounded_child.h"
+#include "text/all_blocked.h"
 #include "tramway/text/patch.h"
 #include "tramway/text/signal_router.h"
 
@@ -220,6 +221,60 @@ TEST(SignalMasks, RawSigtrapBlockInAThreadRefusesTheBatchNamingTheThread) {
   t.run([] { raw_block(SIGTRAP, SIG_UNBLOCK); });
   EXPECT_TRUE(flip().ok());
   EXPECT_EQ(masks_flip_fn(), 2);
+}
+
+// tramway's own windows that block every signal (its handler-table lock, a slot claim, fork)
+// are marked with the mask they restore. A thread that sits in one, running, is judged by that
+// mask: before, the precheck timed the window and refused once the thread had run 50 ms of CPU
+// under it, which a preempted lock holder's waiter does on a loaded machine (torture.static in
+// CI). The thread spins in its window for as long as the batch takes.
+TEST(SignalMasks, AThreadInsideTramwaysOwnBlockEverythingWindowIsJudgedByTheMaskItRestores) {
+  using tramway::text::detail::AllSignalsBlocked;
+  using tramway::text::detail::look_at_window;
+  using tramway::text::detail::WindowLook;
+  ASSERT_TRUE(tramway::text::install_signal_router().ok());
+  std::uint64_t before = 0;
+  Parked t("ownwindow", [&] {
+    before = kernel_mask();
+    AllSignalsBlocked::enter();
+  });
+  const WindowLook w = look_at_window(t.tid());
+  EXPECT_EQ(w.state, WindowLook::inside);
+  EXPECT_EQ(w.saved, before);
+  EXPECT_FALSE(in_mask(before, SIGTRAP));
+  const int flips = masks_flip_fn();
+  const Status s = flip();
+  EXPECT_TRUE(s.ok()) << s.message();
+  EXPECT_NE(masks_flip_fn(), flips);
+  std::uint64_t after = 0;
+  t.run([&] {
+    AllSignalsBlocked::leave();
+    after = kernel_mask();
+  });
+  EXPECT_EQ(after, before);
+  EXPECT_EQ(look_at_window(t.tid()).state, WindowLook::none);
+}
+
+// The mark does not hide the program's own block: a thread that blocked SIGTRAP with a raw
+// system call and then entered one of tramway's windows restores that block, and is refused.
+TEST(SignalMasks, ARawSigtrapBlockUnderTramwaysOwnWindowIsStillRefused) {
+  using tramway::text::detail::AllSignalsBlocked;
+  ASSERT_TRUE(tramway::text::install_signal_router().ok());
+  Parked t("blockedwindow", [] {
+    raw_block(SIGTRAP);
+    AllSignalsBlocked::enter();
+  });
+  const int flips = masks_flip_fn();
+  const Status s = flip();
+  ASSERT_FALSE(s.ok());
+  EXPECT_NE(s.message().find("thread " + std::to_string(t.tid()) + " (blockedwindow) blocks SIGTRAP"),
+            std::string::npos) << s.message();
+  EXPECT_EQ(masks_flip_fn(), flips);
+  t.run([] {
+    AllSignalsBlocked::leave();
+    raw_block(SIGTRAP, SIG_UNBLOCK);
+  });
+  EXPECT_TRUE(flip().ok());
 }
 
 // The scenario of the issue: a thread that blocks SIGTRAP (raw) runs the site while batches
