@@ -100,6 +100,10 @@ class Filter {
 // attached already, or 4,096 ops are attached, and with "object unloaded" when a library of
 // the selected functions was unloaded before the attach could keep it loaded. The libraries
 // it writes into stay loaded until it returns: a dlclose meanwhile unloads them afterwards.
+// A failure after the code batch began returns once a grace period has passed (a thread may
+// have been let into a callback), so `ops` may be freed when attach fails; only if no grace
+// period can run is it left unpublished but not freed, as a failed detach leaves it (the
+// message says so; detach finishes it).
 Status attach(Ops& ops, const Filter& filter);
 
 // Detaches `ops` from every function. When it returns, no callback of `ops` runs or will

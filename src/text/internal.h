@@ -104,4 +104,12 @@ void code_memory_before_fork() noexcept;
 void code_memory_after_fork_in_parent() noexcept;
 void code_memory_after_fork_in_child() noexcept;
 
+// --- tests only ---------------------------------------------------------------------------------
+namespace testing {
+// Called by apply() once every int3 of a batch is in and every core has seen them, before any
+// tail is written (threads at a site are carried on as the new instruction); an error fails the
+// batch there, and apply puts the old heads back. nullptr: none.
+void set_after_int3s_hook(Status (*hook)());
+}  // namespace testing
+
 }  // namespace tramway::text::detail

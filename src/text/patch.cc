@@ -300,6 +300,12 @@ Status PatchBatch::add_over_nops(void* address, std::span<const std::uint8_t> ne
 PatchLock::PatchLock() { pthread_mutex_lock(&g_patch_mutex); }
 PatchLock::~PatchLock() { pthread_mutex_unlock(&g_patch_mutex); }
 
+namespace {
+std::atomic<Status (*)()> g_after_int3s_hook{nullptr};
+}  // namespace
+
+void detail::testing::set_after_int3s_hook(Status (*hook)()) { g_after_int3s_hook.store(hook, std::memory_order_release); }
+
 Status apply(const PatchBatch& batch) {
   PatchLock lock;
   return apply(batch, lock);
@@ -389,6 +395,9 @@ Status apply(const PatchBatch& batch, const PatchLock&) {
                                       moved.status().sys_errno()));
     }
     detail::counters().pcs_moved.fetch_add(static_cast<std::uint64_t>(moved->pcs_moved), std::memory_order_relaxed);
+  }
+  if (auto* hook = g_after_int3s_hook.load(std::memory_order_acquire)) {
+    if (Status st = hook(); !st.ok()) return undo_heads(st);
   }
   for (const Site& s : sites)
     for (std::size_t i = 1; i < s.length; ++i)

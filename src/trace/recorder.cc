@@ -219,6 +219,7 @@ class Recording {
     owner.ops->entry = entry_callback;
     owner.ops->direct = true;  // one recorder ops a function: each site gets its own slot
     if (Status s = hooks::attach(*owner.ops, hooks::Filter::addresses({functions.begin(), functions.end()})); !s.ok()) {
+      if (owner.ops->state) (void)owner.ops.release();  // not freed: callbacks may still run (hooks::attach says so)
       return s;
     }
     owners.push_back(std::move(owner));

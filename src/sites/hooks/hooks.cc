@@ -778,6 +778,33 @@ Status pin_selected_objects(const Ops& ops, const Filter& filter, sites::hooks::
   return {};
 }
 
+// Detaches whose grace period failed: what they unpublished, kept until a later detach of the
+// same ops passes one (under g_mu).
+std::map<const Ops::State*, Retired> g_failed_detaches;
+
+// ...but a batch that fails after its int3s went in may have carried threads into the new
+// calls (a thread at an int3 is carried on as the new instruction would), and so into a direct slot and a
+// callback of `ops`, which the caller frees when attach fails. So the failure returns only once
+// a grace period has passed, after which the state is freed. Without grace periods the ops is
+// left as a failed detach leaves it (unpublished, not freed; detach finishes it).
+Status abandon_attach(Ops& ops, std::unique_ptr<Ops::State> state, Retired retired, const Status& why) {
+  if (Status g = grace::synchronize(); !g.ok()) {
+    std::lock_guard lock(g_mu);
+    state->detach_failed = true;
+    g_failed_detaches[state.get()] = std::move(retired);
+    (void)state.release();  // ops.state names it
+    return Status::error(why.message() + "; callbacks may have begun on threads the failed batch let through, and " +
+                             "no grace period could wait for them (" + g.message() +
+                             "), so the ops is not freed: call hooks::detach to finish before freeing it",
+                         why.sys_errno());
+  }
+  release(retired);
+  std::lock_guard lock(g_mu);
+  g_free_ids.push_back(state->id);
+  ops.state = nullptr;
+  return why;
+}
+
 }  // namespace
 
 Status attach(Ops& ops, const Filter& filter) {
@@ -795,7 +822,7 @@ Status attach(Ops& ops, const Filter& filter) {
   sites::hooks::ObjectPins pins;
   Selection first;
   if (Status st = pin_selected_objects(ops, filter, pins, first); !st.ok()) return st;
-  std::lock_guard lock(g_mu);
+  std::unique_lock lock(g_mu);
   if (ops.state) return attached_already(ops);
   forget_dead_objects();
   (void)all_candidates();  // rebuilt if an object came or went since the first selection
@@ -861,13 +888,12 @@ Status attach(Ops& ops, const Filter& filter) {
   }
   // Code first: a site that calls the stub before its cell names the ops just returns, and
   // a direct slot names the ops before its site calls it. So a failed batch leaves nothing
-  // to undo but literal slots no thread reads and slots given back.
+  // to undo but literal slots and slots given back (their tags cleared)...
   Retired retired;
   if (Status st = apply_modes(changes, retired); !st.ok()) {
-    g_free_ids.push_back(state->id);
-    ops.state = nullptr;
-    release_after_grace_period(std::move(retired));
-    return st;
+    state->detaching = true;  // nobody else frees it meanwhile
+    lock.unlock();
+    return abandon_attach(ops, std::move(state), std::move(retired), st);
   }
   state.release();
   const ObjectKey* last_key = nullptr;
@@ -889,9 +915,6 @@ Status attach(Ops& ops, const Filter& filter) {
 
 namespace {
 
-// Detaches whose grace period failed: what they unpublished, kept until a later detach of the
-// same ops passes one (under g_mu).
-std::map<const Ops::State*, Retired> g_failed_detaches;
 
 // Whether `ops` can be detached now: attached, and not being detached (unless its detach
 // failed, which a new detach finishes).
