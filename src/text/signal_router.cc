@@ -14,10 +14,12 @@
 #include <pthread.h>
 #include <sched.h>
 #include <signal.h>
+#include <sys/auxv.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <cstdio>
@@ -129,13 +131,33 @@ void unblock_fixup() noexcept { raw_sigprocmask(SIG_UNBLOCK, &g_fixup_set, nullp
 // (issue 11, defect 12).
 int wrapper_flags(int program_flags) noexcept { return (program_flags | SA_SIGINFO) & ~SA_NODEFER; }
 
+// A storm of an SA_NODEFER signal on an alternate stack nests one frame per signal that lands
+// while a handler runs; tramway's handlers are slower than the program's alone (a trap frame per
+// hooked call during a batch), so an unbounded storm that the program alone just survives would
+// overflow the stack. Below this much room the wrapper leaves the signal blocked until its
+// handler returns: it is delivered at sigreturn instead of nesting, as if it had come a moment
+// later (a standard signal that comes meanwhile merges with it, as any pending one does).
+// Room for a few kernel frames (AT_MINSIGSTKSZ each, at least 2 KiB), capped at half the stack.
+bool room_to_nest(const ucontext_t* uc) noexcept {
+  static const std::size_t frame = [] {
+    const unsigned long m = getauxval(AT_MINSIGSTKSZ);
+    return m > 2048 ? static_cast<std::size_t>(m) : std::size_t{2048};
+  }();
+  const stack_t& alt = uc->uc_stack;  // the alternate stack as it was at delivery
+  if ((alt.ss_flags & SS_DISABLE) || alt.ss_size == 0) return true;
+  const auto base = reinterpret_cast<std::uintptr_t>(alt.ss_sp);
+  const std::uintptr_t sp = detail::current_sp();
+  if (sp < base || sp >= base + alt.ss_size) return true;  // on the thread's own stack
+  return sp - base >= std::min(4 * frame, alt.ss_size / 2);
+}
+
 void wrapper(int sig, siginfo_t* si, void* uc) {
   FrameGuard frame(static_cast<ucontext_t*>(uc), false);
   const std::uintptr_t h = g_user[sig].handler.load(std::memory_order_acquire);
   const int flags = g_user[sig].flags.load(std::memory_order_relaxed);
   if (flags & SA_NODEFER) {
     sigset_t both = g_fixup_set;
-    sigaddset(&both, sig);
+    if (room_to_nest(static_cast<ucontext_t*>(uc))) sigaddset(&both, sig);
     raw_sigprocmask(SIG_UNBLOCK, &both, nullptr);  // the frame is recorded: see wrapper_flags
   } else {
     unblock_fixup();  // the frame is recorded: fix-ups may now move its PC

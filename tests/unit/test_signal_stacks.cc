@@ -8,10 +8,25 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <pthread.h>
+#include <sys/wait.h>
+#include <time.h>
+
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
+#include <thread>
+#include <vector>
 
+#include "bounded_child.h"
+#include "tramway/hooks.h"
 #include "tramway/text/signal_router.h"
+
+#define PATCHABLE __attribute__((noinline, patchable_function_entry(13, 8)))
+extern "C" PATCHABLE int stacks_fx_work(int x) {
+  asm volatile("");
+  return x + 1;
+}
 
 namespace {
 
@@ -87,6 +102,100 @@ TEST(SignalStacks, TheProgramsSigtrapHandlerRunsWithItsOwnMask) {
   EXPECT_FALSE(in_mask(m, SIGUSR1));
   EXPECT_FALSE(in_mask(m, SIGALRM));
   EXPECT_FALSE(in_mask(m, SIGTRAP));
+}
+
+// A program's SA_NODEFER handler that raises its own signal again and again on a 64 KiB
+// alternate stack: the plain program nests one kernel frame per raise, and tramway's bigger
+// frames would overflow sooner. Near the stack's end the wrapper leaves the signal blocked, so
+// the raise is delivered when the handler returns instead of nesting: every raise is handled,
+// and the stack keeps room for a trap frame. Before, the 100 nested frames ran off the stack.
+constexpr std::size_t kAltSize = 64 * 1024;
+alignas(16) char g_alt[kAltSize];
+std::atomic<int> g_raised{0}, g_handled{0};
+std::atomic<std::uintptr_t> g_lowest_sp{~std::uintptr_t{0}};
+void raising_handler(int) {
+  const auto sp = reinterpret_cast<std::uintptr_t>(__builtin_frame_address(0));
+  if (sp < g_lowest_sp.load()) g_lowest_sp.store(sp);
+  g_handled.fetch_add(1);
+  if (g_raised.fetch_add(1) < 100) raise(SIGUSR2);
+}
+
+TEST(SignalStacks, ANodeferHandlerThatRaisesItselfDoesNotRunOffASmallAlternateStack) {
+  const int status = bounded::in_child([] {
+    if (!tramway::text::install_signal_router().ok()) _exit(3);
+    stack_t ss{};
+    ss.ss_sp = g_alt;
+    ss.ss_size = kAltSize;
+    if (sigaltstack(&ss, nullptr) != 0) _exit(4);
+    struct sigaction a {};
+    a.sa_handler = raising_handler;
+    a.sa_flags = SA_NODEFER | SA_ONSTACK;
+    sigemptyset(&a.sa_mask);
+    if (sigaction(SIGUSR2, &a, nullptr) != 0) _exit(5);
+    raise(SIGUSR2);
+    if (g_handled.load() != 101) _exit(6);
+    // At least a kernel frame's worth of room left at the deepest handler.
+    const auto base = reinterpret_cast<std::uintptr_t>(g_alt);
+    if (g_lowest_sp.load() < base + 4096) _exit(7);
+  });
+  ASSERT_TRUE(WIFEXITED(status)) << "died of signal " << (WIFSIGNALED(status) ? WTERMSIG(status) : 0);
+  EXPECT_EQ(WEXITSTATUS(status), 0);
+}
+
+// The program: two threads on 64 KiB alternate stacks, an SA_ONSTACK|SA_NODEFER
+// SIGUSR1 storm sent as fast as pthread_kill goes, a handler that calls a hooked function, and
+// hooks attached and detached meanwhile (each hooked call during a batch is a trap frame). It
+// died of SIGSEGV in every run before; it must run to the end.
+std::atomic<bool> g_stop{false};
+std::atomic<long> g_storm_handled{0}, g_wrong{0};
+void storm_handler(int) {
+  if (stacks_fx_work(1) != 2) g_wrong.fetch_add(1);
+  g_storm_handled.fetch_add(1);
+}
+void noop_callback(const tramway::hooks::Ops&, std::uintptr_t, std::uintptr_t, tramway::hooks::EntryRegs&) {}
+
+TEST(SignalStacks, AnUnpacedNodeferStormOnSmallAlternateStacksSurvivesAttachAndDetach) {
+  const int status = bounded::in_child([] {
+    struct sigaction a {};
+    a.sa_handler = storm_handler;
+    a.sa_flags = SA_NODEFER | SA_ONSTACK;
+    sigemptyset(&a.sa_mask);
+    if (sigaction(SIGUSR1, &a, nullptr) != 0) _exit(5);
+    std::vector<std::thread> workers;
+    for (int i = 0; i < 2; ++i) {
+      workers.emplace_back([] {
+        std::vector<char> alt(kAltSize);
+        stack_t ss{};
+        ss.ss_sp = alt.data();
+        ss.ss_size = alt.size();
+        sigaltstack(&ss, nullptr);
+        while (!g_stop.load(std::memory_order_relaxed))
+          if (stacks_fx_work(5) != 6) g_wrong.fetch_add(1);
+        ss.ss_flags = SS_DISABLE;
+        sigaltstack(&ss, nullptr);
+      });
+    }
+    std::thread sender([&] {
+      while (!g_stop.load(std::memory_order_relaxed))
+        for (auto& w : workers) pthread_kill(w.native_handle(), SIGUSR1);
+    });
+    int cycles = 0;
+    const auto until = bounded::now_ms() + 1500;
+    while (bounded::now_ms() < until) {
+      tramway::hooks::Ops ops;
+      ops.entry = noop_callback;
+      if (!tramway::hooks::attach(ops, tramway::hooks::Filter::names({"stacks_fx_work"})).ok()) _exit(8);
+      if (!tramway::hooks::detach(ops).ok()) _exit(9);
+      ++cycles;
+    }
+    g_stop.store(true);
+    sender.join();
+    for (auto& w : workers) w.join();
+    if (g_wrong.load() != 0) _exit(10);
+    if (cycles < 10 || g_storm_handled.load() == 0) _exit(11);
+  });
+  ASSERT_TRUE(WIFEXITED(status)) << "died of signal " << (WIFSIGNALED(status) ? WTERMSIG(status) : 0);
+  EXPECT_EQ(WEXITSTATUS(status), 0);
 }
 
 }  // namespace
