@@ -40,6 +40,7 @@ struct Arena {
 struct State {
   pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;  // lock rank text, the last of it (common/lock_order.h)
   std::vector<Arena*> arenas;  // never shrinks; arenas are not unmapped while the process runs
+  std::vector<int> child_fds;  // during fork(): each arena's copy for the child, -1 where none
 };
 State& state() {
   static State* s = new State;  // leaked on purpose: used until the last thread exits
@@ -173,23 +174,42 @@ Result<CodeBlock> allocate(std::size_t size, const void* near_ptr) {
 }  // namespace
 
 namespace detail {
-void code_memory_before_fork() noexcept { pthread_mutex_lock(&state().mu); }
-void code_memory_after_fork_in_parent() noexcept { pthread_mutex_unlock(&state().mu); }
-void code_memory_after_fork_in_child() noexcept {
-  // MAP_SHARED views would let parent and child write each other's code: give the child
-  // private copies at the same addresses.
+// MAP_SHARED views would let parent and child write each other's code (a direct slot the
+// parent hands to another ops would change under the child's sites). So the child gets private
+// copies at the same addresses. The copies are taken here, in the parent, before fork() and
+// under every lock that writes code: the parent resumes as soon as fork() returns, and a copy
+// taken in the child's handler would catch the parent's writes of that moment.
+void code_memory_before_fork() noexcept {
+  pthread_mutex_lock(&state().mu);
+  state().child_fds.clear();
   for (Arena* a : state().arenas) {
-    const int fd = memfd_create("tramway-code", MFD_CLOEXEC);
-    if (fd < 0 || ftruncate(fd, static_cast<off_t>(a->size)) != 0 ||
-        pwrite(fd, a->rx, a->size, 0) != static_cast<ssize_t>(a->size)) {
-      if (fd >= 0) close(fd);
-      continue;  // keep sharing rather than lose the code
+    int fd = memfd_create("tramway-code", MFD_CLOEXEC);
+    if (fd >= 0 && (ftruncate(fd, static_cast<off_t>(a->size)) != 0 ||
+                    pwrite(fd, a->rx, a->size, 0) != static_cast<ssize_t>(a->size))) {
+      close(fd);
+      fd = -1;  // that arena stays shared rather than lose its code
     }
+    state().child_fds.push_back(fd);
+  }
+}
+void code_memory_after_fork_in_parent() noexcept {
+  for (int fd : state().child_fds)
+    if (fd >= 0) close(fd);
+  state().child_fds.clear();
+  pthread_mutex_unlock(&state().mu);
+}
+void code_memory_after_fork_in_child() noexcept {
+  const std::vector<Arena*>& arenas = state().arenas;
+  for (std::size_t i = 0; i < arenas.size() && i < state().child_fds.size(); ++i) {
+    Arena* a = arenas[i];
+    const int fd = state().child_fds[i];
+    if (fd < 0) continue;
     mmap(a->rx, a->size, PROT_READ | PROT_EXEC, MAP_SHARED | MAP_FIXED, fd, 0);
     mmap(a->rw, a->size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, 0);
     close(a->fd);
     a->fd = fd;
   }
+  state().child_fds.clear();
   pthread_mutex_unlock(&state().mu);
 }
 }  // namespace detail

@@ -287,4 +287,37 @@ TEST(CodeMemory, ForkedChildGetsPrivateCode) {
   expect_no_writable_executable_mapping();
 }
 
+// A fork child's code memory is its own copy, taken at the fork: what the parent writes the
+// moment fork() returns in it (a direct slot handed to another ops, say) must not reach the
+// child. Before, the child copied the shared views in its own fork handler, after the parent
+// had resumed, and caught such writes (a fork child of the lifecycle torture called a slot
+// whose state the parent had just set). Repeated, since the old copy raced the parent.
+TEST(CodeMemory, AForkChildKeepsItsCodeAsItWasAtTheFork) {
+  CodeBlock b = must_allocate(64);
+  for (int round = 0; round < 20; ++round) {
+    b.rw[0] = 0x11;
+    int go[2];
+    ASSERT_EQ(pipe(go), 0);
+    const pid_t pid = fork();
+    ASSERT_GE(pid, 0);
+    if (pid == 0) {
+      alarm(20);
+      char c;
+      if (read(go[0], &c, 1) != 1) _exit(3);
+      if (b.rx[0] != 0x11) _exit(1);  // the parent's write reached the child
+      b.rw[0] = 0x33;                 // and the child's own writes stay its own
+      _exit(b.rx[0] == 0x33 ? 0 : 2);
+    }
+    b.rw[0] = 0x22;  // at once, while the child may still be in its fork handlers
+    ASSERT_EQ(write(go[1], "g", 1), 1);
+    int status = 0;
+    ASSERT_EQ(waitpid(pid, &status, 0), pid);
+    close(go[0]);
+    close(go[1]);
+    ASSERT_TRUE(WIFEXITED(status)) << "round " << round;
+    ASSERT_EQ(WEXITSTATUS(status), 0) << "round " << round << (WEXITSTATUS(status) == 1 ? ": the child saw the parent's write" : "");
+    EXPECT_EQ(b.rx[0], 0x22);
+  }
+}
+
 }  // namespace
