@@ -26,30 +26,32 @@ using namespace std::chrono_literals;
 
 namespace {
 
-// Generated code that spins until the byte at %rdi is non-zero:
-//   loop: pause ; cmpb $0, (%rdi) ; je loop ; ret
+// Generated code that raises the byte at %rsi (from inside: the thread is in the range once it
+// is set), then spins until the byte at %rdi is non-zero:
+//   movb $1, (%rsi) ; loop: pause ; cmpb $0, (%rdi) ; je loop ; ret
 struct SpinCode {
+  static constexpr std::size_t kSize = 11;
   text::CodeBlock block;
   SpinCode() {
     auto b = text::allocate_code(16);
     EXPECT_TRUE(b.ok()) << b.status().message();
     block = *b;
-    const std::uint8_t code[] = {0xf3, 0x90, 0x80, 0x3f, 0x00, 0x74, 0xf9, 0xc3};
+    const std::uint8_t code[kSize] = {0xc6, 0x06, 0x01, 0xf3, 0x90, 0x80, 0x3f, 0x00, 0x74, 0xf9, 0xc3};
     std::memcpy(block.rw, code, sizeof code);
   }
-  void run(const std::atomic<std::uint8_t>* release) const {
-    reinterpret_cast<void (*)(const void*)>(block.rx)(release);
+  void run(const std::atomic<std::uint8_t>* release, std::atomic<std::uint8_t>* entered) const {
+    reinterpret_cast<void (*)(const void*, void*)>(block.rx)(release, entered);
   }
   const void* begin() const { return block.rx; }
-  const void* end() const { return block.rx + 8; }
+  const void* end() const { return block.rx + kSize; }
   bool holds(std::uintptr_t pc) const {
     return pc >= reinterpret_cast<std::uintptr_t>(begin()) && pc < reinterpret_cast<std::uintptr_t>(end());
   }
 };
 
-// A thread that runs the spin code once.
+// A thread that runs the spin code once; constructed, it is inside it.
 struct Spinner {
-  std::atomic<std::uint8_t> release{0};
+  std::atomic<std::uint8_t> release{0}, entered{0};
   std::atomic<pid_t> tid{0};
   std::atomic<bool> done{false};
   std::thread thread;
@@ -57,11 +59,10 @@ struct Spinner {
     thread = std::thread([this, &code, name] {
       pthread_setname_np(pthread_self(), name);
       tid = gettid();
-      code.run(&release);
+      code.run(&release, &entered);
       done = true;
     });
-    while (tid == 0) std::this_thread::yield();
-    std::this_thread::sleep_for(20ms);  // well inside the loop by now
+    while (tid == 0 || entered.load() == 0) std::this_thread::yield();
   }
   ~Spinner() {
     release = 1;
@@ -77,6 +78,18 @@ bool finishes_within(std::future<tramway::Status>& gp, std::chrono::milliseconds
   return gp.wait_for(t) == std::future_status::ready;
 }
 
+// The holdouts of the grace period in progress, once it has found some (it scans, then signals
+// running threads and waits for their answers: on a loaded machine that takes a while).
+std::vector<grace::Holdout> holdouts_once_found() {
+  const auto deadline = std::chrono::steady_clock::now() + 20s;
+  std::vector<grace::Holdout> held = grace::holdouts();
+  while (held.empty() && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(5ms);
+    held = grace::holdouts();
+  }
+  return held;
+}
+
 }  // namespace
 
 TEST(GraceTasks, RetireRejectsAnEmptyRange) {
@@ -86,14 +99,17 @@ TEST(GraceTasks, RetireRejectsAnEmptyRange) {
   EXPECT_NE(s.message().find("empty range"), std::string::npos) << s.message();
 }
 
+// In the tests below the grace period's future is declared before the spinner: a failed
+// assertion destroys the spinner (releasing it) first, and the future's wait then ends.
 TEST(GraceTasks, WaitsForAThreadRunningInsideARetiredRange) {
   SpinCode code;
+  std::future<tramway::Status> gp;
   Spinner spinner(code);
   const auto before = grace::stats();
   ASSERT_TRUE(grace::retire(code.begin(), code.end()).ok());
-  auto gp = start_tasks_gp();
+  gp = start_tasks_gp();
   EXPECT_FALSE(finishes_within(gp, 200ms)) << "the grace period ended while a thread ran in the retired code";
-  const auto held = grace::holdouts();
+  const auto held = holdouts_once_found();
   ASSERT_EQ(held.size(), 1u);
   EXPECT_EQ(held[0].tid, spinner.tid.load());
   EXPECT_EQ(held[0].name, "tasks-spinner");
@@ -159,14 +175,17 @@ TEST(GraceTasks, ANestedSignalFrameInsideTheRangeHoldsIt) {
   sigemptyset(&sa.sa_mask);
   ASSERT_EQ(sigaction(SIGUSR1, &sa, nullptr), 0);
   SpinCode code;
+  std::future<tramway::Status> gp;
   Spinner spinner(code);
+  struct ReleaseHandler {
+    ~ReleaseHandler() { g_handler_release = true; }
+  } release_handler;  // on a failed assertion too, before the spinner is joined
   pthread_kill(spinner.thread.native_handle(), SIGUSR1);
   while (!g_in_handler) std::this_thread::yield();
-  std::this_thread::sleep_for(20ms);
   ASSERT_TRUE(grace::retire(code.begin(), code.end()).ok());
-  auto gp = start_tasks_gp();
+  gp = start_tasks_gp();
   EXPECT_FALSE(finishes_within(gp, 200ms)) << "a frame interrupted inside the range was not seen";
-  const auto held = grace::holdouts();
+  const auto held = holdouts_once_found();
   ASSERT_EQ(held.size(), 1u);
   EXPECT_EQ(held[0].tid, spinner.tid.load());
   EXPECT_FALSE(held[0].range.empty()) << held[0].where;
@@ -200,6 +219,7 @@ TEST(GraceTasks, CallbacksOfTheTasksFlavorRunAfterTheThreadLeft) {
 TEST(GraceTasks, AThreadStoppedInsideIsReportedAndFinishesWhenResumed) {
   setenv("TRAMWAY_GRACE_STALL_SECONDS", "0.2", 1);
   SpinCode code;
+  std::future<tramway::Status> gp;
   Spinner spinner(code, "stopped-inside");
   const pid_t tid = spinner.tid;
   int ready[2], go[2];
@@ -227,9 +247,9 @@ TEST(GraceTasks, AThreadStoppedInsideIsReportedAndFinishesWhenResumed) {
   }
   ASSERT_TRUE(grace::retire(code.begin(), code.end()).ok());
   testing::internal::CaptureStderr();
-  auto gp = start_tasks_gp();
+  gp = start_tasks_gp();
   EXPECT_FALSE(finishes_within(gp, 600ms));
-  const auto held = grace::holdouts();
+  const auto held = holdouts_once_found();
   spinner.release = 1;  // seen only once it runs again
   EXPECT_FALSE(finishes_within(gp, 100ms)) << "a stopped thread inside the range was not waited for";
   if (write(go[1], "g", 1) != 1) ADD_FAILURE() << "could not resume the stopped thread";
