@@ -26,11 +26,11 @@
 //   counters.cc         hit counters: per-thread blocks, and their ops and site indices
 //   extended_state.cc   the xsave layout, and the callback run between xsave and xrstor
 //   dispatch.cc         the C++ dispatchers the stubs (arch/x86_64/hook_entry.S) call
+//   discovery.cc        reading an object's patchable entries (discovery.h)
 //   discovery_cache.cc  the patchable functions loaded now, read once an object, the filters'
 //                       selection from them, patchable_functions()
 //   unload.cc           object pins, the dlclose interposer, and the tables forgetting objects
-//                       that are gone
-//   discovery.cc        reading an object's patchable entries (discovery.h)
+//                       that are gone (unload.h)
 //
 // Everything here is hidden: private to the library, as the stubs' symbols are.
 #pragma once
