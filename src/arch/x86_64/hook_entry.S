@@ -5,8 +5,8 @@
  *
  * tramway_hook_direct — the shared body of direct trampolines. A site in direct mode is
  * `call slot`, and the slot (16 bytes of identical code in a type-stable pool near the site,
- * sites/hooks/hooks.cc) is `lea its_data(%rip), %r11; jmp *tramway_hook_direct`. %r11 is
- * free at a function's entry (call-clobbered, not an argument, not the static chain).
+ * sites/hooks/direct_slots.cc) is `lea its_data(%rip), %r11; jmp *tramway_hook_direct`.
+ * %r11 is free at a function's entry (call-clobbered, not an argument, not the static chain).
  *
  * On entry to either:
  *   (%rsp)   the address after the site's call: the function's body (entry + 5)
@@ -22,7 +22,7 @@
  * the function's body. The usual case — one ops, enabled, without extended state, the
  * thread not already in a callback, its counter block there — runs inline (HOOK_CALL_ONE:
  * about 1.5 ns less than calling a C++ dispatcher, measured); every other case goes to the
- * C++ dispatchers (sites/hooks/hooks.cc), which handle all of them.
+ * C++ dispatchers (sites/hooks/dispatch.cc), which handle all of them.
  *
  * xmm0-7 are saved only when something may change them: not for an ops whose callback was
  * proven (arch/x86_64/callback_scan.h, at attach) to touch no vector register and never to
@@ -39,7 +39,7 @@
 
 /* Frame: %rbp, then, at a 16-byte aligned %rsp, EntryRegs (192 bytes), 8 spare bytes at
  * 192(%rsp) (the direct stub keeps its slot data pointer there) and a copy of %rbp at
- * 200(%rsp): hooks::caller_return_slot (sites/hooks/hooks.cc) finds the caller's return
+ * 200(%rsp): hooks::caller_return_slot (sites/hooks/dispatch.cc) finds the caller's return
  * address at 16 bytes above it. The general-purpose registers are saved on entry; xmm0-7
  * by HOOK_SAVE_VECTOR, on the paths that need it. */
 .macro HOOK_FRAME_ENTER
@@ -92,7 +92,7 @@
 	.cfi_restore_state
 .endm
 
-/* The callback of one ops, as run_callbacks (sites/hooks/hooks.cc) runs it, or a jump to
+/* The callback of one ops, as run_callbacks (sites/hooks/dispatch.cc) runs it, or a jump to
  * `slow` — before anything is counted or changed — when the thread is already in a callback
  * or has no counter block yet. In: %rdi the ops' State, %edx the site's counter index, %rsi
  * the function's body; the frame of HOOK_FRAME_ENTER with the marker raised. Clobbers every

@@ -1,5 +1,5 @@
 /* Offsets the hook stubs' fast path (hook_entry.S) reads, shared with the C++ that owns the
- * structures (sites/hooks/hooks.cc static_asserts each one against offsetof), so a layout
+ * structures (sites/hooks/internal.h static_asserts each one against offsetof), so a layout
  * change that forgets the assembly fails to compile instead of corrupting calls. Plain
  * macros: included by the assembler and by C++. */
 #ifndef TRAMWAY_ARCH_X86_64_HOOK_LAYOUT_H

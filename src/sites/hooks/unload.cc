@@ -1,4 +1,5 @@
-// Object pins and the dlclose interposer (sites/hooks/unload.h).
+// Object pins, the dlclose interposer, and the hook tables forgetting objects that are gone
+// (sites/hooks/unload.h).
 #include "sites/hooks/unload.h"
 
 #include <dlfcn.h>
@@ -8,9 +9,15 @@
 #include <atomic>
 #include <cstddef>
 #include <cstring>
+#include <map>
+#include <mutex>
 #include <optional>
+#include <vector>
 
+#include "arch/x86_64/insn.h"
 #include "common/loader_gate.h"
+#include "sites/hooks/internal.h"
+#include "tramway/grace.h"
 #include "tramway/text/patch.h"
 
 namespace tramway::sites::hooks {
@@ -142,7 +149,88 @@ void call_attach_hook(AttachPoint point) {
 }
 }  // namespace testing
 
+void forget_unloaded_objects() {
+  std::lock_guard lock(tramway::hooks::detail::g_mu);
+  tramway::hooks::detail::forget_dead_objects();
+}
+
 }  // namespace tramway::sites::hooks
+
+// ---- the hook tables forgetting objects that are gone ------------------------------------------
+namespace tramway::hooks::detail {
+namespace {
+
+// An object gone (unloaded, maybe loaded again since): it and its sites leave every table, so
+// that a later load at the same address starts clean (its literal slots unwritten, its
+// entries nops). Its code is not touched: nobody executes it, or it is a fresh copy. Under g_mu.
+void forget_object(const ObjectKey& key) {
+  uncache_object(key);  // a reload here is read afresh
+  Retired retired;
+  std::vector<SiteCell*> cells;  // may still be read by a thread that was inside the stub
+  for (auto it = g_sites.begin(); it != g_sites.end();) {
+    Site& s = it->second;
+    if (s.object_key != key) {
+      ++it;
+      continue;
+    }
+    for (Ops* o : s.ops) std::erase(o->state->entries, s.entry);
+    retired.targets.push_back(s.cell->target.exchange(0, std::memory_order_acq_rel));
+    if (s.slot) {
+      s.slot.data->tag.store(0, std::memory_order_release);
+      retired.slots.push_back(s.slot);
+    }
+    cells.push_back(s.cell);
+    it = g_sites.erase(it);
+  }
+  if (cells.empty()) return;
+  (void)grace::call([retired = std::move(retired), cells] {
+    release(retired);
+    for (SiteCell* c : cells) delete c;
+  });
+}
+
+// What tramway wrote into a site's code that no fresh load of its object holds: the cell's
+// address in its literal slot, or the call of its direct slot.
+sites::hooks::Witness witness_of(const Site& s) {
+  sites::hooks::Witness w;
+  if (s.literal_written) {
+    w.address = s.entry - 8;
+    w.size = sizeof s.cell;
+    std::memcpy(w.bytes, &s.cell, sizeof s.cell);
+  } else if (s.mode == Mode::direct) {
+    if (const auto call = arch::encode_call(s.entry, s.slot.code)) {
+      w.address = s.entry;
+      w.size = call->size();
+      std::memcpy(w.bytes, call->data(), call->size());
+    }
+  }
+  return w;
+}
+
+// The loader's unload count when forget_dead_objects last looked (under g_mu). While it has not
+// moved, no object died since (every object in the tables was alive then, or pinned when it
+// entered them), and the look — a pass over every site, a read of code per object — is skipped.
+std::optional<unsigned long long> g_unloads_checked;
+
+}  // namespace
+
+void forget_dead_objects() {
+  if (g_sites.empty()) return;
+  const std::optional<unsigned long long> unloads = sites::hooks::unloads_so_far();
+  if (unloads && unloads == g_unloads_checked) return;
+  g_unloads_checked = unloads;  // read before looking: an unload meanwhile is seen next time
+  const sites::hooks::LoadedObjects loaded;
+  std::map<ObjectKey, std::optional<bool>> gone;  // nullopt: undecided (nothing written to check yet)
+  for (const auto& [entry, s] : g_sites) {
+    std::optional<bool>& g = gone[s.object_key];
+    if (!g) g = loaded.gone(s.object_key, witness_of(s));
+  }
+  for (const auto& [key, g] : gone) {
+    if (g == true) forget_object(key);
+  }
+}
+
+}  // namespace tramway::hooks::detail
 
 // dlclose, interposed: see close_object.
 extern "C" int dlclose(void* handle) { return tramway::sites::hooks::close_object(handle); }

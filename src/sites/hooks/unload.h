@@ -12,7 +12,7 @@
 //    dlclose, after the batch; an object already gone when it is pinned fails the attach
 //    with "object unloaded", before anything was written;
 //  - an object whose unload or reload the tables have not caught up with is recognised under
-//    the hooks lock before the tables are used (hooks.cc, forget_dead_objects): the loader
+//    the hooks lock before the tables are used (unload.cc, forget_dead_objects): the loader
 //    no longer lists it, or its code no longer holds what tramway wrote there. Its sites are
 //    abandoned (nobody executes unmapped code, and a fresh load holds the compiler's nops),
 //    and what threads inside the stubs may still read goes after a grace period;
@@ -102,8 +102,8 @@ class ObjectPins {
 // what it unloaded.
 int close_object(void* handle);
 
-// Defined in hooks.cc: takes out of the tables every object that is gone (see above). Takes
-// the hooks lock.
+// Takes out of the hook tables every object that is gone (see above; unload.cc). Takes the
+// hooks lock.
 void forget_unloaded_objects();
 
 namespace testing {

@@ -1,0 +1,194 @@
+// The patchable functions loaded now, and which of them a filter selects: the discovery cache
+// (each object's sites, read once by discovery.cc), the Filter kinds, and
+// patchable_functions().
+//
+// Reading an object's symbols with libelf costs milliseconds, so each loaded object is read
+// once, keyed by load bias and name; objects unloaded since are dropped. Under g_mu.
+#include <fnmatch.h>
+#include <link.h>
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <iterator>
+#include <map>
+#include <mutex>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "common/format.h"
+#include "sites/hooks/internal.h"
+
+namespace tramway::hooks::detail {
+
+std::uint64_t g_all_version = 0;  // rebuilds of g_all: candidates taken from it stay valid meanwhile
+
+namespace {
+
+Status not_patchable(const std::string& what) {
+  return Status::error(what + " is not a patchable function: compile it with -fpatchable-function-entry=13,8 "
+                              "(GCC >= 8, Clang >= 10)");
+}
+
+struct CachedObject {
+  sites::hooks::ObjectSites sites;
+  bool seen = false;  // still loaded at the last refresh
+};
+std::map<ObjectKey, CachedObject> g_objects;
+std::vector<Candidate> g_all;  // every cached site, sorted by entry; rebuilt when g_objects changes
+bool g_all_stale = true;
+
+// The objects dropped from the cache lately, so that an address selected while its object was
+// loaded (patchable_functions, then attach) is reported as unloaded, not as not patchable.
+struct Unloaded {
+  std::string path;
+  std::uintptr_t first, last;  // entries
+};
+std::vector<Unloaded> g_unloaded;  // the last few, oldest first
+
+void drop_cached(std::map<ObjectKey, CachedObject>::iterator it) {
+  const auto& sites = it->second.sites.sites;
+  if (!sites.empty()) {
+    if (g_unloaded.size() == 16) g_unloaded.erase(g_unloaded.begin());
+    g_unloaded.push_back({it->second.sites.path, sites.front().entry, sites.back().entry});
+  }
+  g_objects.erase(it);
+  g_all_stale = true;
+}
+
+const Unloaded* unloaded_at(std::uintptr_t entry) {
+  for (auto u = g_unloaded.rbegin(); u != g_unloaded.rend(); ++u) {
+    if (entry >= u->first && entry <= u->last) return &*u;
+  }
+  return nullptr;
+}
+
+void refresh_objects() {
+  for (auto& [key, o] : g_objects) o.seen = false;
+  dl_iterate_phdr(
+      [](dl_phdr_info* info, std::size_t, void*) {
+        auto [it, fresh] = g_objects.try_emplace({info->dlpi_addr, info->dlpi_name ? info->dlpi_name : ""});
+        it->second.seen = true;
+        if (fresh) {
+          g_all_stale = true;
+          auto sites = sites::hooks::discover_object(*info);
+          if (sites.ok()) it->second.sites = std::move(*sites);  // unreadable: no sites
+        }
+        return 0;
+      },
+      nullptr);
+  for (auto it = g_objects.begin(); it != g_objects.end();) {
+    auto next = std::next(it);
+    if (!it->second.seen) drop_cached(it);
+    it = next;
+  }
+}
+
+}  // namespace
+
+// Every patchable function loaded now, sorted by entry.
+const std::vector<Candidate>& all_candidates() {
+  refresh_objects();
+  if (!g_all_stale) return g_all;
+  g_all.clear();
+  for (const auto& [key, o] : g_objects) {
+    for (const auto& s : o.sites.sites) {
+      g_all.push_back({s.entry, s.name.empty() ? &s.symbol : &s.name, &o.sites.path, &key, s.form});
+    }
+  }
+  std::sort(g_all.begin(), g_all.end(), [](const Candidate& a, const Candidate& b) { return a.entry < b.entry; });
+  g_all_stale = false;
+  ++g_all_version;
+  return g_all;
+}
+
+// The sites the filter selects, or an error naming what did not match.
+Result<std::vector<Candidate>> select(const Filter& filter) {
+  const std::vector<Candidate>& all = all_candidates();
+  std::vector<Candidate> out;
+  switch (filter.kind()) {
+    case Filter::Kind::addresses:
+      for (std::uintptr_t e : filter.entries()) {
+        auto it = std::lower_bound(all.begin(), all.end(), e, [](const Candidate& c, std::uintptr_t v) { return c.entry < v; });
+        if (it != all.end() && it->entry == e) {
+          out.push_back(*it);
+          continue;
+        }
+        if (const Unloaded* u = unloaded_at(e)) {
+          return Status::error("the function at " + common::hex_address(e) + " was in " + u->path +
+                               ", which was unloaded (object unloaded); nothing was attached");
+        }
+        return not_patchable("the function at " + common::hex_address(e));
+      }
+      break;
+    case Filter::Kind::names:
+      for (const std::string& n : filter.patterns()) {
+        const std::size_t before = out.size();
+        for (const Candidate& c : all) {
+          if (*c.name == n) out.push_back(c);
+        }
+        if (out.size() == before) return not_patchable("'" + n + "' (no patchable function has that name)");
+      }
+      break;
+    case Filter::Kind::glob:
+      for (const Candidate& c : all) {
+        if (fnmatch(filter.patterns()[0].c_str(), c.name->c_str(), 0) == 0) out.push_back(c);
+      }
+      if (out.empty()) {
+        return Status::error("the filter '" + filter.patterns()[0] + "' matches no patchable function (" +
+                             std::to_string(all.size()) + " are loaded)");
+      }
+      break;
+  }
+  std::sort(out.begin(), out.end(), [](const Candidate& a, const Candidate& b) { return a.entry < b.entry; });
+  out.erase(std::unique(out.begin(), out.end(), [](const Candidate& a, const Candidate& b) { return a.entry == b.entry; }),
+            out.end());
+  return out;
+}
+
+void uncache_object(const ObjectKey& key) {
+  if (auto it = g_objects.find(key); it != g_objects.end()) drop_cached(it);
+}
+
+}  // namespace tramway::hooks::detail
+
+namespace tramway::hooks {
+
+using namespace detail;
+
+Filter Filter::glob(std::string pattern) {
+  Filter f;
+  f.kind_ = Kind::glob;
+  f.patterns_.push_back(std::move(pattern));
+  return f;
+}
+Filter Filter::names(std::vector<std::string> names) {
+  Filter f;
+  f.kind_ = Kind::names;
+  f.patterns_ = std::move(names);
+  return f;
+}
+Filter Filter::addresses(std::vector<std::uintptr_t> entries) {
+  Filter f;
+  f.kind_ = Kind::addresses;
+  f.entries_ = std::move(entries);
+  return f;
+}
+
+Result<std::vector<Function>> patchable_functions() {
+  std::vector<Function> out;
+  std::lock_guard lock(g_mu);
+  forget_dead_objects();
+  for (const Candidate& c : all_candidates()) {
+    Function f{c.entry, *c.name, *c.object, 0, 0};
+    if (auto it = g_sites.find(c.entry); it != g_sites.end()) {
+      f.ops = it->second.ops.size();
+      if (it->second.cell->index < kMaxSites) f.hits = sum_site_hits(it->second.cell->index);
+    }
+    out.push_back(std::move(f));
+  }
+  return out;
+}
+
+}  // namespace tramway::hooks

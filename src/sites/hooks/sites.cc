@@ -1,0 +1,175 @@
+// The site table and its state machine. A site's mode is what its entry holds: a nop (off),
+// a call of a thunk to the common entry (common: its cell names the ops, or a list of them),
+// or a call of a direct slot (direct: its one ops is direct). The ops a site runs change by a
+// store into its cell; its mode changes in one patch batch for any number of sites
+// (apply_modes). What threads inside the stubs may still read is retired, and released after a
+// trace-flavor grace period.
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <new>
+#include <utility>
+#include <vector>
+
+#include "arch/x86_64/insn.h"
+#include "common/format.h"
+#include "sites/hooks/internal.h"
+#include "tramway/grace.h"
+#include "tramway/text/code_memory.h"
+#include "tramway/text/patch.h"
+
+extern "C" void tramway_hook_entry();  // hook_entry.S
+
+namespace tramway::hooks::detail {
+
+std::map<std::uintptr_t, Site> g_sites;  // every site ever hooked, by entry
+
+namespace {
+
+std::vector<text::CodeBlock> g_thunks;  // permanent; under g_mu
+
+void free_target(std::uintptr_t t) {
+  if (t & kListTag) ::operator delete(reinterpret_cast<void*>(t & ~kListTag));
+}
+
+// A thunk `jmp *0(%rip); .quad tramway_hook_entry` that a call at `entry` reaches with rel32.
+Result<std::uintptr_t> thunk_near(std::uintptr_t entry) {
+  for (const text::CodeBlock& t : g_thunks) {
+    const auto thunk = reinterpret_cast<std::uintptr_t>(t.rx);
+    if (arch::rel32_reaches(entry, thunk)) return thunk;
+  }
+  auto block = text::allocate_code_near(reinterpret_cast<const void*>(entry), 16);
+  if (!block.ok()) return block.status();
+  const std::uint8_t jmp[6] = {0xff, 0x25, 0, 0, 0, 0};
+  std::memcpy(block->rw, jmp, sizeof jmp);
+  const auto stub = reinterpret_cast<std::uintptr_t>(&tramway_hook_entry);
+  std::memcpy(block->rw + 6, &stub, sizeof stub);
+  g_thunks.push_back(*block);
+  return reinterpret_cast<std::uintptr_t>(block->rx);
+}
+
+}  // namespace
+
+Mode mode_for(const std::vector<Ops*>& ops) {
+  if (ops.empty()) return Mode::off;
+  return ops.size() == 1 && ops[0]->state->direct ? Mode::direct : Mode::common;
+}
+bool site_is(const Site& s, Mode m, const std::vector<Ops*>& ops) {
+  if (s.mode != m) return false;
+  return m != Mode::direct || s.slot_ops == ops[0];
+}
+
+std::uintptr_t target_for(const std::vector<Ops*>& ops) {
+  if (ops.empty()) return 0;
+  if (ops.size() == 1) return reinterpret_cast<std::uintptr_t>(ops[0]->state);
+  auto* list = static_cast<OpsList*>(::operator new(sizeof(OpsList) + (ops.size() - 1) * sizeof(Ops*)));
+  list->count = ops.size();
+  std::copy(ops.begin(), ops.end(), list->ops);
+  return reinterpret_cast<std::uintptr_t>(list) | kListTag;
+}
+
+void release(const Retired& r) {  // after a grace period; takes g_mu
+  for (std::uintptr_t t : r.targets) free_target(t);
+  if (r.slots.empty()) return;
+  std::lock_guard lock(g_mu);
+  for (const DirectSlot& slot : r.slots) give_back_slot(slot);
+}
+
+void release_after_grace_period(Retired r) {
+  std::erase_if(r.targets, [](std::uintptr_t t) { return !(t & kListTag); });
+  if (r.empty()) return;
+  (void)grace::call([r = std::move(r)] { release(r); });
+}
+
+void retire_dead_slot(Site& s, Retired& retired) {
+  if (!s.slot || s.slot_ops || s.mode == Mode::direct) return;
+  retired.slots.push_back(s.slot);
+  s.slot = {};
+}
+
+// Puts each site in its new mode, all in one batch. Literal slots of sites entering common
+// mode are written first, once, in one write per page (no thread reads one before its site
+// calls the stub, and the batch's serialisations order these writes before that); slots of
+// sites entering direct mode are filled before the batch too (no thread reaches a slot before
+// its site calls it). After the batch, the slots sites left get their tag cleared and go to
+// `retired`. On failure no site changed mode (the slots taken go to `retired`).
+Status apply_modes(const std::vector<ModeChange>& changes, Retired& retired) {
+  std::vector<text::UnexecutedWrite> literals;
+  for (const ModeChange& c : changes) {
+    Site& s = *c.site;
+    if (c.mode != Mode::common || s.literal_written) continue;
+    literals.push_back({reinterpret_cast<void*>(s.entry - 8),
+                        {reinterpret_cast<const std::uint8_t*>(&s.cell), sizeof s.cell}});
+  }
+  if (Status st = text::write_unexecuted(literals); !st.ok()) return st;
+  for (const ModeChange& c : changes) {
+    if (c.mode == Mode::common) c.site->literal_written = true;
+  }
+
+  std::vector<DirectSlot> taken(changes.size());
+  const auto give_up = [&](Status st) {
+    for (const DirectSlot& slot : taken) {
+      if (!slot) continue;
+      slot.data->tag.store(0, std::memory_order_release);
+      retired.slots.push_back(slot);
+    }
+    return st;
+  };
+  text::PatchBatch batch;
+  batch.reserve(changes.size());
+  for (std::size_t i = 0; i < changes.size(); ++i) {
+    const ModeChange& c = changes[i];
+    const Site& s = *c.site;
+    arch::Insn5 insn = arch::kNop5;
+    if (c.mode != Mode::off) {
+      std::uintptr_t callee = 0;
+      if (c.mode == Mode::common) {
+        auto thunk = thunk_near(s.entry);
+        if (!thunk.ok()) return give_up(thunk.status());
+        callee = *thunk;
+      } else if (s.slot && s.slot_ops == c.direct_ops) {
+        callee = s.slot.code;  // the ops' own slot from before other ops joined the site
+      } else {
+        auto slot = take_slot_near(s.entry);
+        if (!slot.ok()) return give_up(slot.status());
+        taken[i] = *slot;
+        slot->data->state.store(c.direct_ops->state, std::memory_order_relaxed);
+        slot->data->index.store(s.cell->index, std::memory_order_relaxed);
+        slot->data->tag.store(s.entry + 5, std::memory_order_release);
+        callee = slot->code;
+      }
+      const auto call = arch::encode_call(s.entry, callee);
+      if (!call) return give_up(Status::error("internal: hook code out of rel32 reach of " + common::hex_address(s.entry)));
+      insn = *call;
+    }
+    // GCC's five 1-byte nops (only ever at a site's first enable) become the call directly:
+    // the batch moves threads that are between two of them to the end of the run before it
+    // writes the tail (DESIGN, "Normalisation of GCC's entries"), all such sites in one
+    // signal round.
+    const bool gcc_entry = s.mode == Mode::off && sites::hooks::form_at(s.entry) == EntryForm::nop1x5;
+    Status st = gcc_entry ? batch.add_over_nops(reinterpret_cast<void*>(s.entry), insn)
+                          : batch.add(reinterpret_cast<void*>(s.entry), insn);
+    if (!st.ok()) return give_up(st);
+  }
+  if (Status st = text::apply(batch); !st.ok()) return give_up(st);
+  for (std::size_t i = 0; i < changes.size(); ++i) {
+    Site& s = *changes[i].site;
+    s.mode = changes[i].mode;
+    if (taken[i]) {
+      if (s.slot) {  // an earlier owner's, detached since (its tag is cleared)
+        s.slot.data->tag.store(0, std::memory_order_release);
+        retired.slots.push_back(s.slot);
+      }
+      s.slot = taken[i];
+      s.slot_ops = changes[i].direct_ops;
+    }
+    retire_dead_slot(s, retired);
+  }
+  return {};
+}
+
+
+}  // namespace tramway::hooks::detail
