@@ -77,6 +77,15 @@ FN(rl_jcc_in)
 	ret
 END(rl_jcc_in)
 
+/* sub edi,1; jg rel8 to the entry [0,5): a branch to the run's first byte; returns 0
+ * (a > 0) */
+FN(rl_jcc_entry)
+	subl	$1, %edi
+	jg	rl_jcc_entry
+	movl	%edi, %eax
+	ret
+END(rl_jcc_entry)
+
 /* xchg eax,edi; jrcxz +4; xchg eax,esi; add eax,100 [0,7): jrcxz to inside the run;
  * returns (c == 0 ? a : b) + 100 */
 FN(rl_jrcxz_in)

@@ -22,7 +22,7 @@
   X(rl_jcc_in) X(rl_jrcxz_in) X(rl_loop_out) X(rl_jmp_in) X(rl_jmp_out) X(rl_call_last) X(rl_call_reg) \
   X(rl_call_riprel) X(rl_call_rsp) X(rl_callee) X(rl_call_early) X(rl_syscall) X(rl_int80) X(rl_int3)   \
   X(rl_branch_in) X(rl_branch_mid) X(rl_lea_in) X(rl_short) X(rl_short_endbr) X(rl_undecodable_run)     \
-  X(rl_undecodable_later) X(rl_switch_ok) X(rl_switch_in)
+  X(rl_undecodable_later) X(rl_switch_ok) X(rl_switch_in) X(rl_jcc_entry)
 
 extern "C" {
 #define RL_DECLARE(name) long name(long, long, long, long); extern const std::uint8_t name##_end[];

@@ -58,6 +58,20 @@ TEST(RelocatePlan, Endbr64StaysAndTheRunStartsBehindIt) {
   EXPECT_EQ(plan.run_bytes, Bytes(f.code.begin() + 4, f.code.begin() + 12));
 }
 
+// The copy must reach run_end and the run's data with rel32 displacements.
+TEST(RelocatePlan, ReachSpansTheJumpBackAndTheRunsData) {
+  const auto plain = rl::plan_of(RL_FIXTURE(rl_plain));
+  EXPECT_EQ(plain.reach_low, plain.run_end());
+  EXPECT_EQ(plain.reach_high, plain.run_end());
+  const auto load = rl::plan_of(RL_FIXTURE(rl_rip_load));
+  const auto value = reinterpret_cast<std::uintptr_t>(&rl_value);
+  EXPECT_EQ(load.reach_low, std::min(value, load.run_end()));
+  EXPECT_EQ(load.reach_high, std::max(value, load.run_end()));
+  const auto lea = rl::plan_of(RL_FIXTURE(rl_rip_lea));  // a lea can become a mov
+  EXPECT_EQ(lea.reach_low, lea.run_end());
+  EXPECT_EQ(lea.reach_high, lea.run_end());
+}
+
 TEST(RelocatePlan, AcceptsEveryRewrittenClass) {
   struct Case {
     rl::Fixture f;
@@ -70,7 +84,7 @@ TEST(RelocatePlan, AcceptsEveryRewrittenClass) {
                         Case{RL_FIXTURE(rl_jmp_in), 7}, Case{RL_FIXTURE(rl_jmp_out), 6},
                         Case{RL_FIXTURE(rl_call_last), 9}, Case{RL_FIXTURE(rl_call_reg), 6},
                         Case{RL_FIXTURE(rl_call_riprel), 10}, Case{RL_FIXTURE(rl_call_rsp), 6},
-                        Case{RL_FIXTURE(rl_switch_ok), 6}}) {
+                        Case{RL_FIXTURE(rl_switch_ok), 6}, Case{RL_FIXTURE(rl_jcc_entry), 5}}) {
     auto plan = plan_relocation(c.f.address, c.f.code);
     ASSERT_TRUE(plan.ok()) << plan.status().message();
     EXPECT_EQ(plan->run_length(), c.run_length) << tramway::arch::disassemble(c.f.address, c.f.code);
@@ -144,7 +158,19 @@ TEST(RelocatePlan, UnreadableJumpTableIsTakenOnTrust) {
     return false;
   });
   EXPECT_TRUE(plan.ok()) << plan.status().message();
-  EXPECT_EQ(reads, 1);
+  EXPECT_EQ(reads, 2);  // the chunk, then its first entry alone
+}
+
+// A table at the end of readable memory: read entry by entry up to there.
+TEST(RelocateRefuses, JumpTableReadEntryByEntryAtTheEndOfReadableMemory) {
+  const rl::Fixture f = RL_FIXTURE(rl_switch_in);
+  int single = 0;
+  expect_refused(f, {"entry 1 of the jump table"}, [&](std::uintptr_t a, std::span<std::uint8_t> out) {
+    if (out.size() > 4) return false;
+    ++single;
+    return tramway::arch::read_own_memory(a, out);
+  });
+  EXPECT_EQ(single, 2);
 }
 
 // A non-PIC switch, `jmp [table + rax*8]` with absolute entries (it cannot be linked into

@@ -2,7 +2,10 @@
 // within rel32 reach of the fixture (the near allocator detours use) or out of it, and the
 // copy is called as if it were the function: it runs the relocated instructions and jumps
 // back into the original function behind the run. Results must equal the original's.
+#include <dlfcn.h>
+#include <elf.h>
 #include <gtest/gtest.h>
+#include <link.h>
 
 #include <cstdint>
 #include <cstring>
@@ -137,6 +140,17 @@ TEST(RelocateRun, JccToInsideTheRunLandsInTheCopy) {
   EXPECT_EQ(static_cast<int>(r.call(10, 3)), -2);  // eax
 }
 
+// A branch to the run's first byte leaves the copy for the function's entry, where any
+// other branch to the entry goes too (through the detour's jmp once it is installed).
+TEST(RelocateRun, BranchToTheRunsFirstByteReentersTheFunction) {
+  Relocated r(RL_FIXTURE(rl_jcc_entry), false);
+  const rl::Insn jg = r.at_copy(3);
+  EXPECT_EQ(jg.insn.mnemonic, ZYDIS_MNEMONIC_JNLE);
+  EXPECT_EQ(jg.target, r.f.address);
+  EXPECT_EQ(r.call(5), 0);
+  EXPECT_EQ(r.call(-3), -4 & 0xffffffffL);
+}
+
 // jrcxz exists only with rel8: jrcxz L1; jmp L2; L1: jmp rel32 <copy of the target>; L2:
 TEST(RelocateRun, JrcxzToInsideTheRun) {
   Relocated r(RL_FIXTURE(rl_jrcxz_in), false);
@@ -223,6 +237,36 @@ TEST(RelocateRun, SwitchBehindTheRun) {
   EXPECT_EQ(r.call(1), 20);
   EXPECT_EQ(r.call(2), 30);
   EXPECT_EQ(r.call(5), 105);
+}
+
+// Real -O2 prologues: Debian's own libz.so.1 (tail calls through the PLT, a rip-relative
+// lea, the loops of adler32_z and crc32_z), each copy called as the function.
+TEST(RelocateRun, DebianLibz) {
+  void* z = dlopen("libz.so.1", RTLD_NOW | RTLD_LOCAL);
+  if (!z) GTEST_SKIP() << "libz.so.1 is not installed: " << dlerror();
+  const std::vector<std::uint8_t> data(1000, 0x5a);
+  const long buf = reinterpret_cast<long>(data.data());
+  struct Call {
+    const char* name;
+    long a, b, c;
+  };
+  for (const Call& c : {Call{"adler32", 1, buf, 1000}, Call{"adler32_z", 1, buf, 1000}, Call{"crc32", 0, buf, 1000},
+                        Call{"crc32_z", 0, buf, 1000}, Call{"zlibVersion", 0, 0, 0},
+                        Call{"compressBound", 12345, 0, 0}}) {
+    SCOPED_TRACE(c.name);
+    void* fn = dlsym(z, c.name);
+    ASSERT_NE(fn, nullptr);
+    Dl_info info;
+    ElfW(Sym)* sym = nullptr;
+    ASSERT_NE(dladdr1(fn, &info, reinterpret_cast<void**>(&sym), RTLD_DL_SYMENT), 0);
+    ASSERT_NE(sym, nullptr);
+    const rl::Fixture f{reinterpret_cast<std::uintptr_t>(fn), {static_cast<const std::uint8_t*>(fn), sym->st_size},
+                        reinterpret_cast<rl::Fn>(fn)};
+    Relocated r(f, false);
+    ASSERT_FALSE(r.code.bytes.empty());
+    EXPECT_EQ(r.call(c.a, c.b, c.c), f.fn(c.a, c.b, c.c, 0));
+  }
+  dlclose(z);
 }
 
 // ---- a detour out of rel32 reach of the function and its data -----------------------------

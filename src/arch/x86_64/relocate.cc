@@ -21,6 +21,7 @@
 
 #include <Zydis/Zydis.h>
 
+#include <algorithm>
 #include <array>
 #include <cstring>
 #include <string>
@@ -195,10 +196,16 @@ Status Planner::check_references(std::size_t offset, const Decoded& d, bool in_r
 
 Status Planner::check_table(std::uintptr_t table, std::size_t entry_size) const {
   std::array<std::uint8_t, kTableChunk * 8> chunk;
-  for (std::size_t n = 0; n < kMaxTableEntries; n += kTableChunk) {
-    const auto bytes = std::span(chunk).first(kTableChunk * entry_size);
-    if (!read_ || !read_(table + n * entry_size, bytes)) return {};  // unreadable: taken on trust
-    for (std::size_t i = 0; i < kTableChunk; ++i) {
+  for (std::size_t n = 0; n < kMaxTableEntries;) {
+    // A chunk may cross the end of readable memory: then entry by entry, up to that end.
+    std::size_t count = kTableChunk;
+    auto bytes = std::span(chunk).first(count * entry_size);
+    if (!read_ || !read_(table + n * entry_size, bytes)) {
+      count = 1;
+      bytes = bytes.first(entry_size);
+      if (!read_ || !read_(table + n * entry_size, bytes)) return {};  // unreadable: taken on trust
+    }
+    for (std::size_t i = 0; i < count; ++i) {
       std::uintptr_t target;
       if (entry_size == 4) {
         std::int32_t rel;
@@ -215,6 +222,7 @@ Status Planner::check_table(std::uintptr_t table, std::size_t entry_size) const 
                              ", inside the run of bytes the jmp to the detour overwrites");
       }
     }
+    n += count;
   }
   return {};
 }
@@ -258,10 +266,22 @@ Result<RelocationPlan> Planner::plan() {
                         code_.begin() + static_cast<std::ptrdiff_t>(offset));
   boundary_.assign(plan.run_bytes.size(), 0);
   for (const RunInstruction& ri : plan.instructions) boundary_[ri.offset] = 1;
+  plan.reach_low = plan.reach_high = run_end_;
   for (std::size_t i = 0; i < run.size(); ++i) {
     const std::size_t o = run_offset + plan.instructions[i].offset;
     if (Status s = check_run_instruction(o, run[i], i + 1 == run.size()); !s.ok()) return s;
     if (Status s = check_references(o, run[i], true); !s.ok()) return s;
+    for (std::size_t k = 0; k < run[i].insn.operand_count_visible; ++k) {
+      const ZydisDecodedOperand& op = run[i].ops[k];
+      if (op.type != ZYDIS_OPERAND_TYPE_MEMORY || op.mem.base != ZYDIS_REGISTER_RIP ||
+          run[i].insn.mnemonic == ZYDIS_MNEMONIC_LEA) {
+        continue;
+      }
+      ZyanU64 target = 0;
+      ZydisCalcAbsoluteAddress(&run[i].insn, &op, at(o), &target);
+      plan.reach_low = std::min<std::uintptr_t>(plan.reach_low, target);
+      plan.reach_high = std::max<std::uintptr_t>(plan.reach_high, target);
+    }
   }
   // Pass 2: every other instruction of the function, the endbr64 included.
   for (std::size_t o = 0; o < code_.size(); o += d.insn.length) {

@@ -34,6 +34,11 @@ struct RelocationPlan {
   std::uintptr_t run_start = 0;          // function, or function + 4 behind an endbr64 (which stays)
   std::vector<std::uint8_t> run_bytes;   // the original bytes of the run, all overwritten by the jmp
   std::vector<RunInstruction> instructions;
+  // The lowest and highest address the copy must reach with a rel32 displacement: run_end
+  // and the data of the run's rip-relative operands (a lea's address can be moved instead,
+  // branches can go through literals). A detour within rel32 reach of both keeps every
+  // operand; emit_relocated refuses one that is not.
+  std::uintptr_t reach_low = 0, reach_high = 0;
 
   std::size_t run_length() const noexcept { return run_bytes.size(); }
   std::uintptr_t run_end() const noexcept { return run_start + run_bytes.size(); }  // where the copy jumps back
