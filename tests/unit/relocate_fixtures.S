@@ -58,6 +58,44 @@ FN(rl_rip_store)
 	ret
 END(rl_rip_store)
 
+/* lock add dword [rip+rl_word], edi [0,7): the lock prefix must survive the re-encoding;
+ * returns a */
+FN(rl_lock_rip)
+	lock addl	%edi, rl_word(%rip)
+	movl	%edi, %eax
+	ret
+END(rl_lock_rip)
+
+/* movq xmm0,[rip+rl_value] (f3 0f 7e) [0,8); returns rl_value through xmm0 */
+FN(rl_rip_sse)
+	movq	rl_value(%rip), %xmm0
+	movq	%xmm0, %rax
+	ret
+END(rl_rip_sse)
+
+/* vmovq xmm1,[rip+rl_value] (VEX) [0,8); returns rl_value through xmm1 */
+FN(rl_rip_avx)
+	vmovq	rl_value(%rip), %xmm1
+	vmovq	%xmm1, %rax
+	ret
+END(rl_rip_avx)
+
+/* jmp [rip+rl_fnptr] [0,6): a tail call through a pointer; returns rl_fnptr(a) */
+FN(rl_jmp_riprel)
+	jmp	*rl_fnptr(%rip)
+END(rl_jmp_riprel)
+
+/* sub rsp,24; mov rax,fs:0x28 [0,13): the stack protector's canary load (fs, absolute
+ * displacement: copied as it is); returns the canary */
+FN(rl_fs_canary)
+	subq	$24, %rsp
+	movq	%fs:0x28, %rax
+	movq	%rax, 8(%rsp)
+	movq	8(%rsp), %rax
+	addq	$24, %rsp
+	ret
+END(rl_fs_canary)
+
 /* test edi,edi; je rel8 (outside); mov eax,1 [0,9); returns a ? 1 : 2 */
 FN(rl_jcc_out)
 	testl	%edi, %edi

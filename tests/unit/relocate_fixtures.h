@@ -22,7 +22,8 @@
   X(rl_jcc_in) X(rl_jrcxz_in) X(rl_loop_out) X(rl_jmp_in) X(rl_jmp_out) X(rl_call_last) X(rl_call_reg) \
   X(rl_call_riprel) X(rl_call_rsp) X(rl_callee) X(rl_call_early) X(rl_syscall) X(rl_int80) X(rl_int3)   \
   X(rl_branch_in) X(rl_branch_mid) X(rl_lea_in) X(rl_short) X(rl_short_endbr) X(rl_undecodable_run)     \
-  X(rl_undecodable_later) X(rl_switch_ok) X(rl_switch_in) X(rl_jcc_entry)
+  X(rl_undecodable_later) X(rl_switch_ok) X(rl_switch_in) X(rl_jcc_entry) \
+  X(rl_lock_rip) X(rl_rip_sse) X(rl_rip_avx) X(rl_jmp_riprel) X(rl_fs_canary)
 
 extern "C" {
 #define RL_DECLARE(name) long name(long, long, long, long); extern const std::uint8_t name##_end[];
@@ -31,6 +32,7 @@ RL_FIXTURES(RL_DECLARE)
 extern std::int64_t rl_value;
 extern std::int32_t rl_word;
 extern std::uintptr_t rl_seen_ret;
+extern void* rl_fnptr;
 }
 
 namespace rl {

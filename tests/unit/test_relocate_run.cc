@@ -116,6 +116,41 @@ TEST(RelocateRun, RipRelativeStoreOfAnImmediate) {
   EXPECT_EQ(rl_word, 0x5a5a);
 }
 
+TEST(RelocateRun, RipRelativeWithLockPrefix) {
+  Relocated r(RL_FIXTURE(rl_lock_rip), false);
+  const rl::Insn add = r.at_copy(0);
+  EXPECT_TRUE(add.insn.attributes & ZYDIS_ATTRIB_HAS_LOCK);
+  EXPECT_EQ(add.target, reinterpret_cast<std::uintptr_t>(&rl_word));
+  rl_word = 10;
+  EXPECT_EQ(r.call(5), 5);
+  EXPECT_EQ(rl_word, 15);
+}
+
+TEST(RelocateRun, RipRelativeSseAndAvxLoads) {
+  for (const rl::Fixture& f : {RL_FIXTURE(rl_rip_sse), RL_FIXTURE(rl_rip_avx)}) {
+    Relocated r(f, false);
+    EXPECT_EQ(r.at_copy(0).insn.length, 8);
+    EXPECT_EQ(r.at_copy(0).target, reinterpret_cast<std::uintptr_t>(&rl_value));
+    rl_value = 0x0102030405060708;
+    EXPECT_EQ(r.call(0), 0x0102030405060708);
+  }
+  rl_value = 0x1122334455667788;
+}
+
+TEST(RelocateRun, IndirectTailJumpThroughRipRelativePointer) {
+  Relocated r(RL_FIXTURE(rl_jmp_riprel), false);
+  EXPECT_EQ(r.at_copy(0).target, reinterpret_cast<std::uintptr_t>(&rl_fnptr));
+  EXPECT_EQ(r.call(21), 42);
+}
+
+// mov rax, fs:0x28 does not depend on its address: copied byte for byte.
+TEST(RelocateRun, StackProtectorCanaryLoadIsCopiedVerbatim) {
+  Relocated r(RL_FIXTURE(rl_fs_canary), false);
+  EXPECT_EQ(r.plan.run_length(), 13u);
+  EXPECT_EQ(Bytes(r.code.bytes.begin(), r.code.bytes.begin() + 13), r.plan.run_bytes);
+  EXPECT_EQ(r.call(0), r.f.fn(0, 0, 0, 0));
+}
+
 TEST(RelocateRun, JccRel8ToOutsideBecomesRel32) {
   Relocated r(RL_FIXTURE(rl_jcc_out), false);
   EXPECT_EQ(boundaries(r.code), (Map{{0, 0}, {2, 2}, {4, 8}}));  // je grew from 2 to 6 bytes
@@ -337,6 +372,40 @@ TEST(RelocateEmit, ReturnAddressBelow2GiBIsPushedAsAnImmediate) {
   const rl::Insn jmp = rl::decode_at(out->bytes, 4 + push.insn.length, kDetour);
   EXPECT_EQ(jmp.target, 0x402000u);
   EXPECT_EQ(out->bytes.size(), out->code_length);  // no literal
+}
+
+// loope, loopne and jecxz (rel8 only, jecxz with an address-size prefix) keep their form
+// and condition; at a made-up address, checked as bytes.
+TEST(RelocateEmit, LoopFamilyKeepsItsForm) {
+  constexpr std::uintptr_t kFn = 0x401000, kDetour = 0x500000;
+  const Bytes code = {0xe1, 0x10,         // 0: loope 0x401012
+                      0xe0, 0x20,         // 2: loopne 0x401024
+                      0x67, 0xe3, 0x30,   // 4: jecxz 0x401037
+                      0xc3};
+  auto plan = tramway::arch::plan_relocation(kFn, code);
+  ASSERT_TRUE(plan.ok()) << plan.status().message();
+  auto out = emit_relocated(*plan, kDetour);
+  ASSERT_TRUE(out.ok()) << out.status().message();
+  struct Expect {
+    ZydisMnemonic mnemonic;
+    std::uintptr_t target;
+  };
+  const Expect expect[] = {{ZYDIS_MNEMONIC_LOOPE, 0x401012}, {ZYDIS_MNEMONIC_LOOPNE, 0x401024},
+                           {ZYDIS_MNEMONIC_JECXZ, 0x401037}};
+  ASSERT_EQ(out->boundaries.size(), 3u);
+  for (std::size_t i = 0; i < 3; ++i) {
+    SCOPED_TRACE(i);
+    const std::size_t o = out->boundaries[i].copy_offset;
+    const rl::Insn loop = rl::decode_at(out->bytes, o, kDetour);  // loop L1; jmp L2; L1: jmp target; L2:
+    EXPECT_EQ(loop.insn.mnemonic, expect[i].mnemonic);
+    EXPECT_EQ(loop.insn.length, code[plan->instructions[i].offset] == 0x67 ? 3 : 2);
+    const std::size_t l1 = o + loop.insn.length + 2;
+    EXPECT_EQ(loop.target, kDetour + l1);
+    const rl::Insn skip = rl::decode_at(out->bytes, o + loop.insn.length, kDetour);
+    EXPECT_EQ(skip.insn.mnemonic, ZYDIS_MNEMONIC_JMP);
+    EXPECT_EQ(skip.target, kDetour + l1 + 5);
+    EXPECT_EQ(rl::decode_at(out->bytes, l1, kDetour).target, expect[i].target);
+  }
 }
 
 }  // namespace
