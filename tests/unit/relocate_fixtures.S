@@ -118,8 +118,8 @@ END(rl_jcc_in)
 /* sub edi,1; jg rel8 to the entry [0,5): a branch to the run's first byte; returns 0
  * (a > 0) */
 FN(rl_jcc_entry)
-	subl	$1, %edi
-	jg	rl_jcc_entry
+0:	subl	$1, %edi
+	jg	0b  /* a local label: both assemblers use rel8 (not to a global symbol) */
 	movl	%edi, %eax
 	ret
 END(rl_jcc_entry)
