@@ -351,6 +351,27 @@ rl_switch_in_table:
 	.text
 END(rl_switch_in)
 
+/* long rl_call_stepped(fn, a, b, c, d): fn(a, b, c, d) with the trap flag set, so that
+ * every instruction from the call on raises SIGTRAP; clears the flag on return if the
+ * handler did not. */
+FN(rl_call_stepped)
+	subq	$8, %rsp
+	movq	%rdi, %rax
+	movq	%rsi, %rdi
+	movq	%rdx, %rsi
+	movq	%rcx, %rdx
+	movq	%r8, %rcx
+	pushfq
+	orq	$0x100, (%rsp)
+	popfq
+	call	*%rax
+	pushfq
+	andq	$~0x100, (%rsp)
+	popfq
+	addq	$8, %rsp
+	ret
+END(rl_call_stepped)
+
 	.data
 	.p2align 3
 	.globl	rl_value, rl_word, rl_fnptr, rl_seen_ret

@@ -29,6 +29,7 @@ extern "C" {
 #define RL_DECLARE(name) long name(long, long, long, long); extern const std::uint8_t name##_end[];
 RL_FIXTURES(RL_DECLARE)
 #undef RL_DECLARE
+long rl_call_stepped(long (*fn)(long, long, long, long), long a, long b, long c, long d);
 extern std::int64_t rl_value;
 extern std::int32_t rl_word;
 extern std::uintptr_t rl_seen_ret;
