@@ -374,6 +374,29 @@ TEST(RelocateEmit, ReturnAddressBelow2GiBIsPushedAsAnImmediate) {
   EXPECT_EQ(out->bytes.size(), out->code_length);  // no literal
 }
 
+// A jcc rel32 is 6 bytes long: at the last detour address that reaches its target backwards
+// it stays a jcc rel32, one byte further it goes through a literal.
+TEST(RelocateEmit, JccAtTheEdgeOfRel32Reach) {
+  constexpr std::uintptr_t kFn = 0x10000000, kTarget = kFn + 0x14;
+  const Bytes code = {0x85, 0xff,                       // test edi, edi
+                      0x74, 0x10,                       // je kFn+0x14
+                      0xb8, 0x01, 0x00, 0x00, 0x00,     // mov eax, 1
+                      0xc3};
+  auto plan = tramway::arch::plan_relocation(kFn, code);
+  ASSERT_TRUE(plan.ok()) << plan.status().message();
+  // The je at detour+2 ends at detour+8: rel32 = kTarget - (detour + 8) >= INT32_MIN.
+  const std::uintptr_t last = kTarget + (std::uintptr_t{1} << 31) - 8;
+  auto in_reach = emit_relocated(*plan, last);
+  ASSERT_TRUE(in_reach.ok()) << in_reach.status().message();
+  const rl::Insn je = rl::decode_at(in_reach->bytes, 2, last);
+  EXPECT_EQ(je.insn.length, 6);
+  EXPECT_EQ(je.target, kTarget);
+  auto beyond = emit_relocated(*plan, last + 1);
+  ASSERT_TRUE(beyond.ok()) << beyond.status().message();
+  EXPECT_EQ(rl::decode_at(beyond->bytes, 2, last + 1).insn.length, 2);  // je L1; jmp L2; L1: jmp [rip+literal]
+  EXPECT_EQ(beyond->boundaries[2].copy_offset, 12u);
+}
+
 // loope, loopne and jecxz (rel8 only, jecxz with an address-size prefix) keep their form
 // and condition; at a made-up address, checked as bytes.
 TEST(RelocateEmit, LoopFamilyKeepsItsForm) {

@@ -1,19 +1,20 @@
 // Choosing the run: decode the whole function and refuse what a relocated prologue would break.
 //
-// Indirect jumps. A direct branch names its target, an indirect one does not, so the rule for
-// indirect jumps is this: compiled code jumps indirectly only (a) to a function's entry (a tail
-// call through a pointer: the run's first byte at most, never behind it), (b) to a label of
-// its own function whose address it materialises, which it can do only with a rip-relative
-// lea or an absolute immediate (both checked against the run), or from a jump table, and
-// (c) a jump table holds either int32 offsets from the table's own address (PIC: the table is
-// what a rip-relative lea of the function loads) or absolute 8-byte addresses (non-PIC: the
-// displacement of a `[table + index*8]` operand). Where the function has an indirect jmp,
-// every such candidate table is read through `read` for as long as its entries land inside
-// the function, and an entry behind the run's first byte refuses the function. A table that
-// cannot be read is taken on trust; GCC and Clang place switch targets at case blocks, and
-// a case block inside the first five bytes would make the entry block's own prologue a loop
-// body re-entered from the switch, which neither compiler emits for a prologue (the block
-// that computes the switch index starts after the stack frame is set up).
+// Indirect jumps. A direct branch names its target, an indirect one does not. The rule relied
+// on: compiled code jumps indirectly only (a) to a function's entry (a tail call through a
+// pointer: at most the run's first byte, never behind it), (b) to a label of its own function
+// whose address it materialises, which it can only do with a rip-relative lea or an absolute
+// immediate (every one is checked against the run), or (c) through a jump table, which holds
+// int32 offsets from the table's own address (PIC: the table is what a rip-relative lea in
+// the function loads) or absolute 8-byte addresses (non-PIC: the displacement of a
+// `[table + index*8]` operand). Where the function has an indirect jmp, every such candidate
+// table is read through `read` for as long as its entries land inside the function (a lea
+// of anything else reads as a "table" whose first entry leaves the function), and an entry
+// behind the run's first byte refuses the function. The case this matters for is real: a
+// loop whose header is the run's second instruction (`push rbx; L: call next; ...; jmp
+// *table`) with a case threaded straight back to L. A table that cannot be read is taken on
+// trust: a loaded object's tables are in its mapped .rodata, so a failed read means the lea
+// did not load one.
 #include "arch/x86_64/relocate.h"
 
 #include <sys/uio.h>

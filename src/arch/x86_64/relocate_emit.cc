@@ -128,7 +128,7 @@ Status Emitter::jmp_to(std::uintptr_t target, std::size_t offset) {
 
 // jcc rel32, or where the target is out of reach: jcc L1 (rel8); jmp L2 (rel8); L1: jmp [rip+lit]; L2:
 Status Emitter::jcc_to(const ZydisEncoderRequest& decoded, std::uintptr_t target, std::size_t offset) {
-  if (rel32_reaches(here(), target)) {
+  if (rel32_reaches(here() + 1, target)) {  // jcc rel32 is 6 bytes long, rel32_reaches counts 5
     return encode_or_fail(near_branch(decoded, target, ZYDIS_BRANCH_WIDTH_32), offset, "the jcc rel32");
   }
   const std::uintptr_t l1 = here() + 4;
