@@ -55,8 +55,10 @@ bool read_own_memory(std::uintptr_t address, std::span<std::uint8_t> out);
 // undecodable bytes anywhere in the function; a function too short for the run; in the run a
 // call that is not its last instruction, a syscall, sysenter, int N, int3 or int1, or a
 // relative branch other than jmp, jcc, call, loop*, jrcxz/jecxz; anywhere in the function a
-// direct branch, or a rip-relative address, or a jump-table entry that `read` finds, pointing
-// strictly inside the run (behind its first byte).
+// direct branch, a rip-relative address, an absolute immediate or a jump-table entry that
+// `read` finds pointing strictly inside the run (behind its first byte), or a rip-relative
+// access overlapping the run. The rule for indirect jumps is in relocate.cc. `code` must be
+// the function's original bytes: an entry already patched (a jmp or int3) is not one.
 Result<RelocationPlan> plan_relocation(std::uintptr_t function, std::span<const std::uint8_t> code,
                                        const ReadMemory& read = read_own_memory);
 
