@@ -225,6 +225,13 @@ TEST(Hooks, GlobSelectsByNameAndErrorsSayWhatToDo) {
   st = hooks::attach(ops, hooks::Filter::names({"printf"}));
   ASSERT_FALSE(st.ok());
   EXPECT_NE(st.message().find("-fpatchable-function-entry=13,8"), std::string::npos) << st.message();
+  // A filter that names nothing selects nothing: said so, not taken for an unloaded object.
+  for (const hooks::Filter& empty : {hooks::Filter::names({}), hooks::Filter::addresses({})}) {
+    st = hooks::attach(ops, empty);
+    ASSERT_FALSE(st.ok());
+    EXPECT_NE(st.message().find("selects no function"), std::string::npos) << st.message();
+    EXPECT_EQ(st.message().find("unloaded"), std::string::npos) << st.message();
+  }
   st = hooks::detach(ops);
   ASSERT_FALSE(st.ok());
   EXPECT_NE(st.message().find("not attached"), std::string::npos) << st.message();

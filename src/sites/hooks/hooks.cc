@@ -100,6 +100,8 @@ Status pin_selected_objects(const Ops& ops, const Filter& filter, sites::hooks::
     if (ops.state) return attached_already(ops);
     auto selected = select(filter);
     if (!selected.ok()) return selected.status();
+    // Only here is an empty selection the filter's doing; after the pins it means unloaded.
+    if (selected->empty()) return Status::error("hooks::attach: the filter selects no function; nothing was attached");
     first.version = g_all_version;
     const ObjectKey* last_key = nullptr;
     for (const Candidate& c : *selected) {
