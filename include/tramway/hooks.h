@@ -95,8 +95,9 @@ class Filter {
   std::vector<std::uintptr_t> entries_;
 };
 
-// Attaches `ops` to every patchable function the filter selects, enabled. Fails (attaching
-// nothing) when the filter selects nothing, names a function that is not patchable, `ops` is
+// Attaches `ops` to every patchable function the filter selects, enabled (a glob selects
+// patchable functions only). Fails (attaching nothing) when the filter selects nothing, names
+// a function that is not patchable (saying how it could be hooked: HookKind), `ops` is
 // attached already, or 4,096 ops are attached, and with "object unloaded" when a library of
 // the selected functions was unloaded before the attach could keep it loaded. The libraries
 // it writes into stay loaded until it returns: a dlclose meanwhile unloads them afterwards.
@@ -134,17 +135,42 @@ struct OpsCounters {
 };
 OpsCounters counters(const Ops& ops);
 
-// A patchable function of the process.
+// How a function can be hooked. Only `patchable` functions can be attached to today; the
+// others are listed so that a user sees what the hooks on any function (DESIGN.md) will reach.
+enum class HookKind {
+  patchable,    // it has a patchable entry (-fpatchable-function-entry=13,8): attach hooks it,
+                // whatever its other properties (a patchable entry is always preferred)
+  relocatable,  // no patchable entry, but the relocator (arch/x86_64/relocate.h) accepts its
+                // current bytes within its symbol's bounds: a relocated prologue would hook it
+  trap,         // the relocator refuses it (Function::reason says why: e.g. shorter than the
+                // 5-byte jmp, a call early in the prologue) but its first instruction decodes:
+                // a trap probe (an int3 at the entry) would hook it; not implemented yet
+  refused,      // neither: its bytes cannot be read or its first instruction does not decode
+                // (Function::reason)
+};
+// "patchable", "relocatable", "trap", "refused".
+const char* hook_kind_name(HookKind kind) noexcept;
+
+// A function of the process: a sized STT_FUNC symbol (of .symtab, else .dynsym) or a
+// patchable entry, one per address (aliases are listed once, under the exported name with the
+// fewest leading underscores). STT_GNU_IFUNC symbols are not listed: they name resolvers.
 struct Function {
   std::uintptr_t entry = 0;
-  std::string name;    // demangled; empty for a stripped local function
+  std::string name;    // demangled; empty for a stripped local function (patchable ones only)
   std::string object;  // the executable or shared library it lives in
   std::size_t ops = 0; // ops attached to it
   std::uint64_t hits = 0;  // its calls tramway intercepted since it was first hooked (once a
                            // call, whatever the number of ops; not those the recursion guard
                            // skipped); exact, like OpsCounters::hits
+  HookKind kind = HookKind::patchable;
+  std::size_t size = 0;  // the symbol's size in bytes; 0 for a patchable entry without a symbol
+  std::string reason;    // trap and refused: why the prologue cannot be relocated
 };
-// Every patchable function of the objects loaded now.
+// Every patchable function of the objects loaded now (no decoding: cheap), sorted by entry.
 Result<std::vector<Function>> patchable_functions();
+// Every function of the objects loaded now, of every kind, sorted by entry. The first call
+// for an object decodes all its functions (libc: about 30 ms); the kinds are cached with the
+// object until it is unloaded.
+Result<std::vector<Function>> functions();
 
 }  // namespace tramway::hooks

@@ -14,6 +14,9 @@
 //   TRAMWAY_LIST=GLOB       print the patchable functions matching GLOB (name, address, object),
 //                           sorted by name, and _exit(0) before main; _exit(3) if the
 //                           executable has none (wrong flags), _exit(1) if GLOB matches none.
+//                           With TRAMWAY_LIST_ALL=1, every function of every kind (a fourth
+//                           column, the hook kind, and a fifth, the reason, for trap and
+//                           refused), then one `# OBJECT: N patchable, ...` line per object.
 //   TRAMWAY_OUTPUT=FILE     record to FILE; TRAMWAY_FILTERS holds one glob per line (default
 //                           `*`). A failure prints `tramway: ...` and _exit(2)s before main.
 //   TRAMWAY_CONTROL=1       serve the control socket (control_io.h); failure: _exit(2).
@@ -33,6 +36,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <cerrno>
 #include <climits>
 #include <cmath>
@@ -111,8 +115,10 @@ std::string program_name() { return program_invocation_name ? program_invocation
 
 // ---- listing ----
 
-Result<std::vector<std::string>> list_lines(const std::string& glob, std::size_t* loaded = nullptr) {
-  Result<std::vector<hooks::Function>> fns = hooks::patchable_functions();
+// The listing of the functions matching `glob`, sorted by name: patchable ones only, or with
+// `all` every kind (hooks::HookKind) followed by a summary line per object.
+Result<std::vector<std::string>> list_lines(const std::string& glob, bool all, std::size_t* loaded = nullptr) {
+  Result<std::vector<hooks::Function>> fns = all ? hooks::functions() : hooks::patchable_functions();
   if (!fns.ok()) return fns.status();
   if (loaded) *loaded = fns->size();
   std::vector<const hooks::Function*> hits;
@@ -124,16 +130,45 @@ Result<std::vector<std::string>> list_lines(const std::string& glob, std::size_t
   });
   std::vector<std::string> lines;
   lines.reserve(hits.size());
-  for (const hooks::Function* f : hits) lines.push_back(control::function_line(f->name, f->entry, f->object));
+  std::vector<std::pair<std::string, std::array<std::size_t, 4>>> per_object;  // in order of first appearance
+  for (const hooks::Function* f : hits) {
+    std::string line = control::function_line(f->name, f->entry, f->object);
+    if (all) {
+      line += '\t';
+      line += hooks::hook_kind_name(f->kind);
+      if (!f->reason.empty()) line += '\t' + f->reason;
+      auto it = std::find_if(per_object.begin(), per_object.end(), [&](const auto& o) { return o.first == f->object; });
+      if (it == per_object.end()) it = per_object.insert(per_object.end(), {f->object, {}});
+      ++it->second[static_cast<std::size_t>(f->kind)];
+    }
+    lines.push_back(std::move(line));
+  }
+  if (!lines.empty()) {
+    std::sort(per_object.begin(), per_object.end());
+    for (const auto& [object, n] : per_object) {
+      lines.push_back("# " + object + ": " + std::to_string(n[0]) + " patchable, " + std::to_string(n[1]) +
+                      " relocatable, " + std::to_string(n[2]) + " trap, " + std::to_string(n[3]) + " refused");
+    }
+  }
   return lines;
 }
 
-std::string no_match(const std::string& glob, std::size_t loaded) {
-  return "no patchable function matches '" + glob + "' (" + std::to_string(loaded) + " are loaded)";
+std::string no_match(const std::string& glob, std::size_t loaded, bool all) {
+  return std::string(all ? "no function" : "no patchable function") + " matches '" + glob + "' (" +
+         std::to_string(loaded) + " are loaded)";
 }
 
-[[noreturn]] void list_mode(const std::string& glob_arg) {
+[[noreturn]] void list_mode(const std::string& glob_arg, bool all) {
   const std::string glob = glob_arg.empty() ? "*" : glob_arg;
+  std::size_t loaded = 0;
+  if (all) {  // every kind: a program built without the flag has functions too
+    Result<std::vector<std::string>> lines = list_lines(glob, true, &loaded);
+    if (!lines.ok()) die(2, lines.status().message());
+    if (lines->empty()) die(1, no_match(glob, loaded, true));
+    for (const std::string& l : *lines) std::printf("%s\n", l.c_str());
+    std::fflush(stdout);
+    _exit(0);
+  }
   Result<std::vector<hooks::Function>> fns = hooks::patchable_functions();
   if (!fns.ok()) die(2, fns.status().message());
   char buf[PATH_MAX];
@@ -145,10 +180,9 @@ std::string no_match(const std::string& glob, std::size_t loaded) {
     if (!fns->empty()) msg += "; its shared libraries have " + std::to_string(fns->size());
     die(3, msg);
   }
-  std::size_t loaded = 0;
-  Result<std::vector<std::string>> lines = list_lines(glob, &loaded);
+  Result<std::vector<std::string>> lines = list_lines(glob, false, &loaded);
   if (!lines.ok()) die(2, lines.status().message());
-  if (lines->empty()) die(1, no_match(glob, loaded));
+  if (lines->empty()) die(1, no_match(glob, loaded, false));
   for (const std::string& l : *lines) std::printf("%s\n", l.c_str());
   std::fflush(stdout);
   _exit(0);
@@ -258,12 +292,14 @@ control::Reply handle(const control::Request& req) {
       if (!r.ok()) return Reply::failure(r.status().message());
       return Reply::success("stopped: " + *r);
     }
-    case control::Verb::list: {
+    case control::Verb::list:
+    case control::Verb::list_all: {
+      const bool all = req.verb == control::Verb::list_all;
       const std::string glob = req.arg.empty() ? "*" : req.arg;
       std::size_t loaded = 0;
-      Result<std::vector<std::string>> lines = list_lines(glob, &loaded);
+      Result<std::vector<std::string>> lines = list_lines(glob, all, &loaded);
       if (!lines.ok()) return Reply::failure(lines.status().message());
-      if (lines->empty()) return Reply::failure(no_match(glob, loaded));
+      if (lines->empty()) return Reply::failure(no_match(glob, loaded, all));
       return Reply::success("functions", std::move(*lines));
     }
     case control::Verb::start: {
@@ -345,6 +381,7 @@ void at_exit() noexcept {
 
 void init() {
   const std::optional<std::string> list = take_env("TRAMWAY_LIST");
+  const std::optional<std::string> list_all = take_env("TRAMWAY_LIST_ALL");
   const std::optional<std::string> output = take_env("TRAMWAY_OUTPUT");
   const std::optional<std::string> filters = take_env("TRAMWAY_FILTERS");
   const std::optional<std::string> control = take_env("TRAMWAY_CONTROL");
@@ -354,7 +391,7 @@ void init() {
   State& st = state();
   st.pid = getpid();
 
-  if (list) list_mode(*list);
+  if (list) list_mode(*list, list_all == "1");
 
   int duration_ms = 0;
   if (duration) {

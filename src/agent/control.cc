@@ -14,7 +14,7 @@
 namespace tramway::control {
 namespace {
 
-constexpr std::string_view kRequests = "attach GLOB, detach GLOB, status, stop, list [GLOB], start FILE";
+constexpr std::string_view kRequests = "attach GLOB, detach GLOB, status, stop, list [GLOB], list-all [GLOB], start FILE";
 
 std::string_view trim(std::string_view s) {
   while (!s.empty() && s.front() == ' ') s.remove_prefix(1);
@@ -46,6 +46,7 @@ const char* verb_name(Verb verb) {
     case Verb::status: return "status";
     case Verb::stop: return "stop";
     case Verb::list: return "list";
+    case Verb::list_all: return "list-all";
     case Verb::start: return "start";
   }
   return "?";
@@ -75,6 +76,7 @@ Result<Request> parse_request(std::string_view line) {
   else if (word == "status") r.verb = Verb::status;
   else if (word == "stop") r.verb = Verb::stop;
   else if (word == "list") r.verb = Verb::list;
+  else if (word == "list-all") r.verb = Verb::list_all;
   else if (word == "start") r.verb = Verb::start;
   else {
     std::string shown(word.substr(0, 64));
@@ -90,6 +92,7 @@ Result<Request> parse_request(std::string_view line) {
       if (!arg.empty()) return Status::error(std::string(word) + " takes no argument");
       break;
     case Verb::list:
+    case Verb::list_all:
       break;
     case Verb::start:
       if (arg.empty() || arg.front() != '/') return Status::error("start needs an absolute file name, e.g. 'start /tmp/app.trace'");

@@ -30,7 +30,7 @@ namespace tramway::control {
 
 inline constexpr std::size_t kMaxRequest = 4096;  // bytes in a request line, without '\n'
 
-enum class Verb { attach, detach, status, stop, list, start };
+enum class Verb { attach, detach, status, stop, list, start, list_all };  // list_all: `list-all [GLOB]`
 
 struct Request {
   Verb verb = Verb::status;

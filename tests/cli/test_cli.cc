@@ -211,6 +211,48 @@ TEST_F(Cli, ListNothingMatches) {
   EXPECT_TRUE(contains(p.err(), "no patchable function matches 'no_such_function*'")) << p.err();
 }
 
+TEST_F(Cli, ListAllShowsEveryKindAndASummaryPerObject) {
+  // The plain build has the same functions without patchable entries: relocatable (their
+  // prologues start with a push or a lea), listed from its .symtab, with its libc's.
+  Proc p = run({kCli, "list", "--all", kPlain, "cli_target::*"});
+  ASSERT_EQ(code_, 0) << p.err();
+  std::vector<std::string> lines = lines_of(p.out());
+  const std::regex fn("([^\t]+)\t0x[0-9a-f]+\t([^\t]+)\t(patchable|relocatable|trap|refused)(\t.+)?");
+  ASSERT_EQ(lines.size(), 6u) << p.out();  // five functions, one summary
+  for (std::size_t i = 0; i < 5; ++i) {
+    std::smatch m;
+    ASSERT_TRUE(std::regex_match(lines[i], m, fn)) << lines[i];
+    EXPECT_EQ(m[2], kPlain);
+    EXPECT_EQ(m[3], "relocatable") << lines[i];
+  }
+  EXPECT_EQ(lines[5], "# " + kPlain + ": 0 patchable, 5 relocatable, 0 trap, 0 refused");
+
+  // The patchable build: the same functions, patchable (a patchable entry is preferred).
+  p = run({kCli, "list", "--all", kTarget, "cli_target::leaf*"});
+  ASSERT_EQ(code_, 0) << p.err();
+  lines = lines_of(p.out());
+  ASSERT_EQ(lines.size(), 2u) << p.out();
+  EXPECT_TRUE(std::regex_match(lines[0], std::regex("cli_target::leaf\\(int\\)\t0x[0-9a-f]+\t.+\tpatchable")))
+      << lines[0];
+  EXPECT_EQ(lines[1], "# " + kTarget + ": 1 patchable, 0 relocatable, 0 trap, 0 refused");
+
+  // Every object has its summary; the default listing stays the patchable functions only.
+  p = run({kCli, "list", "--all", kPlain});
+  ASSERT_EQ(code_, 0) << p.err();
+  EXPECT_TRUE(std::regex_search(p.out(), std::regex("\n# [^\n]*/libc\\.so\\.6: 0 patchable, [1-9][0-9]* relocatable, "
+                                                    "[0-9]+ trap, [0-9]+ refused\n")))
+      << p.out().substr(p.out().size() > 2000 ? p.out().size() - 2000 : 0);
+  EXPECT_TRUE(contains(p.out(), "\ttrap\tcannot relocate the prologue")) << "a trap line says why";
+  p = run({kCli, "list", kPlain});
+  EXPECT_EQ(code_, 3) << "without --all a program without patchable entries is still refused";
+}
+
+TEST_F(Cli, ListAllNothingMatches) {
+  Proc p = run({kCli, "list", "--all", kPlain, "no_such_function*"});
+  EXPECT_EQ(code_, 1);
+  EXPECT_TRUE(contains(p.err(), "no function matches 'no_such_function*'")) << p.err();
+}
+
 TEST_F(Cli, ProgramNotFound) {
   Proc p = run({kCli, "list", "tramway-no-such-program"});
   EXPECT_EQ(code_, 127);
@@ -299,6 +341,10 @@ TEST_F(Cli, LiveStatusListAndSocketRemovedAtExit) {
   s = run({kCli, "list", std::to_string(pid), "nothing*"});
   EXPECT_EQ(code_, 1);
   EXPECT_TRUE(contains(s.err(), "no patchable function matches")) << s.err();
+  s = run({kCli, "list", "--all", std::to_string(pid), "cli_target::[ab]*"});
+  EXPECT_EQ(code_, 0) << s.err();
+  EXPECT_EQ(lines_of(s.out()).size(), 3u) << s.out();  // two patchable functions and their summary
+  EXPECT_TRUE(contains(s.out(), ": 2 patchable, 0 relocatable, 0 trap, 0 refused\n")) << s.out();
 
   s = run({kCli, "live", std::to_string(pid), "stop"});
   EXPECT_EQ(code_, 1);

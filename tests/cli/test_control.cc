@@ -35,6 +35,7 @@ TEST(ParseRequest, AcceptsEveryVerb) {
       {"attach app::*", Verb::attach, "app::*"},   {"detach  parse_* ", Verb::detach, "parse_*"},
       {"status", Verb::status, ""},                {"stop", Verb::stop, ""},
       {"list", Verb::list, ""},                    {"list foo?", Verb::list, "foo?"},
+      {"list-all", Verb::list_all, ""},            {"list-all a*", Verb::list_all, "a*"},
       {"start /tmp/x.trace", Verb::start, "/tmp/x.trace"}, {"  status  ", Verb::status, ""},
       {"attach ns::f(int, char)", Verb::attach, "ns::f(int, char)"},
   };
@@ -86,7 +87,7 @@ TEST(ParseRequest, LengthLimitIsExact) {
 
 TEST(FormatRequest, RoundTrips) {
   for (const Request& q : {Request{Verb::attach, "a b*"}, Request{Verb::list, ""}, Request{Verb::start, "/x y"},
-                           Request{Verb::stop, ""}}) {
+                           Request{Verb::stop, ""}, Request{Verb::list_all, "b?"}}) {
     const std::string wire = format_request(q);
     ASSERT_EQ(wire.back(), '\n');
     auto r = parse_request(std::string_view(wire).substr(0, wire.size() - 1));

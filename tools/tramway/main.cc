@@ -1,7 +1,7 @@
 // tramway — list, record and live-trace the patchable functions of a program, and report on
 // the traces (perf/uftrace-like). See `tramway --help`.
 //
-//   tramway list PROG [GLOB] | list PID [GLOB]
+//   tramway list [--all] PROG [GLOB] | list [--all] PID [GLOB]
 //   tramway record [-f GLOB]... [-o FILE] [--duration S] -- PROG ARGS...
 //   tramway run -- PROG ARGS...
 //   tramway live PID attach GLOB [-o FILE] | detach GLOB | status | stop
@@ -63,10 +63,10 @@ Result<Prepared> prepare(const std::string& program) {
 
 // ---- list ----
 
-int list_process(pid_t pid, const std::string& glob) {
+int list_process(pid_t pid, const std::string& glob, bool all) {
   Result<control::Connection> c = control::Connection::open(pid);
   if (!c.ok()) return fail(c.status().message());
-  control::Request req{control::Verb::list, glob};
+  control::Request req{all ? control::Verb::list_all : control::Verb::list, glob};
   Result<control::Reply> r = c->call(req);
   if (!r.ok()) return fail(r.status().message());
   if (!r->ok) return fail(r->text);
@@ -74,11 +74,12 @@ int list_process(pid_t pid, const std::string& glob) {
   return 0;
 }
 
-int list_program(const std::string& program, const std::string& glob) {
+int list_program(const std::string& program, const std::string& glob, bool all) {
   Result<Prepared> p = prepare(program);
   if (!p.ok()) return fail(p.status());
   Launch l = with_agent(p->agent, p->path, {program});
   l.env.emplace_back("TRAMWAY_LIST", glob.empty() ? "*" : glob);
+  if (all) l.env.emplace_back("TRAMWAY_LIST_ALL", "1");
   Result<Supervisor> s = Supervisor::start(l);
   if (!s.ok()) return fail(s.status());
   s->wait(-1);
@@ -268,9 +269,13 @@ int main_cli(int argc, char** argv) {
       "  tramway run -- ./server        # then: tramway live PID attach 'handle_*'\n");
 
   std::string list_target, list_glob;
+  bool list_all = false;
   CLI::App* list = app.add_subcommand("list", "list the patchable functions of a program (PROG) or of a running agent (PID)");
   list->add_option("target", list_target, "a program to start (it exits before its main), or the PID of a program started by `tramway run`/`record`")->required();
   list->add_option("glob", list_glob, "shell glob on function names (default: all)");
+  list->add_flag("--all", list_all,
+                 "every function, not only the patchable ones, with how it can be hooked (patchable, relocatable, "
+                 "trap, or refused and why), then a count of each kind per object");
 
   RecordArgs rec;
   std::vector<std::string> rec_command;
@@ -327,8 +332,8 @@ int main_cli(int argc, char** argv) {
   }
 
   if (list->parsed()) {
-    return is_pid(list_target) ? list_process(static_cast<pid_t>(std::stol(list_target)), list_glob)
-                               : list_program(list_target, list_glob);
+    return is_pid(list_target) ? list_process(static_cast<pid_t>(std::stol(list_target)), list_glob, list_all)
+                               : list_program(list_target, list_glob, list_all);
   }
   if (record_cmd->parsed()) {
     rec_command.insert(rec_command.end(), tail.begin(), tail.end());

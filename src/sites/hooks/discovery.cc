@@ -126,29 +126,56 @@ std::string demangle(const std::string& symbol) {
   return status == 0 && d ? std::string(d.get()) : symbol;
 }
 
-// Names the sites from the STT_FUNC symbols of `symbols` whose value is a site's link-time
-// entry. Aliases (a constructor's C1/C2, a weak alias) share an address: global beats weak
-// beats local, then the first one in the table wins, so the choice is stable per file.
-Status name_sites(Elf* elf, Elf_Scn* symbols, ObjectSites& out) {
+// How good a name is among a function's aliases, lower is better: an exported name (global or
+// weak) beats a local one, then the fewest leading underscores (`write` over `__write` and
+// `__libc_write`: the name users call), then global beats weak; the first in the table breaks
+// a tie, so the choice is stable per file.
+int name_rank(unsigned bind, const char* name) {
+  int underscores = 0;
+  while (name[underscores] == '_' && underscores < 15) ++underscores;
+  return (bind == STB_LOCAL ? 64 : 0) + underscores * 2 + (bind == STB_WEAK ? 1 : 0);
+}
+
+// Reads the STT_FUNC symbols of `symbols`: those at a site's link-time entry name the site;
+// every other one with a size whose bytes are loaded code becomes a function, one per address
+// (aliases named by name_rank).
+Status read_functions(Elf* elf, Elf_Scn* symbols, const dl_phdr_info& info, ObjectSites& out) {
   GElf_Shdr sh;
   Elf_Data* data = gelf_getshdr(symbols, &sh) ? elf_getdata(symbols, nullptr) : nullptr;
   if (!data || sh.sh_entsize == 0) return elf_failure(out.path, "cannot read its symbol table");
-  std::unordered_map<GElf_Addr, std::pair<int, EntrySite*>> by_link_entry;  // -> (rank of the name so far, site)
-  for (auto& s : out.sites) by_link_entry[s.entry - out.base] = {INT_MAX, &s};
-  auto rank = [](unsigned bind) { return bind == STB_GLOBAL ? 0 : bind == STB_WEAK ? 1 : 2; };
+  struct Named {
+    int rank = INT_MAX;
+    EntrySite* site = nullptr;   // the site at that address, if any
+    std::size_t function = SIZE_MAX;  // else its index in out.functions
+  };
+  std::unordered_map<GElf_Addr, Named> by_link_address;
+  for (auto& s : out.sites) by_link_address[s.entry - out.base].site = &s;
   for (std::size_t i = 0; i < sh.sh_size / sh.sh_entsize; ++i) {
     GElf_Sym sym;
     if (!gelf_getsym(data, static_cast<int>(i), &sym) || GELF_ST_TYPE(sym.st_info) != STT_FUNC ||
-        sym.st_shndx == SHN_UNDEF)
+        sym.st_shndx == SHN_UNDEF || sym.st_shndx >= SHN_LORESERVE)
       continue;
-    auto it = by_link_entry.find(sym.st_value);
-    if (it == by_link_entry.end() || rank(GELF_ST_BIND(sym.st_info)) >= it->second.first) continue;
     const char* name = elf_strptr(elf, sh.sh_link, sym.st_name);
     if (!name || !*name) continue;
-    it->second.first = rank(GELF_ST_BIND(sym.st_info));
-    it->second.second->symbol = name;
+    auto it = by_link_address.find(sym.st_value);
+    if (it == by_link_address.end()) {
+      if (sym.st_size == 0 || !loaded(info, out.base + sym.st_value, sym.st_size, true)) continue;
+      it = by_link_address.emplace(sym.st_value, Named{}).first;
+      it->second.function = out.functions.size();
+      out.functions.push_back({out.base + sym.st_value, sym.st_size, {}, {}});
+    }
+    Named& n = it->second;
+    if (n.site) n.site->size = std::max<std::size_t>(n.site->size, sym.st_size);
+    else out.functions[n.function].size = std::max<std::size_t>(out.functions[n.function].size, sym.st_size);
+    const int rank = name_rank(GELF_ST_BIND(sym.st_info), name);
+    if (rank >= n.rank) continue;
+    n.rank = rank;
+    (n.site ? n.site->symbol : out.functions[n.function].symbol) = name;
   }
   for (auto& s : out.sites) s.name = s.symbol.empty() ? std::string() : demangle(s.symbol);
+  for (auto& f : out.functions) f.name = demangle(f.symbol);
+  std::sort(out.functions.begin(), out.functions.end(),
+            [](const FunctionSymbol& a, const FunctionSymbol& b) { return a.address < b.address; });
   return {};
 }
 
@@ -228,8 +255,8 @@ Result<ObjectSites> discover_object(const dl_phdr_info& info) {
   for (auto& s : out.sites) s.form = read_form(s.entry);
 
   // .symtab names every function; a stripped object keeps only .dynsym (exported functions).
-  if (Elf_Scn* symbols = symtab ? symtab : dynsym; symbols && !out.sites.empty())
-    if (Status st = name_sites(file.elf, symbols, out); !st.ok()) return st;
+  if (Elf_Scn* symbols = symtab ? symtab : dynsym)
+    if (Status st = read_functions(file.elf, symbols, info, out); !st.ok()) return st;
   return out;
 }
 

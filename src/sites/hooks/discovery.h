@@ -6,6 +6,13 @@
 // reads that section from memory (so PIE and shared-object entries are already relocated),
 // keeps only entries that lie in an executable segment of their own object, and names them
 // from the object's file (.symtab, else .dynsym). It only reads: no code or data is changed.
+//
+// Every other function of the object is listed too: each sized STT_FUNC symbol of .symtab,
+// else .dynsym (a stripped distribution library keeps only its exported functions), whose
+// bytes lie in an executable segment. Not STT_GNU_IFUNC: an ifunc symbol is its resolver,
+// which the loader runs once at relocation; calls go to the implementation it returns, which
+// is listed under its own (local, .symtab) symbol when the object has one. How such a
+// function can be hooked is decided later, lazily (sites/hooks/hook_kind.h).
 #pragma once
 
 #include <link.h>
@@ -29,13 +36,24 @@ struct EntrySite {
   std::uintptr_t entry = 0;  // runtime address of the function entry (listed address + 8)
   std::string name;          // demangled symbol name; empty when the object has no symbol for it
   std::string symbol;        // raw symbol name; empty when none
+  std::size_t size = 0;      // the symbol's size; 0 when none
   EntryForm form = EntryForm::other;
+};
+
+// A function without a patchable entry. Aliases (one address, several symbols) are one
+// function, named by the rule of name_sites (discovery.cc).
+struct FunctionSymbol {
+  std::uintptr_t address = 0;  // runtime address of its first byte
+  std::size_t size = 0;        // the symbol's size, never 0
+  std::string name;            // demangled
+  std::string symbol;          // raw
 };
 
 struct ObjectSites {
   std::string path;              // the file discovery read; the main executable via /proc/self/exe
   std::uintptr_t base = 0;       // load bias (dlpi_addr): runtime address - link-time address
   std::vector<EntrySite> sites;  // sorted by entry, no duplicates
+  std::vector<FunctionSymbol> functions;  // the others, sorted by address, one per address
 };
 
 // Every object loaded now, in load order (the main executable first). Objects are read while

@@ -1,9 +1,12 @@
-// The patchable functions loaded now, and which of them a filter selects: the discovery cache
-// (each object's sites, read once by discovery.cc), the Filter kinds, and
-// patchable_functions().
+// The functions loaded now, and which of them a filter selects: the discovery cache (each
+// object's sites and functions, read once by discovery.cc), the Filter kinds,
+// patchable_functions() and functions().
 //
 // Reading an object's symbols with libelf costs milliseconds, so each loaded object is read
-// once, keyed by load bias and name; objects unloaded since are dropped. Under g_mu.
+// once, keyed by load bias and name; objects unloaded since are dropped. Deciding the kind of
+// its functions without patchable entries decodes them all (libc: ~30 ms), which attach and
+// patchable_functions() never need: it is done lazily, per function, by functions() and by a
+// filter naming a function that is not patchable, and kept with the object. Under g_mu.
 #include <fnmatch.h>
 #include <link.h>
 
@@ -13,11 +16,13 @@
 #include <iterator>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "common/format.h"
+#include "sites/hooks/hook_kind.h"
 #include "sites/hooks/internal.h"
 
 namespace tramway::hooks::detail {
@@ -31,9 +36,33 @@ Status not_patchable(const std::string& what) {
                               "(GCC >= 8, Clang >= 10)");
 }
 
+using sites::hooks::HookKindOf;
+
+// A function without a patchable entry was selected: say how it could be hooked.
+// TODO(issue 12): relocatable (and, with Ops::allow_trap, trap) functions get attached instead.
+Status not_hookable_yet(const std::string& what, const HookKindOf& k) {
+  switch (k.kind) {
+    case HookKind::relocatable:
+      return Status::error(what + " can be hooked by a relocated prologue, which tramway cannot install yet "
+                                  "(issue 12); nothing was attached");
+    case HookKind::trap:
+      return Status::error(what + " could only be hooked by a trap probe, which tramway does not implement yet "
+                                  "(issue 12), as its prologue cannot be relocated: " + k.reason +
+                           "; nothing was attached");
+    default:
+      return Status::error(what + " cannot be hooked: " + k.reason + "; nothing was attached");
+  }
+}
+
 struct CachedObject {
   sites::hooks::ObjectSites sites;
+  std::vector<std::optional<HookKindOf>> kinds;  // of sites.functions, decided lazily
   bool seen = false;  // still loaded at the last refresh
+
+  const HookKindOf& kind_of(std::size_t i) {
+    if (!kinds[i]) kinds[i] = sites::hooks::classify_function(sites.functions[i].address, sites.functions[i].size);
+    return *kinds[i];
+  }
 };
 std::map<ObjectKey, CachedObject> g_objects;
 std::vector<Candidate> g_all;  // every cached site, sorted by entry; rebuilt when g_objects changes
@@ -74,6 +103,7 @@ void refresh_objects() {
           g_all_stale = true;
           auto sites = sites::hooks::discover_object(*info);
           if (sites.ok()) it->second.sites = std::move(*sites);  // unreadable: no sites
+          it->second.kinds.assign(it->second.sites.functions.size(), std::nullopt);
         }
         return 0;
       },
@@ -85,6 +115,24 @@ void refresh_objects() {
   }
 }
 
+using sites::hooks::FunctionSymbol;
+
+// The first function without a patchable entry that `match` accepts, in load order.
+template <typename Match>
+std::optional<std::pair<CachedObject*, std::size_t>> other_function(const Match& match) {
+  for (auto& [key, o] : g_objects) {
+    for (std::size_t i = 0; i < o.sites.functions.size(); ++i) {
+      if (match(o.sites.functions[i])) return std::pair{&o, i};
+    }
+  }
+  return std::nullopt;
+}
+
+std::string describe(const std::pair<CachedObject*, std::size_t>& f) {
+  const FunctionSymbol& s = f.first->sites.functions[f.second];
+  return "'" + s.name + "' (" + common::hex_address(s.address) + " in " + f.first->sites.path + ")";
+}
+
 }  // namespace
 
 // Every patchable function loaded now, sorted by entry.
@@ -94,7 +142,7 @@ const std::vector<Candidate>& all_candidates() {
   g_all.clear();
   for (const auto& [key, o] : g_objects) {
     for (const auto& s : o.sites.sites) {
-      g_all.push_back({s.entry, s.name.empty() ? &s.symbol : &s.name, &o.sites.path, &key, s.form});
+      g_all.push_back({s.entry, s.name.empty() ? &s.symbol : &s.name, &o.sites.path, &key, s.form, s.size});
     }
   }
   std::sort(g_all.begin(), g_all.end(), [](const Candidate& a, const Candidate& b) { return a.entry < b.entry; });
@@ -119,6 +167,8 @@ Result<std::vector<Candidate>> select(const Filter& filter) {
           return Status::error("the function at " + common::hex_address(e) + " was in " + u->path +
                                ", which was unloaded (object unloaded); nothing was attached");
         }
+        if (auto other = other_function([&](const FunctionSymbol& f) { return f.address == e; }))
+          return not_hookable_yet(describe(*other), other->first->kind_of(other->second));
         return not_patchable("the function at " + common::hex_address(e));
       }
       break;
@@ -128,7 +178,10 @@ Result<std::vector<Candidate>> select(const Filter& filter) {
         for (const Candidate& c : all) {
           if (*c.name == n) out.push_back(c);
         }
-        if (out.size() == before) return not_patchable("'" + n + "' (no patchable function has that name)");
+        if (out.size() != before) continue;
+        if (auto other = other_function([&](const FunctionSymbol& f) { return f.name == n || f.symbol == n; }))
+          return not_hookable_yet(describe(*other), other->first->kind_of(other->second));
+        return not_patchable("'" + n + "' (no patchable function has that name)");
       }
       break;
     case Filter::Kind::glob:
@@ -136,8 +189,16 @@ Result<std::vector<Candidate>> select(const Filter& filter) {
         if (fnmatch(filter.patterns()[0].c_str(), c.name->c_str(), 0) == 0) out.push_back(c);
       }
       if (out.empty()) {
+        std::size_t others = 0;
+        for (const auto& [key, o] : g_objects) {
+          for (const FunctionSymbol& f : o.sites.functions)
+            others += fnmatch(filter.patterns()[0].c_str(), f.name.c_str(), 0) == 0;
+        }
         return Status::error("the filter '" + filter.patterns()[0] + "' matches no patchable function (" +
-                             std::to_string(all.size()) + " are loaded)");
+                             std::to_string(all.size()) + " are loaded)" +
+                             (others ? "; it matches " + std::to_string(others) +
+                                           " without a patchable entry, which tramway cannot hook yet (issue 12)"
+                                     : std::string()));
       }
       break;
   }
@@ -176,18 +237,43 @@ Filter Filter::addresses(std::vector<std::uintptr_t> entries) {
   return f;
 }
 
-Result<std::vector<Function>> patchable_functions() {
-  std::vector<Function> out;
-  std::lock_guard lock(g_mu);
-  forget_dead_objects();
+namespace {
+
+// Under g_mu, the cache refreshed.
+void append_patchable(std::vector<Function>& out) {
   for (const Candidate& c : all_candidates()) {
-    Function f{c.entry, *c.name, *c.object, 0, 0};
+    Function f{c.entry, *c.name, *c.object, 0, 0, HookKind::patchable, c.size, {}};
     if (auto it = g_sites.find(c.entry); it != g_sites.end()) {
       f.ops = it->second.ops.size();
       if (it->second.cell->index < kMaxSites) f.hits = sum_site_hits(it->second.cell->index);
     }
     out.push_back(std::move(f));
   }
+}
+
+}  // namespace
+
+Result<std::vector<Function>> patchable_functions() {
+  std::vector<Function> out;
+  std::lock_guard lock(g_mu);
+  forget_dead_objects();
+  append_patchable(out);
+  return out;
+}
+
+Result<std::vector<Function>> functions() {
+  std::vector<Function> out;
+  std::lock_guard lock(g_mu);
+  forget_dead_objects();
+  append_patchable(out);  // refreshes the cache
+  for (auto& [key, o] : g_objects) {
+    for (std::size_t i = 0; i < o.sites.functions.size(); ++i) {
+      const sites::hooks::FunctionSymbol& s = o.sites.functions[i];
+      const sites::hooks::HookKindOf& k = o.kind_of(i);
+      out.push_back({s.address, s.name, o.sites.path, 0, 0, k.kind, s.size, k.reason});
+    }
+  }
+  std::sort(out.begin(), out.end(), [](const Function& a, const Function& b) { return a.entry < b.entry; });
   return out;
 }
 

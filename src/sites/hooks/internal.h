@@ -26,9 +26,10 @@
 //   counters.cc         hit counters: per-thread blocks, and their ops and site indices
 //   extended_state.cc   the xsave layout, and the callback run between xsave and xrstor
 //   dispatch.cc         the C++ dispatchers the stubs (arch/x86_64/hook_entry.S) call
-//   discovery.cc        reading an object's patchable entries (discovery.h)
-//   discovery_cache.cc  the patchable functions loaded now, read once an object, the filters'
-//                       selection from them, patchable_functions()
+//   discovery.cc        reading an object's patchable entries and functions (discovery.h)
+//   hook_kind.cc        how a function without a patchable entry could be hooked (hook_kind.h)
+//   discovery_cache.cc  the functions loaded now, read once an object, the filters'
+//                       selection from them, patchable_functions(), functions()
 //   unload.cc           object pins, the dlclose interposer, and the tables forgetting objects
 //                       that are gone (unload.h)
 //
@@ -231,6 +232,7 @@ struct Candidate {
   const std::string* object;
   const ObjectKey* key;
   EntryForm form;
+  std::size_t size;  // the symbol's; 0 when none
 };
 
 extern std::uint64_t g_all_version;  // rebuilds of the candidate list: candidates taken from it stay valid meanwhile

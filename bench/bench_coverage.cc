@@ -1,0 +1,105 @@
+// Coverage of the hooks on any function (issue 12): for each distribution library, the share
+// of its sized STT_FUNC symbols (one per address: aliases count once) whose prologue the
+// relocator accepts, and with trap probes added. Not a timed benchmark: it prints its figures
+// as JSON lines on stdout, in bench/report.h's format, and on stderr the refusal reasons
+// counted (addresses, offsets and instruction text folded away) and what discovery cost.
+//   {"name": "coverage/libz.so.1", "value": 99.2, "unit": "%"}
+//   {"name": "coverage/libz.so.1/with_trap", "value": 100, "unit": "%"}
+// A library that is not installed is skipped with a message. Flags: --figures=REGEX (as
+// every benchmark program); other flags are ignored.
+#include <dlfcn.h>
+#include <time.h>
+
+#include <cstdio>
+#include <cstring>
+#include <map>
+#include <regex>
+#include <string>
+#include <vector>
+
+#include "tramway/hooks.h"
+
+namespace {
+
+constexpr const char* kLibraries[] = {"libc.so.6", "libsqlite3.so.0", "libz.so.1", "libpython3.11.so.1.0"};
+
+double cpu_ms() {
+  timespec t;
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
+  return static_cast<double>(t.tv_sec) * 1e3 + static_cast<double>(t.tv_nsec) / 1e6;
+}
+
+std::string basename_of(const std::string& path) {
+  const auto slash = path.rfind('/');
+  return slash == std::string::npos ? path : path.substr(slash + 1);
+}
+
+// The relocator's message without what is particular to one function.
+std::string reason_class(std::string r) {
+  static const std::regex prefix("^cannot relocate the prologue of the function at 0x[0-9a-f]+: ");
+  static const std::regex insn("`[^`]*` at 0x[0-9a-f]+\\+[0-9]+ ");
+  static const std::regex address("0x[0-9a-f]+");
+  static const std::regex number("\\b[0-9]+ bytes long");
+  static const std::regex entry("entry [0-9]+ of");
+  r = std::regex_replace(r, prefix, "");
+  r = std::regex_replace(r, insn, "");
+  r = std::regex_replace(r, address, "ADDR");
+  r = std::regex_replace(r, number, "N bytes long");
+  r = std::regex_replace(r, entry, "entry N of");
+  return r;
+}
+
+void figure(const std::regex& keep, const std::string& name, double value) {
+  if (!std::regex_search(name, keep)) return;
+  std::printf("{\"name\": \"%s\", \"value\": %.2f, \"unit\": \"%%\"}\n", name.c_str(), value);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::regex keep(".");
+  for (int i = 1; i < argc; ++i) {
+    if (std::strncmp(argv[i], "--figures=", 10) == 0) keep = std::regex(argv[i] + 10, std::regex::ECMAScript);
+  }
+  std::vector<std::string> present;
+  for (const char* lib : kLibraries) {
+    if (dlopen(lib, RTLD_LAZY | RTLD_LOCAL)) present.push_back(lib);
+    else std::fprintf(stderr, "coverage/%s: skipped, the library cannot be loaded (%s)\n", lib, dlerror());
+  }
+  const double before = cpu_ms();
+  tramway::Result<std::vector<tramway::hooks::Function>> fns = tramway::hooks::functions();
+  const double first = cpu_ms() - before;
+  if (!fns.ok()) {
+    std::fprintf(stderr, "coverage: %s\n", fns.status().message().c_str());
+    return 1;
+  }
+  const double again_start = cpu_ms();
+  (void)tramway::hooks::functions();
+  std::fprintf(stderr, "coverage: functions() of every loaded object took %.1f ms of CPU (%zu functions), "
+               "%.1f ms once cached\n", first, fns->size(), cpu_ms() - again_start);
+
+  for (const std::string& lib : present) {
+    std::size_t total = 0, relocatable = 0, trap = 0;
+    std::map<std::string, std::size_t> reasons;
+    for (const tramway::hooks::Function& f : *fns) {
+      if (basename_of(f.object) != lib) continue;
+      ++total;
+      using tramway::hooks::HookKind;
+      if (f.kind == HookKind::relocatable || f.kind == HookKind::patchable) ++relocatable;
+      else if (f.kind == HookKind::trap) ++trap;
+      if (f.kind == HookKind::trap || f.kind == HookKind::refused)
+        ++reasons[std::string(tramway::hooks::hook_kind_name(f.kind)) + ": " + reason_class(f.reason)];
+    }
+    if (total == 0) {
+      std::fprintf(stderr, "coverage/%s: no sized function found\n", lib.c_str());
+      continue;
+    }
+    std::fprintf(stderr, "coverage/%s: %zu functions, %zu relocatable, %zu trap, %zu refused\n", lib.c_str(), total,
+                 relocatable, trap, total - relocatable - trap);
+    for (const auto& [why, n] : reasons) std::fprintf(stderr, "  %6zu  %s\n", n, why.c_str());
+    figure(keep, "coverage/" + lib, 100.0 * static_cast<double>(relocatable) / static_cast<double>(total));
+    figure(keep, "coverage/" + lib + "/with_trap",
+           100.0 * static_cast<double>(relocatable + trap) / static_cast<double>(total));
+  }
+  return 0;
+}
