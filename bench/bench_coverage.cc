@@ -8,6 +8,7 @@
 // A library that is not installed is skipped with a message. Flags: --figures=REGEX (as
 // every benchmark program); other flags are ignored.
 #include <dlfcn.h>
+#include <link.h>
 #include <time.h>
 
 #include <cstdio>
@@ -17,6 +18,8 @@
 #include <string>
 #include <vector>
 
+#include "sites/hooks/discovery.h"
+#include "sites/hooks/hook_kind.h"
 #include "tramway/hooks.h"
 
 namespace {
@@ -52,6 +55,34 @@ std::string reason_class(std::string r) {
 void figure(const std::regex& keep, const std::string& name, double value) {
   if (!std::regex_search(name, keep)) return;
   std::printf("{\"name\": \"%s\", \"value\": %.2f, \"unit\": \"%%\"}\n", name.c_str(), value);
+}
+
+// The CPU cost of one object's discovery (reading its symbols) and of deciding every kind,
+// measured on the internal steps hooks::functions() takes, for the lazy design's record.
+void time_object(const std::string& lib) {
+  struct Walk {
+    const std::string& lib;
+    double read_ms = -1, kinds_ms = 0;
+    std::size_t functions = 0;
+  } w{lib};
+  dl_iterate_phdr(
+      [](dl_phdr_info* info, std::size_t, void* data) {
+        auto& w = *static_cast<Walk*>(data);
+        if (!info->dlpi_name || basename_of(info->dlpi_name) != w.lib) return 0;
+        const double t0 = cpu_ms();
+        auto o = tramway::sites::hooks::discover_object(*info);
+        const double t1 = cpu_ms();
+        if (!o.ok()) return 1;
+        for (const auto& f : o->functions) (void)tramway::sites::hooks::classify_function(f.address, f.size);
+        w.read_ms = t1 - t0;
+        w.kinds_ms = cpu_ms() - t1;
+        w.functions = o->functions.size();
+        return 1;
+      },
+      &w);
+  if (w.read_ms >= 0)
+    std::fprintf(stderr, "coverage/%s: reading its symbols took %.1f ms of CPU, deciding the kinds of its %zu "
+                 "functions %.1f ms\n", lib.c_str(), w.read_ms, w.functions, w.kinds_ms);
 }
 
 }  // namespace
@@ -94,6 +125,7 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "coverage/%s: no sized function found\n", lib.c_str());
       continue;
     }
+    time_object(lib);
     std::fprintf(stderr, "coverage/%s: %zu functions, %zu relocatable, %zu trap, %zu refused\n", lib.c_str(), total,
                  relocatable, trap, total - relocatable - trap);
     for (const auto& [why, n] : reasons) std::fprintf(stderr, "  %6zu  %s\n", n, why.c_str());
