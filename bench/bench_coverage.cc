@@ -70,7 +70,7 @@ void time_object(const std::string& lib) {
         auto& w = *static_cast<Walk*>(data);
         if (!info->dlpi_name || basename_of(info->dlpi_name) != w.lib) return 0;
         const double t0 = cpu_ms();
-        auto o = tramway::sites::hooks::discover_object(*info);
+        auto o = tramway::sites::hooks::discover_object(*info, tramway::sites::hooks::Scope::all_functions);
         const double t1 = cpu_ms();
         if (!o.ok()) return 1;
         for (const auto& f : o->functions) (void)tramway::sites::hooks::classify_function(f.address, f.size);

@@ -47,7 +47,7 @@ std::optional<tramway::Result<sh::ObjectSites>> discover_path(const std::string&
       [](dl_phdr_info* info, std::size_t, void* data) {
         auto& f = *static_cast<Find*>(data);
         if (!info->dlpi_name || f.path != info->dlpi_name) return 0;
-        f.found = sh::discover_object(*info);
+        f.found = sh::discover_object(*info, sh::Scope::all_functions);
         return 1;
       },
       &find);
@@ -238,6 +238,9 @@ TEST(FunctionDiscovery, AttachRefusesFunctionsWithoutPatchableEntriesSayingHow) 
             std::string::npos)
       << s.message();
   EXPECT_NE(s.message().find("too short"), std::string::npos) << s.message();
+  EXPECT_NE(s.message().find("nothing was attached (to hook it now, compile it with -fpatchable-function-entry=13,8"),
+            std::string::npos)
+      << s.message();
   EXPECT_EQ(tramway::hooks::counters(ops).functions, 0u);
 }
 

@@ -137,9 +137,9 @@ int name_rank(unsigned bind, const char* name) {
 }
 
 // Reads the STT_FUNC symbols of `symbols`: those at a site's link-time entry name the site;
-// every other one with a size whose bytes are loaded code becomes a function, one per address
-// (aliases named by name_rank).
-Status read_functions(Elf* elf, Elf_Scn* symbols, const dl_phdr_info& info, ObjectSites& out) {
+// with `all`, every other one with a size whose bytes are loaded code becomes a function, one
+// per address (aliases named by name_rank).
+Status read_functions(Elf* elf, Elf_Scn* symbols, const dl_phdr_info& info, bool all, ObjectSites& out) {
   GElf_Shdr sh;
   Elf_Data* data = gelf_getshdr(symbols, &sh) ? elf_getdata(symbols, nullptr) : nullptr;
   if (!data || sh.sh_entsize == 0) return elf_failure(out.path, "cannot read its symbol table");
@@ -159,7 +159,7 @@ Status read_functions(Elf* elf, Elf_Scn* symbols, const dl_phdr_info& info, Obje
     if (!name || !*name) continue;
     auto it = by_link_address.find(sym.st_value);
     if (it == by_link_address.end()) {
-      if (sym.st_size == 0 || !loaded(info, out.base + sym.st_value, sym.st_size, true)) continue;
+      if (!all || sym.st_size == 0 || !loaded(info, out.base + sym.st_value, sym.st_size, true)) continue;
       it = by_link_address.emplace(sym.st_value, Named{}).first;
       it->second.function = out.functions.size();
       out.functions.push_back({out.base + sym.st_value, sym.st_size, {}, {}});
@@ -181,7 +181,7 @@ Status read_functions(Elf* elf, Elf_Scn* symbols, const dl_phdr_info& info, Obje
 
 }  // namespace
 
-Result<ObjectSites> discover_object(const dl_phdr_info& info) {
+Result<ObjectSites> discover_object(const dl_phdr_info& info, Scope scope) {
   ObjectSites out;
   out.base = info.dlpi_addr;
   if (is_vdso(info)) {
@@ -255,23 +255,25 @@ Result<ObjectSites> discover_object(const dl_phdr_info& info) {
   for (auto& s : out.sites) s.form = read_form(s.entry);
 
   // .symtab names every function; a stripped object keeps only .dynsym (exported functions).
-  if (Elf_Scn* symbols = symtab ? symtab : dynsym)
-    if (Status st = read_functions(file.elf, symbols, info, out); !st.ok()) return st;
+  const bool all = scope == Scope::all_functions;
+  if (Elf_Scn* symbols = symtab ? symtab : dynsym; symbols && (all || !out.sites.empty()))
+    if (Status st = read_functions(file.elf, symbols, info, all, out); !st.ok()) return st;
   return out;
 }
 
-std::vector<Result<ObjectSites>> discover_loaded_objects() {
+std::vector<Result<ObjectSites>> discover_loaded_objects(Scope scope) {
   struct Walk {
+    Scope scope;
     std::vector<Result<ObjectSites>> objects;
     bool out_of_memory = false;
-  } walk;
+  } walk{scope, {}, false};
   // Everything happens inside the callback: the loader lock held there keeps each object
   // mapped while it is read. No exception may cross dl_iterate_phdr: it would leave the lock held.
   dl_iterate_phdr(
       [](dl_phdr_info* info, std::size_t, void* data) -> int {
         auto& w = *static_cast<Walk*>(data);
         try {
-          w.objects.push_back(discover_object(*info));
+          w.objects.push_back(discover_object(*info, w.scope));
           return 0;
         } catch (const std::bad_alloc&) {
           w.out_of_memory = true;

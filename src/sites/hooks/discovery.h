@@ -36,12 +36,12 @@ struct EntrySite {
   std::uintptr_t entry = 0;  // runtime address of the function entry (listed address + 8)
   std::string name;          // demangled symbol name; empty when the object has no symbol for it
   std::string symbol;        // raw symbol name; empty when none
-  std::size_t size = 0;      // the symbol's size; 0 when none
   EntryForm form = EntryForm::other;
+  std::size_t size = 0;      // the symbol's size; 0 when none
 };
 
 // A function without a patchable entry. Aliases (one address, several symbols) are one
-// function, named by the rule of name_sites (discovery.cc).
+// function, named by the rule of name_rank (discovery.cc).
 struct FunctionSymbol {
   std::uintptr_t address = 0;  // runtime address of its first byte
   std::size_t size = 0;        // the symbol's size, never 0
@@ -56,17 +56,23 @@ struct ObjectSites {
   std::vector<FunctionSymbol> functions;  // the others, sorted by address, one per address
 };
 
+// What discover_object reads: the patchable entries (and their names) only, or every function
+// too (the symbol tables of objects without entries: a few milliseconds an object, mostly
+// demangling, which listing patchable functions or attaching to them never needs).
+enum class Scope { patchable_entries, all_functions };
+
 // Every object loaded now, in load order (the main executable first). Objects are read while
 // the loader lock is held, so none can be unloaded half-way. Objects without the section
 // (or without a file, like the vDSO) have no sites. One object's failure (e.g. its file was
 // replaced since it was loaded) does not hide the others: each element is its own result.
-std::vector<Result<ObjectSites>> discover_loaded_objects();
+std::vector<Result<ObjectSites>> discover_loaded_objects(Scope scope = Scope::patchable_entries);
 
 // What the entry of a discovered site holds now (forms change as sites are patched).
 EntryForm form_at(std::uintptr_t entry);
 
 // One object, as dl_iterate_phdr reports it. The caller keeps the object loaded meanwhile
 // (call it from a dl_iterate_phdr callback, or hold a dlopen handle).
-Result<ObjectSites> discover_object(const dl_phdr_info& info);
+// `functions` stays empty unless `scope` is all_functions.
+Result<ObjectSites> discover_object(const dl_phdr_info& info, Scope scope = Scope::patchable_entries);
 
 }  // namespace tramway::sites::hooks

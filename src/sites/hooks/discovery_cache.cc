@@ -38,25 +38,28 @@ Status not_patchable(const std::string& what) {
 
 using sites::hooks::HookKindOf;
 
-// A function without a patchable entry was selected: say how it could be hooked.
+// A function without a patchable entry was selected: say how it could be hooked, and what
+// works today.
 // TODO(issue 12): relocatable (and, with Ops::allow_trap, trap) functions get attached instead.
 Status not_hookable_yet(const std::string& what, const HookKindOf& k) {
+  const std::string today = "; nothing was attached (to hook it now, compile it with "
+                            "-fpatchable-function-entry=13,8: GCC >= 8, Clang >= 10)";
   switch (k.kind) {
     case HookKind::relocatable:
       return Status::error(what + " can be hooked by a relocated prologue, which tramway cannot install yet "
-                                  "(issue 12); nothing was attached");
+                                  "(issue 12)" + today);
     case HookKind::trap:
       return Status::error(what + " could only be hooked by a trap probe, which tramway does not implement yet "
-                                  "(issue 12), as its prologue cannot be relocated: " + k.reason +
-                           "; nothing was attached");
+                                  "(issue 12), as its prologue cannot be relocated: " + k.reason + today);
     default:
-      return Status::error(what + " cannot be hooked: " + k.reason + "; nothing was attached");
+      return Status::error(what + " cannot be hooked: " + k.reason + today);
   }
 }
 
 struct CachedObject {
   sites::hooks::ObjectSites sites;
   std::vector<std::optional<HookKindOf>> kinds;  // of sites.functions, decided lazily
+  bool functions_read = false;  // sites.functions (read lazily: read_all_functions)
   bool seen = false;  // still loaded at the last refresh
 
   const HookKindOf& kind_of(std::size_t i) {
@@ -103,7 +106,6 @@ void refresh_objects() {
           g_all_stale = true;
           auto sites = sites::hooks::discover_object(*info);
           if (sites.ok()) it->second.sites = std::move(*sites);  // unreadable: no sites
-          it->second.kinds.assign(it->second.sites.functions.size(), std::nullopt);
         }
         return 0;
       },
@@ -116,6 +118,24 @@ void refresh_objects() {
 }
 
 using sites::hooks::FunctionSymbol;
+
+// Reads the functions without patchable entries of the cached objects that have not had them
+// read (after refresh_objects). The sites stay as they are: candidates point into them.
+void read_all_functions() {
+  if (std::all_of(g_objects.begin(), g_objects.end(), [](const auto& o) { return o.second.functions_read; })) return;
+  dl_iterate_phdr(
+      [](dl_phdr_info* info, std::size_t, void*) {
+        auto it = g_objects.find({info->dlpi_addr, info->dlpi_name ? info->dlpi_name : ""});
+        if (it == g_objects.end() || it->second.functions_read) return 0;
+        CachedObject& o = it->second;
+        o.functions_read = true;  // unreadable: no functions
+        auto all = sites::hooks::discover_object(*info, sites::hooks::Scope::all_functions);
+        if (all.ok()) o.sites.functions = std::move(all->functions);
+        o.kinds.assign(o.sites.functions.size(), std::nullopt);
+        return 0;
+      },
+      nullptr);
+}
 
 // The first function without a patchable entry that `match` accepts, in load order.
 template <typename Match>
@@ -167,6 +187,7 @@ Result<std::vector<Candidate>> select(const Filter& filter) {
           return Status::error("the function at " + common::hex_address(e) + " was in " + u->path +
                                ", which was unloaded (object unloaded); nothing was attached");
         }
+        read_all_functions();
         if (auto other = other_function([&](const FunctionSymbol& f) { return f.address == e; }))
           return not_hookable_yet(describe(*other), other->first->kind_of(other->second));
         return not_patchable("the function at " + common::hex_address(e));
@@ -179,6 +200,7 @@ Result<std::vector<Candidate>> select(const Filter& filter) {
           if (*c.name == n) out.push_back(c);
         }
         if (out.size() != before) continue;
+        read_all_functions();
         if (auto other = other_function([&](const FunctionSymbol& f) { return f.name == n || f.symbol == n; }))
           return not_hookable_yet(describe(*other), other->first->kind_of(other->second));
         return not_patchable("'" + n + "' (no patchable function has that name)");
@@ -189,6 +211,7 @@ Result<std::vector<Candidate>> select(const Filter& filter) {
         if (fnmatch(filter.patterns()[0].c_str(), c.name->c_str(), 0) == 0) out.push_back(c);
       }
       if (out.empty()) {
+        read_all_functions();
         std::size_t others = 0;
         for (const auto& [key, o] : g_objects) {
           for (const FunctionSymbol& f : o.sites.functions)
@@ -266,6 +289,7 @@ Result<std::vector<Function>> functions() {
   std::lock_guard lock(g_mu);
   forget_dead_objects();
   append_patchable(out);  // refreshes the cache
+  read_all_functions();
   for (auto& [key, o] : g_objects) {
     for (std::size_t i = 0; i < o.sites.functions.size(); ++i) {
       const sites::hooks::FunctionSymbol& s = o.sites.functions[i];
