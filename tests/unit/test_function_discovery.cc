@@ -148,6 +148,15 @@ TEST(FunctionDiscovery, LibcAliasesAreListedOnceAndTinyFunctionsAreTrapOnly) {
   ASSERT_GT(fns.size(), 1000u);
   std::set<std::uintptr_t> entries;
   for (const Function& f : fns) EXPECT_TRUE(entries.insert(f.entry).second) << f.name << " shares its address";
+  // One per address nm lists (libc is stripped too: its .dynsym), its ifunc resolvers left out.
+  link_map* map = nullptr;
+  ASSERT_EQ(dlinfo(h, RTLD_DI_LINKMAP, &map), 0);
+  std::set<std::uintptr_t> expected;
+  for (const auto& [address, size] : nm_dynamic_functions(path)) expected.insert(map->l_addr + address);
+  EXPECT_EQ(entries, expected);
+  ASSERT_EQ(shell("nm -D --defined-only '" + path + "' | grep -c ' i strlen@@'"), "1\n") << "strlen is an ifunc";
+  ASSERT_EQ(shell("nm -D --defined-only '" + path + "' | grep -c ' [TtWw] strlen@'"), "0\n") << "and only one";
+  EXPECT_EQ(named(fns, "strlen"), nullptr) << "an ifunc symbol names its resolver, not strlen";
 
   // write is weak, __write global: the name callers use wins.
   const auto write = reinterpret_cast<std::uintptr_t>(dlsym(h, "write"));
