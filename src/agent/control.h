@@ -5,10 +5,11 @@
 // Wire protocol (a Unix stream socket, text, '\n'-terminated lines):
 //   request   one line of at most kMaxRequest bytes (without the '\n'; one trailing '\r' is
 //             dropped), printable: `attach GLOB` | `detach GLOB` | `status` | `stop` |
-//             `list [GLOB]` | `start FILE` (FILE absolute).
+//             `list [GLOB]` | `list-all [GLOB]` (every kind: `tramway list --all`) |
+//             `start FILE` (FILE absolute).
 //   reply     one per request. Its first line is `error: MESSAGE`, `ok`, `ok TEXT`, or
-//             `ok +N[ TEXT]`: then exactly N more lines follow (the payload of `list` and
-//             `status`). Messages never contain a newline.
+//             `ok +N[ TEXT]`: then exactly N more lines follow (the payload of `list`,
+//             `list-all` and `status`). Messages never contain a newline.
 // Guarantees: parse_request accepts only the requests above and says what is wrong with any
 // other line; format_reply/parse_reply round-trip; the socket directory is used only when it
 // is a real directory owned by the user and closed to group and others.
@@ -30,7 +31,7 @@ namespace tramway::control {
 
 inline constexpr std::size_t kMaxRequest = 4096;  // bytes in a request line, without '\n'
 
-enum class Verb { attach, detach, status, stop, list, start, list_all };  // list_all: `list-all [GLOB]`
+enum class Verb { attach, detach, status, stop, list, start, list_all };
 
 struct Request {
   Verb verb = Verb::status;
