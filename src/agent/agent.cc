@@ -178,6 +178,7 @@ std::string no_match(const std::string& glob, std::size_t loaded, bool all) {
   if (in_exe == 0) {
     std::string msg = exe + " has no patchable function: build it with -fpatchable-function-entry=13,8 (GCC >= 8 and Clang >= 10 take the same flag)";
     if (!fns->empty()) msg += "; its shared libraries have " + std::to_string(fns->size());
+    msg += ". `tramway list --all` lists every function and how tramway can hook it";
     die(3, msg);
   }
   Result<std::vector<std::string>> lines = list_lines(glob, false, &loaded);

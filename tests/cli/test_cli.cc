@@ -202,6 +202,7 @@ TEST_F(Cli, ListOfProgramWithoutPatchableEntriesNamesTheFlag) {
   EXPECT_TRUE(contains(p.err(), "-fpatchable-function-entry=13,8")) << p.err();
   EXPECT_TRUE(contains(p.err(), "GCC")) << p.err();
   EXPECT_TRUE(contains(p.err(), "Clang")) << p.err();
+  EXPECT_TRUE(contains(p.err(), "tramway list --all")) << p.err();
   EXPECT_EQ(p.out(), "");
 }
 
