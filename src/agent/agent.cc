@@ -158,17 +158,20 @@ std::string no_match(const std::string& glob, std::size_t loaded, bool all) {
          std::to_string(loaded) + " are loaded)";
 }
 
+// Prints the functions `glob` matches (every kind with `all`) and exits: 0, or 1 when none does.
+[[noreturn]] void print_listing(const std::string& glob, bool all) {
+  std::size_t loaded = 0;
+  Result<std::vector<std::string>> lines = list_lines(glob, all, &loaded);
+  if (!lines.ok()) die(2, lines.status().message());
+  if (lines->empty()) die(1, no_match(glob, loaded, all));
+  for (const std::string& l : *lines) std::printf("%s\n", l.c_str());
+  std::fflush(stdout);
+  _exit(0);
+}
+
 [[noreturn]] void list_mode(const std::string& glob_arg, bool all) {
   const std::string glob = glob_arg.empty() ? "*" : glob_arg;
-  std::size_t loaded = 0;
-  if (all) {  // every kind: a program built without the flag has functions too
-    Result<std::vector<std::string>> lines = list_lines(glob, true, &loaded);
-    if (!lines.ok()) die(2, lines.status().message());
-    if (lines->empty()) die(1, no_match(glob, loaded, true));
-    for (const std::string& l : *lines) std::printf("%s\n", l.c_str());
-    std::fflush(stdout);
-    _exit(0);
-  }
+  if (all) print_listing(glob, true);  // every kind: a program built without the flag has functions too
   Result<std::vector<hooks::Function>> fns = hooks::patchable_functions();
   if (!fns.ok()) die(2, fns.status().message());
   char buf[PATH_MAX];
@@ -181,12 +184,7 @@ std::string no_match(const std::string& glob, std::size_t loaded, bool all) {
     msg += ". `tramway list --all` lists every function and how tramway can hook it";
     die(3, msg);
   }
-  Result<std::vector<std::string>> lines = list_lines(glob, false, &loaded);
-  if (!lines.ok()) die(2, lines.status().message());
-  if (lines->empty()) die(1, no_match(glob, loaded, false));
-  for (const std::string& l : *lines) std::printf("%s\n", l.c_str());
-  std::fflush(stdout);
-  _exit(0);
+  print_listing(glob, false);
 }
 
 // ---- recording ----

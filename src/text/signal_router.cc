@@ -138,11 +138,12 @@ int wrapper_flags(int program_flags) noexcept { return (program_flags | SA_SIGIN
 // handler returns: it is delivered at sigreturn instead of nesting, as if it had come a moment
 // later (a standard signal that comes meanwhile merges with it, as any pending one does).
 // Room for a few kernel frames (AT_MINSIGSTKSZ each, at least 2 KiB), capped at half the stack.
+// The frame size is read at install: a function-local static's first use would take a guard
+// lock inside the signal handler.
+std::size_t g_kernel_frame = 2048;
+
 bool room_to_nest(const ucontext_t* uc) noexcept {
-  static const std::size_t frame = [] {
-    const unsigned long m = getauxval(AT_MINSIGSTKSZ);
-    return m > 2048 ? static_cast<std::size_t>(m) : std::size_t{2048};
-  }();
+  const std::size_t frame = g_kernel_frame;
   const stack_t& alt = uc->uc_stack;  // the alternate stack as it was at delivery
   if ((alt.ss_flags & SS_DISABLE) || alt.ss_size == 0) return true;
   const auto base = reinterpret_cast<std::uintptr_t>(alt.ss_sp);
@@ -319,6 +320,7 @@ bool is_ours(std::uintptr_t h) {
 }
 
 Status install() {
+  if (const unsigned long m = getauxval(AT_MINSIGSTKSZ); m > g_kernel_frame) g_kernel_frame = static_cast<std::size_t>(m);
   g_fixup_signal.store(choose_fixup_signal(), std::memory_order_relaxed);
   sigemptyset(&g_fixup_set);
   sigaddset(&g_fixup_set, g_fixup_signal.load());
