@@ -21,6 +21,7 @@ struct Counters {
   std::atomic<std::uint64_t> traps_emulated{0};
   std::atomic<std::uint64_t> traps_restarted{0};
   std::atomic<std::uint64_t> nop_runs_replaced{0};
+  std::atomic<std::uint64_t> runs_displaced{0};
   std::atomic<std::uint64_t> pcs_moved{0};
 };
 Counters& counters() noexcept;

@@ -3,9 +3,10 @@
 // For a batch of sites, with the batch's trap table published first:
 //   1. write int3 on every head; serialize.  Other threads see old or int3 at each head; a
 //      thread that hits int3 is carried past the site as if it ran the new instruction.
-//   1b. only if the batch replaces runs of 1-byte nops (add_over_nops): move every PC inside
-//      a run (live or nested) to the run's end, one move_pcs round for all runs. Not a
-//      serialisation: it changes PCs, not code.
+//   1b. only if the batch replaces runs of 1-byte nops (add_over_nops) or relocated runs
+//      (add_displacing): move every PC inside a nop run (live or nested) to the run's end,
+//      and every PC inside a relocated run to its instruction in the copy, one move_pcs round
+//      for all of them. Not a serialisation: it changes PCs, not code.
 //   2. write every tail; serialize.          Tails are only reachable through the head,
 //      which is int3, so a half-written tail is never executed.
 //   3. write every head; serialize.          Threads see int3 or the new instruction; after
@@ -209,6 +210,8 @@ struct Site {
   std::uint8_t new_bytes[kMaxPatchBytes];
   arch::Emulation emulation;
   bool over_nops;  // old bytes are a run of 1-byte nops a thread may be inside
+  bool displacing;  // add_displacing: a relocated run, emptied by the batch's moves of it
+  std::uint32_t first_move, move_count;
 };
 
 bool all_one_byte_nops(const std::uint8_t* bytes, std::size_t n) {
@@ -286,6 +289,43 @@ Status PatchBatch::add(void* address, std::span<const std::uint8_t> new_bytes) {
   return queue(address, new_bytes, false);
 }
 
+Status PatchBatch::add_displacing(void* address, std::span<const std::uint8_t> new_bytes,
+                                  std::span<const PcMove> moves) {
+  const auto a = reinterpret_cast<std::uintptr_t>(address);
+  auto e = arch::emulation_for(a, new_bytes);
+  if (e.ok() && e->kind != arch::Emulation::kJmp && e->kind != arch::Emulation::kCall) {
+    return Status::error("patch at " + common::hex_address(a) + ": a displacing patch must begin with a jmp or call");
+  }
+  for (std::size_t i = 0; i < moves.size(); ++i) {
+    const PcMove& m = moves[i];
+    if (m.begin <= a || m.begin > a + kMaxPatchBytes || m.begin >= m.end || (i > 0 && m.begin < moves[i - 1].end)) {
+      return Status::error("patch at " + common::hex_address(a) + ": its moves must be sorted, disjoint and begin "
+                           "behind its head, within " + std::to_string(kMaxPatchBytes) + " bytes");
+    }
+  }
+  if (Status st = queue(address, new_bytes, false); !st.ok()) return st;
+  Patch& p = patches_.back();
+  p.displacing = true;
+  p.first_move = static_cast<std::uint32_t>(moves_.size());
+  p.move_count = static_cast<std::uint32_t>(moves.size());
+  moves_.insert(moves_.end(), moves.begin(), moves.end());
+  return {};
+}
+
+Status PatchBatch::add_resuming(void* address, std::span<const std::uint8_t> new_bytes, std::uintptr_t resume_at) {
+  const auto a = reinterpret_cast<std::uintptr_t>(address);
+  if (new_bytes.empty() || new_bytes.size() > kMaxPatchBytes) {
+    return Status::error("a patch must have 1 to " + std::to_string(kMaxPatchBytes) + " bytes, got " +
+                         std::to_string(new_bytes.size()));
+  }
+  if (resume_at == 0) return Status::error("patch at " + common::hex_address(a) + ": no address to resume at");
+  Patch p{a, static_cast<std::uint8_t>(new_bytes.size()), {}, false};
+  std::memcpy(p.bytes, new_bytes.data(), new_bytes.size());
+  p.resume_at = resume_at;
+  patches_.push_back(p);
+  return {};
+}
+
 Status PatchBatch::add_over_nops(void* address, std::span<const std::uint8_t> new_bytes) {
   const auto* current = static_cast<const std::uint8_t*>(address);
   if (!new_bytes.empty() && new_bytes.size() <= kMaxPatchBytes && !all_one_byte_nops(current, new_bytes.size())) {
@@ -327,19 +367,25 @@ Status apply(const PatchBatch& batch, const PatchLock&) {
   std::vector<Site>& sites = scratch_sites();
   sites.clear();
   sites.reserve(batch.size());
-  std::size_t nop_runs = 0;
+  std::size_t nop_runs = 0, displaced = 0;
   for (const auto& p : batch.patches()) {
-    Site s{p.address, p.length, {}, {}, {}, false};
+    Site s{p.address, p.length, {}, {}, {}, false, p.displacing, p.first_move, p.move_count};
     std::memcpy(s.old_bytes, reinterpret_cast<const void*>(p.address), p.length);
     std::memcpy(s.new_bytes, p.bytes, p.length);
     if (std::memcmp(s.old_bytes, s.new_bytes, s.length) == 0) continue;  // already there
     // A 1-byte run is one instruction: add's rule covers it, nobody can be inside.
     s.over_nops = p.over_nops && s.length > 1 && all_one_byte_nops(s.old_bytes, s.length);
-    if (!s.over_nops) {
+    // A displacing patch's moves empty the run; any other range must be entered at its head.
+    if (!s.over_nops && !s.displacing) {
       if (Status st = check_entered_only_at_head(s); !st.ok()) return st;
     }
     nop_runs += s.over_nops;
-    s.emulation = emulation_of(s.address, {s.new_bytes, s.length}).value();
+    displaced += s.displacing;
+    if (p.resume_at) {
+      s.emulation = {arch::Emulation::kJmp, s.length, p.resume_at};
+    } else {
+      s.emulation = emulation_of(s.address, {s.new_bytes, s.length}).value();
+    }
     sites.push_back(s);
   }
   if (sites.empty()) return {};
@@ -373,7 +419,7 @@ Status apply(const PatchBatch& batch, const PatchLock&) {
   for (const Site& s : sites) w.set(s.address, arch::kInt3);
   if (Status st = write_phase(w, true); !st.ok()) return undo_heads(st);  // some int3s may be in
 
-  if (nop_runs > 0) {
+  if (nop_runs > 0 || displaced > 0) {
     // Phase 1b. A thread may have been at address+1..+len-1 of a nop run, between two nops,
     // when the int3 went in (live, preempted, or in a signal frame it will return to). Had
     // we written the tails now it would resume in the middle of the new instruction. Now
@@ -383,15 +429,24 @@ Status apply(const PatchBatch& batch, const PatchLock&) {
     // other threads see int3 at every head and the old bytes behind it, nothing else. All
     // runs are moved in one signal round; a thread that cannot answer (stopped inside a run)
     // fails the batch before any tail is written, so putting the old heads back undoes it.
+    // A relocated run is the same with a map instead of its end: a thread at one of its
+    // instructions goes to that instruction's copy, which computes what the rest of the run
+    // would have (the detour jumps back behind it); no branch enters the run but at its head.
     std::vector<PcMove> moves;
-    moves.reserve(nop_runs);
-    for (const Site& s : sites)
+    moves.reserve(nop_runs + batch.moves().size());
+    std::uintptr_t first = 0;
+    for (const Site& s : sites) {
+      if (!first && (s.over_nops || s.displacing)) first = s.address;
       if (s.over_nops) moves.push_back({s.address + 1, s.address + s.length, s.address + s.length});
+      for (std::uint32_t i = 0; i < s.move_count; ++i) moves.push_back(batch.moves()[s.first_move + i]);
+    }
     auto moved = move_pcs(moves, batch.fixup_timeout());
     if (!moved.ok()) {
-      return undo_heads(Status::error("replacing " + std::to_string(nop_runs) + " nop run(s) (first at " +
-                                      common::hex_address(moves[0].begin - 1) + "): " + moved.status().message() +
-                                      "; the batch was rolled back",
+      const std::string what = nop_runs ? std::to_string(nop_runs) + " nop run(s)" : std::string();
+      const std::string also = displaced ? std::to_string(displaced) + " relocated run(s)" : std::string();
+      return undo_heads(Status::error("replacing " + what + (what.empty() || also.empty() ? "" : " and ") + also +
+                                      " (first at " + common::hex_address(first) +
+                                      "): " + moved.status().message() + "; the batch was rolled back",
                                       moved.status().sys_errno()));
     }
     detail::counters().pcs_moved.fetch_add(static_cast<std::uint64_t>(moved->pcs_moved), std::memory_order_relaxed);
@@ -419,6 +474,7 @@ Status apply(const PatchBatch& batch, const PatchLock&) {
   detail::retire_table();
   detail::counters().batches.fetch_add(1, std::memory_order_relaxed);
   detail::counters().nop_runs_replaced.fetch_add(nop_runs, std::memory_order_relaxed);
+  detail::counters().runs_displaced.fetch_add(displaced, std::memory_order_relaxed);
   return {};
 }
 
@@ -446,6 +502,7 @@ PatchStats stats() noexcept {
   s.traps_emulated = c.traps_emulated.load(std::memory_order_relaxed);
   s.traps_restarted = c.traps_restarted.load(std::memory_order_relaxed);
   s.nop_runs_replaced = c.nop_runs_replaced.load(std::memory_order_relaxed);
+  s.runs_displaced = c.runs_displaced.load(std::memory_order_relaxed);
   s.pcs_moved = c.pcs_moved.load(std::memory_order_relaxed);
   return s;
 }

@@ -203,7 +203,8 @@ struct Delta {
             a.traps_emulated - before.traps_emulated,
             a.traps_restarted - before.traps_restarted,
             a.nop_runs_replaced - before.nop_runs_replaced,
-            a.pcs_moved - before.pcs_moved};
+            a.pcs_moved - before.pcs_moved,
+            a.runs_displaced - before.runs_displaced};
   }
 };
 

@@ -16,6 +16,12 @@
 // int3s are serialised and before any tail is written, every PC inside such a run (live or
 // in a nested signal frame) is moved to its end, all runs in one move_pcs round.
 //
+// The entry of a function whose first instructions were copied elsewhere (a detour: DESIGN
+// "Hooks on any function") may be replaced too, by add_displacing: a thread may be at any
+// instruction boundary of the run, so in that same round every PC inside it is moved to the
+// matching instruction of the copy. add_resuming puts such a run's original bytes back: a
+// thread that traps at its head meanwhile resumes in the copy, which does what they do.
+//
 // Batches are serialised by one process-wide lock that fork() respects: a child never
 // inherits a half-patched site.
 #pragma once
@@ -27,6 +33,7 @@
 #include <vector>
 
 #include "tramway/status.h"
+#include "tramway/text/signal_router.h"
 
 namespace tramway::text {
 
@@ -50,6 +57,21 @@ class PatchBatch {
   // batch is applied (someone normalised it meanwhile), add's rule applies instead.
   Status add_over_nops(void* address, std::span<const std::uint8_t> new_bytes);
 
+  // Like add, for the first bytes of a run of instructions that were copied to a detour, which
+  // a thread may be inside (at any instruction boundary). `new_bytes` must be a jmp or call;
+  // `moves` send each boundary behind the head to the copy's instruction: sorted, disjoint,
+  // each beginning inside (address, address + 16]. apply moves every PC in them (live or
+  // nested) after the int3 is serialised and before any tail is written. The caller answers
+  // for the moves covering every boundary of the bytes the run's first instructions span, and
+  // for no branch targeting the inside of the run (the relocator's refusals).
+  Status add_displacing(void* address, std::span<const std::uint8_t> new_bytes, std::span<const PcMove> moves);
+
+  // Like add, for bytes whose first instruction need not be one a trapped thread can be
+  // carried past (a relocated run's original instructions, put back): a thread that traps at
+  // the head resumes at `resume_at`, which must compute what the new bytes do (the detour's
+  // copy of them). The current bytes must be entered only at their head, as for add.
+  Status add_resuming(void* address, std::span<const std::uint8_t> new_bytes, std::uintptr_t resume_at);
+
   // How long apply waits for threads to answer the PC fix-up of add_over_nops ranges. A
   // thread that cannot answer (stopped by a debugger inside a run) fails the batch, which is
   // rolled back.
@@ -59,19 +81,27 @@ class PatchBatch {
   void reserve(std::size_t n) { patches_.reserve(n); }
   std::size_t size() const noexcept { return patches_.size(); }
   bool empty() const noexcept { return patches_.empty(); }
-  void clear() noexcept { patches_.clear(); }
+  void clear() noexcept {
+    patches_.clear();
+    moves_.clear();
+  }
 
   struct Patch {
     std::uintptr_t address;
     std::uint8_t length;
     std::uint8_t bytes[kMaxPatchBytes];
     bool over_nops;  // queued by add_over_nops
+    std::uintptr_t resume_at = 0;  // add_resuming: where a thread trapped at the head goes
+    bool displacing = false;       // queued by add_displacing
+    std::uint32_t first_move = 0, move_count = 0;  // its moves in moves() (none for a one-instruction run)
   };
   const std::vector<Patch>& patches() const noexcept { return patches_; }
+  const std::vector<PcMove>& moves() const noexcept { return moves_; }
 
  private:
   Status queue(void* address, std::span<const std::uint8_t> new_bytes, bool over_nops);
   std::vector<Patch> patches_;
+  std::vector<PcMove> moves_;
   std::chrono::milliseconds fixup_timeout_{2000};
 };
 
@@ -113,7 +143,8 @@ struct PatchStats {
   std::uint64_t traps_emulated = 0;     // int3 hits emulated as the new instruction
   std::uint64_t traps_restarted = 0;    // int3 hits whose int3 was already gone (re-executed)
   std::uint64_t nop_runs_replaced = 0;  // add_over_nops ranges applied while they held a nop run
-  std::uint64_t pcs_moved = 0;          // PCs moved out of such runs (live or nested)
+  std::uint64_t pcs_moved = 0;          // PCs moved out of such runs and relocated ones (live or nested)
+  std::uint64_t runs_displaced = 0;     // add_displacing ranges applied
 };
 PatchStats stats() noexcept;
 

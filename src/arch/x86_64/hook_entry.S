@@ -94,8 +94,10 @@
 
 /* The callback of one ops, as run_callbacks (sites/hooks/dispatch.cc) runs it, or a jump to
  * `slow` — before anything is counted or changed — when the thread is already in a callback
- * or has no counter block yet. In: %rdi the ops' State, %edx the site's counter index, %rsi
- * the function's body; the frame of HOOK_FRAME_ENTER with the marker raised. Clobbers every
+ * or has no counter block yet. In: %rdi the ops' State, %edx the site's counter index, %r11
+ * the site's cell or slot data (either names the function at TRAMWAY_OWNER_FUNCTION: a
+ * detour's site is not the function's entry); the frame of HOOK_FRAME_ENTER with the marker
+ * raised. Clobbers every
  * general-purpose call-clobbered register; vector registers only as the callback does. */
 .macro HOOK_CALL_ONE slow
 	movq	tramway_hook_in_callback@gottpoff(%rip), %rcx
@@ -111,7 +113,7 @@
 	movb	$1, %fs:(%rcx)
 	movq	TRAMWAY_STATE_ENTRY(%rdi), %rax
 	movq	TRAMWAY_STATE_OPS(%rdi), %rdi
-	subq	$5, %rsi                    /* the function's entry */
+	movq	TRAMWAY_OWNER_FUNCTION(%r11), %rsi  /* the function's entry */
 	movq	16(%rbp), %rdx              /* the caller's return address */
 	movq	%rsp, %rcx                  /* regs */
 	call	*%rax
@@ -120,7 +122,7 @@
 .endm
 
 /* The rest of a stub, `p` naming its labels, once it has the ops' State in %rdi (with %edx
- * and %rsi as HOOK_CALL_ONE wants them) and the marker raised, only general-purpose registers
+ * and %r11 as HOOK_CALL_ONE wants them) and the marker raised, only general-purpose registers
  * saved. Labels it defines for the code before it: .L<p>_lower (nothing to run: lower the
  * marker and return), .L<p>_register (the marker could not be raised without a call), and it
  * ends in .L<p>_dispatch, where the stub calls its C++ dispatcher and jumps back to

@@ -17,6 +17,9 @@
 /* SiteCell: the word at a site's entry - 8 points at it */
 #define TRAMWAY_CELL_TARGET 0
 #define TRAMWAY_CELL_INDEX 8
+/* The function the callbacks are told of, in a cell and in a direct slot's data alike (the
+ * stubs read it through either): the site's own entry, or the function a detour serves. */
+#define TRAMWAY_OWNER_FUNCTION 24
 /* SlotData of a direct trampoline */
 #define TRAMWAY_SLOT_TAG 0
 #define TRAMWAY_SLOT_STATE 8

@@ -39,22 +39,15 @@ Status not_patchable(const std::string& what) {
 
 using sites::hooks::HookKindOf;
 
-// A function without a patchable entry was selected: say how it could be hooked, and what
-// works today.
-// TODO(issue 12): relocatable (and, with Ops::allow_trap, trap) functions get attached instead.
-Status not_hookable_yet(const std::string& what, const HookKindOf& k) {
-  const std::string today = "; nothing was attached (to hook it now, compile it with "
-                            "-fpatchable-function-entry=13,8: GCC >= 8, Clang >= 10)";
-  switch (k.kind) {
-    case HookKind::relocatable:
-      return Status::error(what + " can be hooked by a relocated prologue, which tramway cannot install yet "
-                                  "(issue 12)" + today);
-    case HookKind::trap:
-      return Status::error(what + " could only be hooked by a trap probe, which tramway does not implement yet "
-                                  "(issue 12), as its prologue cannot be relocated: " + k.reason + today);
-    default:
-      return Status::error(what + " cannot be hooked: " + k.reason + today);
+// A function without a patchable entry that cannot be relocated was selected: say why.
+Status not_hookable(const std::string& what, const HookKindOf& k) {
+  const std::string advice = "; nothing was attached (compiled with -fpatchable-function-entry=13,8, GCC >= 8 or "
+                             "Clang >= 10, it can be hooked whatever its prologue)";
+  if (k.kind == HookKind::trap) {
+    return Status::error(what + " could only be hooked by a trap probe, which tramway does not implement yet, as its "
+                                "prologue cannot be relocated: " + k.reason + advice);
   }
+  return Status::error(what + " cannot be hooked: " + k.reason + advice);
 }
 
 struct CachedObject {
@@ -63,8 +56,17 @@ struct CachedObject {
   bool functions_read = false;  // sites.functions (read lazily: read_all_functions)
   bool seen = false;  // still loaded at the last refresh
 
+  // Decided once: a function hooked since holds our jmp, which is not its prologue.
   const HookKindOf& kind_of(std::size_t i) {
-    if (!kinds[i]) kinds[i] = sites::hooks::classify_function(sites.functions[i].address, sites.functions[i].size);
+    if (kinds[i]) return *kinds[i];
+    const sites::hooks::FunctionSymbol& f = sites.functions[i];
+    if (auto why = sites::hooks::refusal_by_identity(sites.path, f.symbol)) {
+      kinds[i] = HookKindOf{HookKind::refused, *why};
+    } else if (auto it = g_sites.find(f.address); it != g_sites.end() && it->second.relocated) {
+      kinds[i] = HookKindOf{HookKind::relocatable, {}};
+    } else {
+      kinds[i] = sites::hooks::classify_function(f.address, f.size);
+    }
     return *kinds[i];
   }
 };
@@ -138,17 +140,6 @@ void read_all_functions() {
       nullptr);
 }
 
-// The first function without a patchable entry that `match` accepts, in load order.
-template <typename Match>
-std::optional<std::pair<CachedObject*, std::size_t>> other_function(const Match& match) {
-  for (auto& [key, o] : g_objects) {
-    for (std::size_t i = 0; i < o.sites.functions.size(); ++i) {
-      if (match(o.sites.functions[i])) return std::pair{&o, i};
-    }
-  }
-  return std::nullopt;
-}
-
 std::string describe(const std::pair<CachedObject*, std::size_t>& f) {
   const FunctionSymbol& s = f.first->sites.functions[f.second];
   return "'" + s.name + "' (" + common::hex_address(s.address) + " in " + f.first->sites.path + ")";
@@ -163,7 +154,8 @@ const std::vector<Candidate>& all_candidates() {
   g_all.clear();
   for (const auto& [key, o] : g_objects) {
     for (const auto& s : o.sites.sites) {
-      g_all.push_back({s.entry, s.name.empty() ? &s.symbol : &s.name, &o.sites.path, &key, s.form, s.size});
+      g_all.push_back(
+          {s.entry, HookKind::patchable, s.name.empty() ? &s.symbol : &s.name, &o.sites.path, &key, s.form, s.size});
     }
   }
   std::sort(g_all.begin(), g_all.end(), [](const Candidate& a, const Candidate& b) { return a.entry < b.entry; });
@@ -172,7 +164,39 @@ const std::vector<Candidate>& all_candidates() {
   return g_all;
 }
 
-// The sites the filter selects, or an error naming what did not match.
+namespace {
+
+Candidate relocated_candidate(const ObjectKey& key, const CachedObject& o, const FunctionSymbol& f) {
+  return {f.address, HookKind::relocatable, &f.name, &o.sites.path, &key, EntryForm::other, f.size};
+}
+
+// Adds the functions without patchable entries that `match` accepts and that can be relocated;
+// returns the first that cannot (for the error when none can).
+template <typename Match>
+std::optional<std::pair<CachedObject*, std::size_t>> add_relocatable(std::vector<Candidate>& out, const Match& match,
+                                                                     std::size_t* refused = nullptr) {
+  std::optional<std::pair<CachedObject*, std::size_t>> first_refused;
+  for (auto& [key, o] : g_objects) {
+    for (std::size_t i = 0; i < o.sites.functions.size(); ++i) {
+      const FunctionSymbol& f = o.sites.functions[i];
+      if (!match(f)) continue;
+      if (o.kind_of(i).kind == HookKind::relocatable) {
+        out.push_back(relocated_candidate(key, o, f));
+        continue;
+      }
+      if (!first_refused) first_refused = std::pair{&o, i};
+      if (refused) ++*refused;
+    }
+  }
+  return first_refused;
+}
+
+}  // namespace
+
+// The functions the filter selects, or an error naming what did not match. A function without
+// a patchable entry is selected when it can be relocated; names and addresses look at those
+// only when no patchable function answers (reading every object's symbols costs milliseconds),
+// a glob always does.
 Result<std::vector<Candidate>> select(const Filter& filter) {
   const std::vector<Candidate>& all = all_candidates();
   std::vector<Candidate> out;
@@ -189,8 +213,10 @@ Result<std::vector<Candidate>> select(const Filter& filter) {
                                ", which was unloaded (object unloaded); nothing was attached");
         }
         read_all_functions();
-        if (auto other = other_function([&](const FunctionSymbol& f) { return f.address == e; }))
-          return not_hookable_yet(describe(*other), other->first->kind_of(other->second));
+        const std::size_t before = out.size();
+        auto refused = add_relocatable(out, [&](const FunctionSymbol& f) { return f.address == e; });
+        if (out.size() != before) continue;
+        if (refused) return not_hookable(describe(*refused), refused->first->kind_of(refused->second));
         return not_patchable("the function at " + common::hex_address(e));
       }
       break;
@@ -202,29 +228,29 @@ Result<std::vector<Candidate>> select(const Filter& filter) {
         }
         if (out.size() != before) continue;
         read_all_functions();
-        if (auto other = other_function([&](const FunctionSymbol& f) { return f.name == n || f.symbol == n; }))
-          return not_hookable_yet(describe(*other), other->first->kind_of(other->second));
-        return not_patchable("'" + n + "' (no patchable function has that name)");
+        auto refused = add_relocatable(out, [&](const FunctionSymbol& f) { return f.name == n || f.symbol == n; });
+        if (out.size() != before) continue;
+        if (refused) return not_hookable(describe(*refused), refused->first->kind_of(refused->second));
+        return not_patchable("'" + n + "' (no function has that name)");
       }
       break;
-    case Filter::Kind::glob:
+    case Filter::Kind::glob: {
+      const char* pattern = filter.patterns()[0].c_str();
       for (const Candidate& c : all) {
-        if (fnmatch(filter.patterns()[0].c_str(), c.name->c_str(), 0) == 0) out.push_back(c);
+        if (fnmatch(pattern, c.name->c_str(), 0) == 0) out.push_back(c);
       }
+      read_all_functions();
+      std::size_t refused = 0;
+      (void)add_relocatable(out, [&](const FunctionSymbol& f) { return fnmatch(pattern, f.name.c_str(), 0) == 0; },
+                            &refused);
       if (out.empty()) {
-        read_all_functions();
-        std::size_t others = 0;
-        for (const auto& [key, o] : g_objects) {
-          for (const FunctionSymbol& f : o.sites.functions)
-            others += fnmatch(filter.patterns()[0].c_str(), f.name.c_str(), 0) == 0;
-        }
-        return Status::error("the filter '" + filter.patterns()[0] + "' matches no patchable function (" +
-                             std::to_string(all.size()) + " are loaded)" +
-                             (others ? "; it matches " + std::to_string(others) +
-                                           " without a patchable entry, which tramway cannot hook yet (issue 12)"
-                                     : std::string()));
+        return Status::error("the filter '" + filter.patterns()[0] + "' matches no function that can be hooked" +
+                             (refused ? " (it matches " + std::to_string(refused) +
+                                            " that cannot: 'tramway list --all' says why)"
+                                      : std::string()));
       }
       break;
+    }
   }
   std::sort(out.begin(), out.end(), [](const Candidate& a, const Candidate& b) { return a.entry < b.entry; });
   out.erase(std::unique(out.begin(), out.end(), [](const Candidate& a, const Candidate& b) { return a.entry == b.entry; }),
@@ -295,7 +321,12 @@ Result<std::vector<Function>> functions() {
     for (std::size_t i = 0; i < o.sites.functions.size(); ++i) {
       const sites::hooks::FunctionSymbol& s = o.sites.functions[i];
       const sites::hooks::HookKindOf& k = o.kind_of(i);
-      out.push_back({s.address, s.name, o.sites.path, 0, 0, k.kind, s.size, k.reason});
+      Function f{s.address, s.name, o.sites.path, 0, 0, k.kind, s.size, k.reason};
+      if (auto it = g_sites.find(s.address); it != g_sites.end()) {
+        f.ops = it->second.ops.size();
+        if (it->second.cell->index < kMaxSites) f.hits = sum_site_hits(it->second.cell->index);
+      }
+      out.push_back(std::move(f));
     }
   }
   std::sort(out.begin(), out.end(), [](const Function& a, const Function& b) { return a.entry < b.entry; });

@@ -74,16 +74,15 @@ extern "C" __attribute__((visibility("hidden"))) void tramway_hook_dispatch(tram
                                                                             std::uintptr_t caller) {
   using namespace tramway::hooks;
   using namespace tramway::hooks::detail;
-  const std::uintptr_t entry = body - 5;
-  const auto* cell = *reinterpret_cast<SiteCell* const*>(entry - 8);
+  const auto* cell = *reinterpret_cast<SiteCell* const*>(body - 5 - 8);  // the site's literal slot
   const std::uintptr_t target = cell->target.load(std::memory_order_acquire);
   if (target == 0) return;  // detached meanwhile
   if (target & kListTag) {
     const auto* list = reinterpret_cast<const OpsList*>(target & ~kListTag);
-    run_callbacks(list->ops, list->count, cell->index, entry, caller, *regs);
+    run_callbacks(list->ops, list->count, cell->index, cell->function, caller, *regs);
   } else {
     Ops* single = reinterpret_cast<const Ops::State*>(target)->ops;
-    run_callbacks(&single, 1, cell->index, entry, caller, *regs);
+    run_callbacks(&single, 1, cell->index, cell->function, caller, *regs);
   }
 }
 
@@ -99,5 +98,6 @@ extern "C" __attribute__((visibility("hidden"))) void tramway_hook_direct_dispat
   // call into it and its marker. The call goes on untraced.
   if (slot->tag.load(std::memory_order_acquire) != body) return;
   Ops* ops = slot->state.load(std::memory_order_relaxed)->ops;  // written before the tag
-  run_callbacks(&ops, 1, slot->index.load(std::memory_order_relaxed), body - 5, caller, *regs);
+  run_callbacks(&ops, 1, slot->index.load(std::memory_order_relaxed), slot->function.load(std::memory_order_relaxed),
+                caller, *regs);
 }

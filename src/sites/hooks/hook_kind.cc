@@ -2,7 +2,10 @@
 // prologue, else trap when its first instruction decodes, else refused.
 #include "sites/hooks/hook_kind.h"
 
+#include <algorithm>
+#include <iterator>
 #include <span>
+#include <string_view>
 #include <vector>
 
 #include "arch/x86_64/insn.h"
@@ -22,6 +25,44 @@ HookKindOf classify_function(std::uintptr_t address, std::size_t size) {
   if (plan.ok()) return {HookKind::relocatable, {}};
   if (arch::first_instruction(address, code).ok()) return {HookKind::trap, plan.status().message()};
   return {HookKind::refused, plan.status().message()};
+}
+
+namespace {
+
+// Objects whose code runs inside tramway's batches, grace periods and signal handlers.
+constexpr std::string_view kOwnObjects[] = {"libtramway", "ld-linux", "linux-vdso", "libZydis",
+                                           "libZycore",  "libelf",   "libgcc_s"};
+// The C library's entries those call while SIGTRAP may be blocked (tramway's all-blocked
+// windows, the handlers) or between a batch's int3 and its last serialisation.
+constexpr std::string_view kLibcEntries[] = {
+    "syscall", "getpid", "gettid", "sigaction", "__sigaction", "__libc_sigaction", "signal", "sigprocmask",
+    "pthread_sigmask", "sigemptyset", "sigfillset", "sigaddset", "sigdelset", "sigismember", "sigorset",
+    "sigandset", "sigisemptyset", "sigaltstack", "sigreturn", "__restore_rt", "raise", "abort", "_exit",
+    "__errno_location", "__stack_chk_fail", "__tls_get_addr", "clock_gettime", "__clock_gettime", "sched_yield",
+    "nanosleep", "clock_nanosleep", "write", "pwrite64", "pwrite", "tgkill", "pthread_self", "getauxval", "fork",
+    "_Fork", "__libc_fork", "dl_iterate_phdr", "process_vm_readv"};
+
+std::string_view basename_of(std::string_view path) {
+  const std::size_t slash = path.rfind('/');
+  return slash == std::string_view::npos ? path : path.substr(slash + 1);
+}
+
+}  // namespace
+
+std::optional<std::string> refusal_by_identity(const std::string& object_path, const std::string& symbol) {
+  const std::string_view base = basename_of(object_path);
+  for (std::string_view own : kOwnObjects) {
+    if (base.starts_with(own)) {
+      return "it is in " + std::string(base) + ", whose code runs while tramway patches code or handles signals";
+    }
+  }
+  if (base.starts_with("libc.so") || base.starts_with("libc-")) {
+    if (std::find(std::begin(kLibcEntries), std::end(kLibcEntries), symbol) != std::end(kLibcEntries)) {
+      return "tramway calls it while it patches code or handles signals (a hook there could recurse into the "
+             "patching, or trap where SIGTRAP is blocked)";
+    }
+  }
+  return std::nullopt;
 }
 
 }  // namespace tramway::sites::hooks

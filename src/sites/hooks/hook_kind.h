@@ -7,6 +7,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 #include <string>
 
 #include "tramway/hooks.h"
@@ -19,5 +20,12 @@ struct HookKindOf {
 };
 
 HookKindOf classify_function(std::uintptr_t address, std::size_t size);
+
+// Why a function must not be hooked whatever its bytes, or nullopt: it is tramway's own code
+// or code tramway runs while it patches or handles signals (the dynamic loader, the vDSO, the
+// decoder, and the C library's signal, memory and system-call entries its handlers and batches
+// call), where a hook would recurse into the machinery changing it, or an int3 would land
+// where SIGTRAP is blocked. The kernel's kprobes keep such a list too (NOKPROBE_SYMBOL).
+std::optional<std::string> refusal_by_identity(const std::string& object_path, const std::string& symbol);
 
 }  // namespace tramway::sites::hooks

@@ -131,7 +131,7 @@ std::map<const Ops::State*, Retired> g_failed_detaches;
 // a grace period has passed, after which the state is freed. Without grace periods the ops is
 // left as a failed detach leaves it (unpublished, not freed; detach finishes it).
 Status abandon_attach(Ops& ops, std::unique_ptr<Ops::State> state, Retired retired, const Status& why) {
-  if (Status g = grace::synchronize(); !g.ok()) {
+  if (Status g = grace::synchronize(retired.flavor()); !g.ok()) {
     std::lock_guard lock(g_mu);
     state->detach_failed = true;
     g_failed_detaches[state.get()] = std::move(retired);
@@ -180,9 +180,12 @@ Status attach(Ops& ops, const Filter& filter) {
     return Status::error("hooks::attach: the objects of every function the filter selected were unloaded meanwhile "
                          "(object unloaded); nothing was attached");
   }
-  for (Candidate& c : *selected) c.form = sites::hooks::form_at(c.entry);  // the cache's may be stale
+  for (Candidate& c : *selected) {
+    if (c.kind == HookKind::patchable) c.form = sites::hooks::form_at(c.entry);  // the cache's may be stale
+  }
 
   for (const Candidate& c : *selected) {
+    if (c.kind != HookKind::patchable) continue;  // relocated: its detour is planned from its bytes
     const auto known = g_sites.find(c.entry);
     if (c.form == EntryForm::other && (known == g_sites.end() || !known->second.enabled())) {
       return Status::error("the entry of " + (c.name->empty() ? common::hex_address(c.entry) : *c.name) +
@@ -217,12 +220,16 @@ Status attach(Ops& ops, const Filter& filter) {
   for (const Candidate& c : *selected) {
     Site& s = g_sites[c.entry];
     if (!s.cell) {
-      s.entry = c.entry;
+      s.function = c.entry;
+      s.relocated = c.kind != HookKind::patchable;
+      s.entry = s.relocated ? 0 : c.entry;  // relocated: its pad's site, taken by its first batch
+      s.size = c.size;
       s.name = *c.name;
       s.object = *c.object;
       s.object_key = *c.key;
       s.cell = new SiteCell;
       s.cell->index = g_next_site_index < kMaxSites ? g_next_site_index++ : kMaxSites;
+      s.cell->function = c.entry;
     }
     std::vector<Ops*> after = s.ops;
     after.push_back(&ops);
@@ -361,8 +368,10 @@ Status detach(Ops& ops) {
   common::LoaderUse loader_use;  // outermost: pins dlopen and dlclose (common/loader_gate.h)
   auto retired = unpublish(ops, "hooks::detach");
   if (!retired.ok()) return retired.status();
-  // Every thread that may still run a callback of `ops` is inside the stub's marker region.
-  if (Status st = grace::synchronize(); !st.ok()) return keep_failed_detach(ops, std::move(*retired), "hooks::detach", st);
+  // Every thread that may still run a callback of `ops` is inside the stub's marker region;
+  // one still in a detour's copy is seen by a tasks grace period.
+  if (Status st = grace::synchronize(retired->flavor()); !st.ok())
+    return keep_failed_detach(ops, std::move(*retired), "hooks::detach", st);
   free_all(*retired, ops);
   return {};
 }
@@ -374,7 +383,7 @@ Status detach_async(Ops& ops, std::function<void()> done) {
   if (!retired.ok()) return retired.status();
   // The callback thread retries a grace period that fails, so `done` runs once one succeeds.
   auto shared = std::make_shared<Retired>(std::move(*retired));
-  Status st = grace::call([shared, &ops, done = std::move(done)] {
+  Status st = grace::call(shared->flavor(), [shared, &ops, done = std::move(done)] {
     free_all(*shared, ops);
     if (done) done();
   });

@@ -42,14 +42,17 @@
 #include <cstddef>
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "arch/x86_64/hook_layout.h"
+#include "sites/hooks/detour.h"
 #include "sites/hooks/discovery.h"
 #include "sites/hooks/unload.h"
+#include "tramway/grace.h"
 #include "tramway/hooks.h"
 
 #pragma GCC visibility push(hidden)
@@ -152,10 +155,12 @@ struct SlotData {
   std::atomic<std::uintptr_t> tag;  // the owner's body, or 0
   std::atomic<Ops::State*> state;
   std::atomic<std::uint32_t> index;  // the owner site's hit counter
-  std::uint32_t unused[3];
+  std::uint32_t unused;
+  std::atomic<std::uintptr_t> function;  // the owner's function (written before the tag)
 };
 static_assert(offsetof(SlotData, tag) == TRAMWAY_SLOT_TAG && offsetof(SlotData, state) == TRAMWAY_SLOT_STATE &&
-              offsetof(SlotData, index) == TRAMWAY_SLOT_INDEX);
+              offsetof(SlotData, index) == TRAMWAY_SLOT_INDEX &&
+              offsetof(SlotData, function) == TRAMWAY_OWNER_FUNCTION && sizeof(SlotData) == 32);
 
 struct DirectSlot {
   std::uintptr_t code = 0;  // what the site calls (RX)
@@ -178,36 +183,51 @@ struct OpsList {
 struct alignas(64) SiteCell {
   std::atomic<std::uintptr_t> target{0};  // Ops::State*, OpsList* | kListTag, or 0
   std::uint32_t index = 0;                // of the site's hit counter
+  std::uintptr_t unused = 0;
+  std::uintptr_t function = 0;            // the function's entry: the site's, or the one its detour serves
 };
-static_assert(offsetof(SiteCell, target) == TRAMWAY_CELL_TARGET && offsetof(SiteCell, index) == TRAMWAY_CELL_INDEX);
+static_assert(offsetof(SiteCell, target) == TRAMWAY_CELL_TARGET && offsetof(SiteCell, index) == TRAMWAY_CELL_INDEX &&
+              offsetof(SiteCell, function) == TRAMWAY_OWNER_FUNCTION);
 
 enum class Mode : std::uint8_t { off, common, direct };
 
 struct Site {
+  std::uintptr_t function = 0;  // the table's key: the function's entry, what callbacks are told
+  // The 5-byte site: the function's patchable entry, or for a relocated function the site of
+  // its entry pad (sites/hooks/detour.h), taken on its first hook and kept.
   std::uintptr_t entry = 0;
+  bool relocated = false;       // no patchable entry: hooked through a detour while not off
+  std::size_t size = 0;         // relocated: the symbol's size, the bytes the relocator decodes
+  std::unique_ptr<sites::hooks::Detour> detour;  // relocated, while not off: the copy of its run
   std::string name, object;
   ObjectKey object_key;
   SiteCell* cell = nullptr;  // never freed: the literal slot points at it
   bool literal_written = false;
-  Mode mode = Mode::off;     // what the entry holds: a nop, a call of the thunk or of `slot`
+  Mode mode = Mode::off;     // what the site holds: a nop, a call of the thunk or of `slot`
   DirectSlot slot;           // called in mode direct; kept in the others while slot_ops is attached
   Ops* slot_ops = nullptr;   // the ops `slot` names; 0 once its tag is cleared
   std::vector<Ops*> ops;
   bool enabled() const noexcept { return mode != Mode::off; }
 };
 
-extern std::map<std::uintptr_t, Site> g_sites;  // every site ever hooked, by entry (under g_mu)
+extern std::map<std::uintptr_t, Site> g_sites;  // every site ever hooked, by function (under g_mu)
 
 // What a site with these ops should be.
 Mode mode_for(const std::vector<Ops*>& ops);
 bool site_is(const Site& s, Mode m, const std::vector<Ops*>& ops);
 
-// What may be read by threads still inside a stub: reused or freed after a grace period.
+// What may be read by threads still inside a stub: reused or freed after a grace period. The
+// copies of detours no function jumps to any more need a tasks-flavor one, whose ranges were
+// passed to grace::retire when they were unpublished (a tasks grace period is a trace one too).
 struct Retired {
   std::vector<std::uintptr_t> targets;  // cell targets replaced (lists are freed)
   std::vector<DirectSlot> slots;        // tags cleared, given back to the pool
-  bool empty() const noexcept { return targets.empty() && slots.empty(); }
+  std::vector<text::CodeBlock> copies;  // detours' copies, retired (sites/hooks/detour.h)
+  bool empty() const noexcept { return targets.empty() && slots.empty() && copies.empty(); }
+  grace::Flavor flavor() const noexcept { return copies.empty() ? grace::Flavor::trace : grace::Flavor::tasks; }
 };
+// Unpublishes a detour's copy: retired for the next tasks grace period, freed after it.
+void retire_copy(Site& s, Retired& retired);
 
 // The cell target for these ops: 0, the one ops's State, or a new list.
 std::uintptr_t target_for(const std::vector<Ops*>& ops);
@@ -227,7 +247,8 @@ Status apply_modes(const std::vector<ModeChange>& changes, Retired& retired);
 
 // --- discovery_cache.cc: the patchable functions loaded now ----------------------------------
 struct Candidate {
-  std::uintptr_t entry;
+  std::uintptr_t entry;       // the function's
+  HookKind kind;              // patchable or relocatable
   const std::string* name;    // in the discovery cache, valid under g_mu
   const std::string* object;
   const ObjectKey* key;

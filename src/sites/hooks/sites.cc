@@ -71,8 +71,9 @@ std::uintptr_t target_for(const std::vector<Ops*>& ops) {
   return reinterpret_cast<std::uintptr_t>(list) | kListTag;
 }
 
-void release(const Retired& r) {  // after a grace period; takes g_mu
+void release(const Retired& r) {  // after a grace period (tasks with copies); takes g_mu
   for (std::uintptr_t t : r.targets) free_target(t);
+  for (const text::CodeBlock& b : r.copies) sites::hooks::free_detour(b);
   if (r.slots.empty()) return;
   std::lock_guard lock(g_mu);
   for (const DirectSlot& slot : r.slots) give_back_slot(slot);
@@ -81,7 +82,8 @@ void release(const Retired& r) {  // after a grace period; takes g_mu
 void release_after_grace_period(Retired r) {
   std::erase_if(r.targets, [](std::uintptr_t t) { return !(t & kListTag); });
   if (r.empty()) return;
-  (void)grace::call([r = std::move(r)] { release(r); });
+  const grace::Flavor flavor = r.flavor();
+  (void)grace::call(flavor, [r = std::move(r)] { release(r); });
 }
 
 void retire_dead_slot(Site& s, Retired& retired) {
@@ -90,21 +92,82 @@ void retire_dead_slot(Site& s, Retired& retired) {
   s.slot = {};
 }
 
+void retire_copy(Site& s, Retired& retired) {
+  if (!s.detour) return;
+  const text::CodeBlock& b = s.detour->block;
+  // Cannot fail on a non-empty range; the copy then waits for the next tasks grace period.
+  (void)grace::retire(b.rx, b.rx + b.size);
+  retired.copies.push_back(b);
+  s.detour.reset();
+}
+
+namespace {
+
+// The detour of a relocated function leaving mode off, planned from its bytes now (its
+// original ones: nothing of ours is in them while it is off). Its pad is taken on its first
+// hook, its jmp going home (to the run), so that the batch changes it like any instruction.
+Status prepare_detour(Site& s) {
+  std::vector<std::uint8_t> code(s.size);
+  const std::string what = "'" + s.name + "' (" + common::hex_address(s.function) + " in " + s.object + ")";
+  if (s.size == 0 || !arch::read_own_memory(s.function, code)) {
+    return Status::error("cannot read the " + std::to_string(s.size) + " bytes of " + what);
+  }
+  auto plan = arch::plan_relocation(s.function, code);
+  if (!plan.ok()) return Status::error("cannot relocate the prologue of " + what + ": " + plan.status().message());
+  if (s.entry == 0) {
+    auto pad = sites::hooks::take_entry_pad(s.function, s.cell, plan->run_start);
+    if (!pad.ok()) return Status::error("cannot hook " + what + ": " + pad.status().message());
+    s.entry = *pad;
+    s.literal_written = true;  // the pad's literal slot names the cell from the start
+  }
+  auto d = sites::hooks::build_detour(std::move(*plan), s.entry);
+  if (!d.ok()) return Status::error("cannot hook " + what + ": " + d.status().message());
+  s.detour = std::make_unique<sites::hooks::Detour>(std::move(*d));
+  return {};
+}
+
+}  // namespace
+
 // Puts each site in its new mode, all in one batch. Literal slots of sites entering common
 // mode are written first, once, in one write per page (no thread reads one before its site
 // calls the stub, and the batch's serialisations order these writes before that); slots of
 // sites entering direct mode are filled before the batch too (no thread reaches a slot before
 // its site calls it). After the batch, the slots sites left get their tag cleared and go to
 // `retired`. On failure no site changed mode (the slots taken go to `retired`).
+//
+// A relocated function leaving mode off gets a detour (sites/hooks/detour.h) and the batch
+// writes, besides its pad's site, the jmp over its run (every PC inside the run moved to the
+// copy) and, for a pad used before, the pad's jmp to the new copy. Returning to mode off, the
+// batch puts the run's original bytes back (a thread trapping at their head meanwhile resumes
+// in the copy) and turns the pad's jmp back to the run; the copy is retired.
 Status apply_modes(const std::vector<ModeChange>& changes, Retired& retired) {
   std::vector<text::UnexecutedWrite> literals;
-  for (const ModeChange& c : changes) {
+  std::vector<bool> built(changes.size());
+  // A failure after copies were built: they are retired (a failed batch may have carried a
+  // thread into one), and their functions left without.
+  const auto drop_built = [&] {
+    for (std::size_t i = 0; i < changes.size(); ++i)
+      if (built[i]) retire_copy(*changes[i].site, retired);
+  };
+  for (std::size_t i = 0; i < changes.size(); ++i) {
+    const ModeChange& c = changes[i];
     Site& s = *c.site;
+    if (s.relocated && s.mode == Mode::off && c.mode != Mode::off) {
+      if (Status st = prepare_detour(s); !st.ok()) {
+        drop_built();
+        return st;
+      }
+      built[i] = true;
+      continue;
+    }
     if (c.mode != Mode::common || s.literal_written) continue;
     literals.push_back({reinterpret_cast<void*>(s.entry - 8),
                         {reinterpret_cast<const std::uint8_t*>(&s.cell), sizeof s.cell}});
   }
-  if (Status st = text::write_unexecuted(literals); !st.ok()) return st;
+  if (Status st = text::write_unexecuted(literals); !st.ok()) {
+    drop_built();
+    return st;
+  }
   for (const ModeChange& c : changes) {
     if (c.mode == Mode::common) c.site->literal_written = true;
   }
@@ -116,6 +179,7 @@ Status apply_modes(const std::vector<ModeChange>& changes, Retired& retired) {
       slot.data->tag.store(0, std::memory_order_release);
       retired.slots.push_back(slot);
     }
+    drop_built();
     return st;
   };
   text::PatchBatch batch;
@@ -138,6 +202,7 @@ Status apply_modes(const std::vector<ModeChange>& changes, Retired& retired) {
         taken[i] = *slot;
         slot->data->state.store(c.direct_ops->state, std::memory_order_relaxed);
         slot->data->index.store(s.cell->index, std::memory_order_relaxed);
+        slot->data->function.store(s.function, std::memory_order_relaxed);
         slot->data->tag.store(s.entry + 5, std::memory_order_release);
         callee = slot->code;
       }
@@ -149,15 +214,32 @@ Status apply_modes(const std::vector<ModeChange>& changes, Retired& retired) {
     // the batch moves threads that are between two of them to the end of the run before it
     // writes the tail (DESIGN, "Normalisation of GCC's entries"), all such sites in one
     // signal round.
-    const bool gcc_entry = s.mode == Mode::off && sites::hooks::form_at(s.entry) == EntryForm::nop1x5;
+    const bool gcc_entry =
+        !s.relocated && s.mode == Mode::off && sites::hooks::form_at(s.entry) == EntryForm::nop1x5;
     Status st = gcc_entry ? batch.add_over_nops(reinterpret_cast<void*>(s.entry), insn)
                           : batch.add(reinterpret_cast<void*>(s.entry), insn);
+    if (st.ok() && s.relocated && (s.mode == Mode::off) != (c.mode == Mode::off)) {
+      const sites::hooks::Detour& d = *s.detour;
+      auto* run = reinterpret_cast<void*>(d.plan.run_start);
+      auto* pad_jmp = reinterpret_cast<void*>(s.entry + arch::kRel32InsnSize);
+      if (c.mode != Mode::off) {
+        st = batch.add(pad_jmp, d.pad_jmp);
+        if (st.ok()) st = batch.add_displacing(run, d.jmp, d.moves());
+      } else if (const auto home = sites::hooks::pad_jmp_home(s.entry, d.plan.run_start)) {
+        st = batch.add_resuming(run, std::span(d.plan.run_bytes).first(arch::kRel32InsnSize), d.copy);
+        if (st.ok()) st = batch.add(pad_jmp, *home);
+      } else {
+        st = Status::error("internal: the entry pad of " + common::hex_address(s.function) + " is out of rel32 reach");
+      }
+    }
     if (!st.ok()) return give_up(st);
   }
   if (Status st = text::apply(batch); !st.ok()) return give_up(st);
   for (std::size_t i = 0; i < changes.size(); ++i) {
     Site& s = *changes[i].site;
+    const bool leaves_detour = s.relocated && changes[i].mode == Mode::off && s.mode != Mode::off;
     s.mode = changes[i].mode;
+    if (leaves_detour) retire_copy(s, retired);
     if (taken[i]) {
       if (s.slot) {  // an earlier owner's, detached since (its tag is cleared)
         s.slot.data->tag.store(0, std::memory_order_release);

@@ -173,8 +173,9 @@ void forget_object(const ObjectKey& key) {
       ++it;
       continue;
     }
-    for (Ops* o : s.ops) std::erase(o->state->entries, s.entry);
+    for (Ops* o : s.ops) std::erase(o->state->entries, s.function);
     retired.targets.push_back(s.cell->target.exchange(0, std::memory_order_acq_rel));
+    retire_copy(s, retired);  // a thread preempted in it would return into unmapped code anyway
     if (s.slot) {
       s.slot.data->tag.store(0, std::memory_order_release);
       retired.slots.push_back(s.slot);
@@ -183,17 +184,25 @@ void forget_object(const ObjectKey& key) {
     it = g_sites.erase(it);
   }
   if (cells.empty()) return;
-  (void)grace::call([retired = std::move(retired), cells] {
+  const grace::Flavor flavor = retired.flavor();
+  (void)grace::call(flavor, [retired = std::move(retired), cells] {
     release(retired);
     for (SiteCell* c : cells) delete c;
   });
 }
 
 // What tramway wrote into a site's code that no fresh load of its object holds: the cell's
-// address in its literal slot, or the call of its direct slot.
+// address in its literal slot, or the call of its direct slot; for a relocated function, the
+// jmp over its run.
 sites::hooks::Witness witness_of(const Site& s) {
   sites::hooks::Witness w;
-  if (s.literal_written) {
+  if (s.relocated) {  // its pad is tramway's: only the jmp over the run is in the object
+    if (s.detour) {
+      w.address = s.detour->plan.run_start;
+      w.size = s.detour->jmp.size();
+      std::memcpy(w.bytes, s.detour->jmp.data(), s.detour->jmp.size());
+    }
+  } else if (s.literal_written) {
     w.address = s.entry - 8;
     w.size = sizeof s.cell;
     std::memcpy(w.bytes, &s.cell, sizeof s.cell);
