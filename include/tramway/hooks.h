@@ -1,8 +1,15 @@
-// tramway/hooks.h — ftrace-style function hooks on patchable entries.
+// tramway/hooks.h — ftrace-style function hooks on any function.
 //
-// A function compiled with -fpatchable-function-entry=13,8 (GCC >= 8, Clang >= 10) can be
-// hooked while the program runs: attach an Ops to a set of functions and its entry callback
-// runs at the start of each of them, on whatever thread calls it, until it is detached.
+// Any function of a loaded object can be hooked while the program runs: attach an Ops to a
+// set of functions and its entry callback runs at the start of each of them, on whatever
+// thread calls it, until it is detached. A function compiled with
+// -fpatchable-function-entry=13,8 (GCC >= 8, Clang >= 10) is hooked at its patchable entry;
+// any other (a distribution's libraries, a plain -O2 build) through its relocated prologue
+// (HookKind::relocatable, DESIGN "Hooks on any function"): the shortest run of whole
+// instructions of at least 5 bytes at its entry becomes a jmp to an entry pad shaped like a
+// patchable entry, whose site calls the same stub and then runs a copy of the run. Everything
+// below holds for both kinds alike; the copy is freed only after a tasks-flavor grace period
+// (a thread may be preempted inside it), so detach waits for one.
 //
 //   tramway::hooks::Ops ops;
 //   ops.entry = [](const Ops& o, std::uintptr_t fn, std::uintptr_t caller, tramway::hooks::EntryRegs& r) { ... };
@@ -20,8 +27,10 @@
 // patch batch for any number of sites. A callback that calls a hooked function does not
 // re-enter callbacks on that thread (the call is counted in `recursion_skipped`).
 // attach/detach are not async-signal-safe and fail when called from inside a callback.
-// Not patchable: functions whose entry does not hold the compiler's nops, e.g. those built
-// with Clang's -fsanitize=function (its signature comes first); attach says so.
+// Refused, with the reason: patchable entries that do not hold the compiler's nops (Clang's
+// -fsanitize=function puts its signature first); prologues the relocator cannot move (a call
+// or syscall inside the run, a branch into it, a function shorter than it); tramway's own
+// code and the C library entries it calls while it patches or handles signals.
 //
 // Direct mode (Ops::direct): a site whose only ops is direct calls a trampoline slot of its
 // own, generated near it, instead of the common entry's thunk, and the slot names the ops:
@@ -172,5 +181,7 @@ Result<std::vector<Function>> patchable_functions();
 // for an object reads its symbols and decodes all its functions (libc: ~18 ms of CPU); the
 // kinds are cached with the object until it is unloaded. Holds the hooks' lock meanwhile.
 Result<std::vector<Function>> functions();
+// The same for the functions whose name `glob` matches (fnmatch): only those are decoded.
+Result<std::vector<Function>> functions(const std::string& glob);
 
 }  // namespace tramway::hooks

@@ -11,9 +11,9 @@
 // from the environment, the variables below, and removes itself (and the libraries the
 // command preloaded with it, TRAMWAY_PRELOAD) from LD_PRELOAD, so the program's children run
 // untraced and without the agent:
-//   TRAMWAY_LIST=GLOB       print the patchable functions matching GLOB (name, address, object),
-//                           sorted by name, and _exit(0) before main; _exit(3) if the
-//                           executable has none (wrong flags), _exit(1) if GLOB matches none.
+//   TRAMWAY_LIST=GLOB       print the functions matching GLOB that can be hooked (patchable
+//                           entries and relocatable prologues: name, address, object), sorted
+//                           by name, and _exit(0) before main; _exit(1) if GLOB matches none.
 //                           With TRAMWAY_LIST_ALL=1, every function of every kind (a fourth
 //                           column, the hook kind, and a fifth, the reason, for trap and
 //                           refused), then one `# OBJECT: N patchable, ...` line per object.
@@ -115,15 +115,16 @@ std::string program_name() { return program_invocation_name ? program_invocation
 
 // ---- listing ----
 
-// The listing of the functions matching `glob`, sorted by name: patchable ones only, or with
-// `all` every kind (hooks::HookKind) followed by a summary line per object.
+// The listing of the functions matching `glob`, sorted by name: those that can be hooked
+// (patchable entries and relocatable prologues), or with `all` every kind (hooks::HookKind),
+// the kind and the reason on each line, followed by a summary line per object.
 Result<std::vector<std::string>> list_lines(const std::string& glob, bool all, std::size_t* loaded = nullptr) {
-  Result<std::vector<hooks::Function>> fns = all ? hooks::functions() : hooks::patchable_functions();
+  Result<std::vector<hooks::Function>> fns = hooks::functions(glob);
   if (!fns.ok()) return fns.status();
   if (loaded) *loaded = fns->size();
   std::vector<const hooks::Function*> hits;
   for (const hooks::Function& f : *fns) {
-    if (fnmatch(glob.c_str(), f.name.c_str(), 0) == 0) hits.push_back(&f);
+    if (all || f.kind == hooks::HookKind::patchable || f.kind == hooks::HookKind::relocatable) hits.push_back(&f);
   }
   std::sort(hits.begin(), hits.end(), [](const hooks::Function* a, const hooks::Function* b) {
     return a->name != b->name ? a->name < b->name : a->entry < b->entry;
@@ -153,38 +154,22 @@ Result<std::vector<std::string>> list_lines(const std::string& glob, bool all, s
   return lines;
 }
 
-std::string no_match(const std::string& glob, std::size_t loaded, bool all) {
-  return std::string(all ? "no function" : "no patchable function") + " matches '" + glob + "' (" +
-         std::to_string(loaded) + " are loaded)";
+std::string no_match(const std::string& glob, std::size_t matched, bool all) {
+  if (all || matched == 0) return "no function matches '" + glob + "'";
+  return "no function that can be hooked matches '" + glob + "' (it matches " + std::to_string(matched) +
+         " that cannot: `tramway list --all` says why)";
 }
 
 // Prints the functions `glob` matches (every kind with `all`) and exits: 0, or 1 when none does.
-[[noreturn]] void print_listing(const std::string& glob, bool all) {
-  std::size_t loaded = 0;
-  Result<std::vector<std::string>> lines = list_lines(glob, all, &loaded);
+[[noreturn]] void list_mode(const std::string& glob_arg, bool all) {
+  const std::string glob = glob_arg.empty() ? "*" : glob_arg;
+  std::size_t matched = 0;
+  Result<std::vector<std::string>> lines = list_lines(glob, all, &matched);
   if (!lines.ok()) die(2, lines.status().message());
-  if (lines->empty()) die(1, no_match(glob, loaded, all));
+  if (lines->empty()) die(1, no_match(glob, matched, all));
   for (const std::string& l : *lines) std::printf("%s\n", l.c_str());
   std::fflush(stdout);
   _exit(0);
-}
-
-[[noreturn]] void list_mode(const std::string& glob_arg, bool all) {
-  const std::string glob = glob_arg.empty() ? "*" : glob_arg;
-  if (all) print_listing(glob, true);  // every kind: a program built without the flag has functions too
-  Result<std::vector<hooks::Function>> fns = hooks::patchable_functions();
-  if (!fns.ok()) die(2, fns.status().message());
-  char buf[PATH_MAX];
-  const ssize_t n = readlink("/proc/self/exe", buf, sizeof buf - 1);
-  const std::string exe = n > 0 ? std::string(buf, static_cast<std::size_t>(n)) : program_name();
-  const auto in_exe = std::count_if(fns->begin(), fns->end(), [&](const hooks::Function& f) { return f.object == exe; });
-  if (in_exe == 0) {
-    std::string msg = exe + " has no patchable function: build it with -fpatchable-function-entry=13,8 (GCC >= 8 and Clang >= 10 take the same flag)";
-    if (!fns->empty()) msg += "; its shared libraries have " + std::to_string(fns->size());
-    msg += ". `tramway list --all` lists every function and how tramway can hook it";
-    die(3, msg);
-  }
-  print_listing(glob, false);
 }
 
 // ---- recording ----

@@ -6,7 +6,6 @@
 // matching functions not traced yet with a new ops; detach(glob) detaches the ops that cover
 // its functions and re-attaches the ones other globs still want.
 #include <fcntl.h>
-#include <fnmatch.h>
 #include <pthread.h>
 #include <signal.h>
 #include <sys/stat.h>
@@ -191,7 +190,7 @@ class Recording {
     t->life.store(detail::Life::free, std::memory_order_release);
   }
 
-  // Adds to the function table every patchable function not in it yet.
+  // Adds to the function table every function of `all` not in it yet.
   void name_functions(const std::vector<hooks::Function>& all) {
     std::string payload;
     for (const hooks::Function& f : all) {
@@ -368,17 +367,23 @@ Result<std::size_t> attach(const std::string& glob) {
   std::lock_guard lock(r.mutex);
   if (!r.active || r.stopping) return Status::error("trace::attach: not recording (start a recording first)");
   if (r.globs.count(glob)) return Status::error("'" + glob + "' is traced already");
-  auto all = hooks::patchable_functions();
+  // Every kind: patchable entries and relocated prologues are traced alike.
+  auto all = hooks::functions(glob);
   if (!all.ok()) return all.status();
   std::set<std::uintptr_t> matched;
-  for (const hooks::Function& f : *all) {
-    if (fnmatch(glob.c_str(), f.name.c_str(), 0) == 0) matched.insert(f.entry);
+  std::vector<hooks::Function> hookable;
+  for (hooks::Function& f : *all) {
+    if (f.kind != hooks::HookKind::patchable && f.kind != hooks::HookKind::relocatable) continue;
+    matched.insert(f.entry);
+    hookable.push_back(std::move(f));
   }
   if (matched.empty()) {
-    return Status::error("'" + glob + "' matches no patchable function of this process (" + std::to_string(all->size()) +
-                         " patchable; `tramway list` shows them)");
+    return Status::error("'" + glob + "' matches no function of this process that can be hooked" +
+                         (all->empty() ? std::string(" (`tramway list --all` lists them)")
+                                       : " (it matches " + std::to_string(all->size()) +
+                                             " that cannot: `tramway list --all` says why)"));
   }
-  r.name_functions(*all);
+  r.name_functions(hookable);
   std::set<std::uintptr_t> fresh;
   const std::set<std::uintptr_t> traced = r.traced();
   for (std::uintptr_t f : matched) {

@@ -1,4 +1,4 @@
-// tramway — list, record and live-trace the patchable functions of a program, and report on
+// tramway — list, record and live-trace the functions of a program, and report on
 // the traces (perf/uftrace-like). See `tramway --help`.
 //
 //   tramway list [--all] PROG [GLOB] | list [--all] PID [GLOB]
@@ -259,7 +259,8 @@ int main_cli(int argc, char** argv) {
     }
   }
 
-  CLI::App app{"tramway: trace the patchable functions (-fpatchable-function-entry=13,8) of a program", "tramway"};
+  CLI::App app{"tramway: trace the functions of a program (patchable entries, -fpatchable-function-entry=13,8, "
+               "or relocated prologues)", "tramway"};
   app.require_subcommand(1);
   app.footer(
       "Examples:\n"
@@ -270,11 +271,12 @@ int main_cli(int argc, char** argv) {
 
   std::string list_target, list_glob;
   bool list_all = false;
-  CLI::App* list = app.add_subcommand("list", "list the patchable functions of a program (PROG) or of a running agent (PID)");
+  CLI::App* list = app.add_subcommand(
+      "list", "list the functions tramway can hook in a program (PROG) or in a running agent (PID)");
   list->add_option("target", list_target, "a program to start (it exits before its main), or the PID of a program started by `tramway run`/`record`")->required();
   list->add_option("glob", list_glob, "shell glob on function names (default: all)");
   list->add_flag("--all", list_all,
-                 "every function, not only the patchable ones, with how it can be hooked (patchable, relocatable, "
+                 "every function, also those that cannot be hooked, with how each can be (patchable, relocatable, "
                  "trap, or refused and why), then a count of each kind per object");
 
   RecordArgs rec;

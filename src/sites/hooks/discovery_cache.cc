@@ -3,10 +3,10 @@
 // patchable_functions() and functions().
 //
 // Reading an object's symbols with libelf costs milliseconds, so each loaded object is read
-// once, keyed by load bias and name; objects unloaded since are dropped. Deciding the kind of
-// its functions without patchable entries decodes them all (libc: ~18 ms of CPU; reading
-// their symbols, ~1 ms), which attach and patchable_functions() never need: both are done
-// lazily, by functions() and by a filter that selects no patchable function, and kept with
+// once, keyed by load bias and name; objects unloaded since are dropped. Its functions without
+// patchable entries are read only when asked for (functions(), a glob, a name or address no
+// patchable function answers), and the kind of each (hook_kind.h: a decode of the whole
+// function, libc's all ~18 ms of CPU) only when it is listed or selected; both are kept with
 // the object. Under g_mu.
 #include <fnmatch.h>
 #include <link.h>
@@ -311,15 +311,20 @@ Result<std::vector<Function>> patchable_functions() {
   return out;
 }
 
-Result<std::vector<Function>> functions() {
+Result<std::vector<Function>> functions() { return functions("*"); }
+
+Result<std::vector<Function>> functions(const std::string& glob) {
+  const auto matches = [&](const std::string& name) { return glob == "*" || fnmatch(glob.c_str(), name.c_str(), 0) == 0; };
   std::vector<Function> out;
   std::lock_guard lock(g_mu);
   forget_dead_objects();
   append_patchable(out);  // refreshes the cache
+  std::erase_if(out, [&](const Function& f) { return !matches(f.name); });
   read_all_functions();
   for (auto& [key, o] : g_objects) {
     for (std::size_t i = 0; i < o.sites.functions.size(); ++i) {
       const sites::hooks::FunctionSymbol& s = o.sites.functions[i];
+      if (!matches(s.name)) continue;
       const sites::hooks::HookKindOf& k = o.kind_of(i);
       Function f{s.address, s.name, o.sites.path, 0, 0, k.kind, s.size, k.reason};
       if (auto it = g_sites.find(s.address); it != g_sites.end()) {

@@ -21,7 +21,8 @@ struct HookKindOf {
 
 HookKindOf classify_function(std::uintptr_t address, std::size_t size);
 
-// Why a function must not be hooked whatever its bytes, or nullopt: it is tramway's own code
+// Why a function must not be hooked whatever its bytes, or nullopt: it is a compiler's cold
+// fragment of another function (entered by a jump: no return address to hook), or tramway's own code
 // or code tramway runs while it patches or handles signals (the dynamic loader, the vDSO, the
 // decoder, and the C library's signal, memory and system-call entries its handlers and batches
 // call), where a hook would recurse into the machinery changing it, or an int3 would land
