@@ -9,7 +9,8 @@
 // instructions of at least 5 bytes at its entry becomes a jmp to an entry pad shaped like a
 // patchable entry, whose site calls the same stub and then runs a copy of the run. Everything
 // below holds for both kinds alike; the copy is freed only after a tasks-flavor grace period
-// (a thread may be preempted inside it), so detach waits for one.
+// (a thread may be preempted inside it), so detach waits for one. A function only a trap probe
+// can hook (HookKind::trap) is selected by ops with Ops::allow_trap alone.
 //
 //   tramway::hooks::Ops ops;
 //   ops.entry = [](const Ops& o, std::uintptr_t fn, std::uintptr_t caller, tramway::hooks::EntryRegs& r) { ... };
@@ -79,6 +80,11 @@ struct Ops {
   void* data = nullptr;  // for the callback
   bool direct = false;               // direct trampolines (above); read at attach
   bool save_extended_state = false;  // xsave/xrstor around the callback; read at attach
+  // Also select functions only a trap probe can hook (HookKind::trap): an int3 at the entry,
+  // the callback run in the SIGTRAP handler — so it must be async-signal-safe — and the
+  // displaced instruction executed out of line. Every hit costs a signal (microseconds).
+  // Read at attach.
+  bool allow_trap = false;
 
   // Managed by tramway; read with the functions below.
   struct State;

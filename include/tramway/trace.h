@@ -1,7 +1,8 @@
 // tramway/trace.h — the function tracer: record entries and exits of hooked functions.
 //
 // One recording per process. start() opens the trace file (tramway/trace/format.h) and a
-// flusher thread; attach(glob) hooks the matching patchable functions so that every call
+// flusher thread; attach(glob) hooks the matching functions (patchable entries and relocated
+// prologues, and with RecordOptions::allow_trap trap probes too) so that every call
 // records an entry event and, through a per-thread shadow stack of return addresses, an exit
 // event; detach(glob) removes them; stop() detaches everything, drains every thread's ring
 // buffer and closes the file. Guarantees: events a full ring cannot take are counted as lost
@@ -24,13 +25,14 @@ struct RecordOptions {
   std::string output;                     // the trace file to create (truncated if it exists)
   std::size_t ring_events = 1u << 18;     // per-thread ring capacity, in events (power of two)
   unsigned flush_interval_ms = 10;        // how often the flusher drains the rings
+  bool allow_trap = false;                // also trace functions only a trap probe can hook (a signal a call)
 };
 
 // Opens `options.output` and starts recording (no function is traced until attach).
 Status start(const RecordOptions& options);
 
-// Traces every patchable function whose demangled name matches `glob` (fnmatch), entry and
-// exit. Returns how many functions that covers. Fails if nothing matches or the glob is
+// Traces every function that can be hooked whose demangled name matches `glob` (fnmatch),
+// entry and exit. Returns how many functions that covers. Fails if nothing matches or the glob is
 // attached already.
 Result<std::size_t> attach(const std::string& glob);
 

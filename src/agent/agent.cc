@@ -20,6 +20,7 @@
 //   TRAMWAY_OUTPUT=FILE     record to FILE; TRAMWAY_FILTERS holds one glob per line (default
 //                           `*`). A failure prints `tramway: ...` and _exit(2)s before main.
 //   TRAMWAY_CONTROL=1       serve the control socket (control_io.h); failure: _exit(2).
+//   TRAMWAY_TRAP=1          recordings also trace functions only a trap probe can hook
 //   TRAMWAY_DURATION=S      stop recording S seconds after start; the program runs on untraced
 //                           (`tramway record --duration` also ends the program, from outside).
 // At exit (an atexit handler registered by the constructor, which glibc runs when it finalises
@@ -181,6 +182,7 @@ struct State {
                   // thread, the duration timer and the exit handler
   std::string output;  // the recording's file, as the agent started it
   std::size_t peak_functions = 0;
+  bool allow_trap = false;  // TRAMWAY_TRAP=1: recordings may trace trap probes
   control::Server* server = nullptr;
   pid_t pid = 0;
 };
@@ -197,6 +199,7 @@ Status start_recording(const std::string& file) {
   }
   trace::RecordOptions o;
   o.output = file;
+  o.allow_trap = st.allow_trap;
   if (Status s = trace::start(o); !s.ok()) return Status::error("cannot record to " + file + ": " + s.message());
   st.output = file;
   st.peak_functions = 0;
@@ -370,10 +373,12 @@ void init() {
   const std::optional<std::string> filters = take_env("TRAMWAY_FILTERS");
   const std::optional<std::string> control = take_env("TRAMWAY_CONTROL");
   const std::optional<std::string> duration = take_env("TRAMWAY_DURATION");
+  const std::optional<std::string> trap = take_env("TRAMWAY_TRAP");
   const std::optional<std::string> preload = take_env("TRAMWAY_PRELOAD");
   remove_from_preload(preload.value_or(""));
   State& st = state();
   st.pid = getpid();
+  st.allow_trap = trap == "1";
 
   if (list) list_mode(*list, list_all == "1");
 

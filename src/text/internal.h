@@ -58,6 +58,10 @@ void serialize_after_fork_in_child() noexcept;
 // Called by the SIGTRAP router for an int3 trap (si_code SI_KERNEL). Returns true when the
 // trap was ours (emulated, or its int3 is gone and the instruction is re-executed).
 bool handle_int3(ucontext_t* uc) noexcept;
+// Asked first about every int3 trap (async-signal-safe): true when it was a trap probe's and
+// the handler carried the thread past it (sites/hooks/trap_probes.cc). Set once.
+using ProbeHandler = bool (*)(ucontext_t* uc) noexcept;
+void set_probe_handler(ProbeHandler handler) noexcept;
 
 // --- signal_router.cc ------------------------------------------------------------------------
 Status ensure_router() noexcept;

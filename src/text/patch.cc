@@ -135,7 +135,15 @@ void retire_table() {
 
 }  // namespace
 
+namespace {
+std::atomic<ProbeHandler> g_probe_handler{nullptr};
+}  // namespace
+
+void set_probe_handler(ProbeHandler handler) noexcept { g_probe_handler.store(handler, std::memory_order_release); }
+
 bool handle_int3(ucontext_t* uc) noexcept {
+  // A trap probe's int3 stays in the code between batches: its owner knows it.
+  if (ProbeHandler probe = g_probe_handler.load(std::memory_order_acquire); probe && probe(uc)) return true;
   const std::uintptr_t site = arch::context_pc(uc) - 1;
   g_readers.fetch_add(1, std::memory_order_seq_cst);
   bool ours = true;
@@ -491,6 +499,18 @@ Status write_unexecuted(std::span<const UnexecutedWrite> writes) {
     for (std::size_t i = 0; i < u.bytes.size(); ++i) w.set(a + i, u.bytes[i]);
   }
   return w.flush();
+}
+
+Status write_instruction_bytes(std::span<const ByteWrite> writes) {
+  if (writes.empty()) return {};
+  if (Status st = detail::ensure_router(); !st.ok()) return st;
+  PatchLock lock;
+  if (Status st = detail::precheck_batch(); !st.ok()) return st;  // would an int3 kill a thread?
+  if (Status st = detail::prepare_serialization(); !st.ok()) return st;
+  detail::PageWriter w;
+  for (const ByteWrite& b : writes) w.set(reinterpret_cast<std::uintptr_t>(b.address), b.byte);
+  if (Status st = w.flush(); !st.ok()) return st;
+  return detail::serialize_all_cores();
 }
 
 PatchStats stats() noexcept {

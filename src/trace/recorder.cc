@@ -79,6 +79,7 @@ class Recording {
   std::uint64_t events = 0, lost = 0;
   std::size_t threads = 0;
   unsigned flush_interval_ms = 50;
+  bool allow_trap = false;  // RecordOptions::allow_trap
   std::thread flusher;
   std::condition_variable wake;
   bool stopping = false;
@@ -217,6 +218,7 @@ class Recording {
     Owner owner{std::make_unique<hooks::Ops>(), functions};
     owner.ops->entry = entry_callback;
     owner.ops->direct = true;  // one recorder ops a function: each site gets its own slot
+    owner.ops->allow_trap = allow_trap;
     if (Status s = hooks::attach(*owner.ops, hooks::Filter::addresses({functions.begin(), functions.end()})); !s.ok()) {
       if (owner.ops->state) (void)owner.ops.release();  // not freed: callbacks may still run (hooks::attach says so)
       return s;
@@ -316,6 +318,7 @@ Status start(const RecordOptions& options) {
   r.threads = 0;
   r.named.clear();
   r.flush_interval_ms = options.flush_interval_ms ? options.flush_interval_ms : 50;
+  r.allow_trap = options.allow_trap;
   detail::set_ring_events(options.ring_events);
 
   // Calibrate the TSC against CLOCK_MONOTONIC over 20 ms (a few ppm: a few µs a second).
@@ -373,15 +376,22 @@ Result<std::size_t> attach(const std::string& glob) {
   std::set<std::uintptr_t> matched;
   std::vector<hooks::Function> hookable;
   for (hooks::Function& f : *all) {
-    if (f.kind != hooks::HookKind::patchable && f.kind != hooks::HookKind::relocatable) continue;
+    const bool can_hook = f.kind == hooks::HookKind::patchable || f.kind == hooks::HookKind::relocatable ||
+                          (r.allow_trap && f.kind == hooks::HookKind::trap);
+    if (!can_hook) continue;
     matched.insert(f.entry);
     hookable.push_back(std::move(f));
   }
   if (matched.empty()) {
+    const auto traps = std::count_if(all->begin(), all->end(), [](const hooks::Function& f) { return f.kind == hooks::HookKind::trap; });
     return Status::error("'" + glob + "' matches no function of this process that can be hooked" +
                          (all->empty() ? std::string(" (`tramway list --all` lists them)")
                                        : " (it matches " + std::to_string(all->size()) +
-                                             " that cannot: `tramway list --all` says why)"));
+                                             " that cannot: `tramway list --all` says why)") +
+                         (traps && !r.allow_trap ? "; " + std::to_string(traps) +
+                                                       " of them a trap probe could hook: record with --trap "
+                                                       "(RecordOptions::allow_trap), a signal a call"
+                                                 : std::string()));
   }
   r.name_functions(hookable);
   std::set<std::uintptr_t> fresh;

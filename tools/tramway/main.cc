@@ -2,7 +2,7 @@
 // the traces (perf/uftrace-like). See `tramway --help`.
 //
 //   tramway list [--all] PROG [GLOB] | list [--all] PID [GLOB]
-//   tramway record [-f GLOB]... [-o FILE] [--duration S] -- PROG ARGS...
+//   tramway record [-f GLOB]... [-o FILE] [--duration S] [--trap] -- PROG ARGS...
 //   tramway run -- PROG ARGS...
 //   tramway live PID attach GLOB [-o FILE] | detach GLOB | status | stop
 //   tramway report FILE [--sort KEY] [--limit N] [--per-thread] [--chrome F] [--folded F] [--svg F]
@@ -95,6 +95,7 @@ struct RecordArgs {
   std::vector<std::string> filters;
   std::string output = "tramway.trace";
   double duration = 0;
+  bool trap = false;
 };
 
 struct FileStamp {
@@ -164,6 +165,7 @@ int record(const RecordArgs& a, const std::vector<std::string>& command) {
   l.env.emplace_back("TRAMWAY_OUTPUT", output);
   l.env.emplace_back("TRAMWAY_FILTERS", filters);
   if (a.duration > 0) l.env.emplace_back("TRAMWAY_CONTROL", "1");
+  if (a.trap) l.env.emplace_back("TRAMWAY_TRAP", "1");
   Result<Supervisor> s = Supervisor::start(l);
   if (!s.ok()) return fail(s.status());
   s->before_reap(remove_stale_socket);
@@ -287,6 +289,9 @@ int main_cli(int argc, char** argv) {
       ->allow_extra_args(false);
   record_cmd->add_option("-o,--output", rec.output, "the trace file")->capture_default_str();
   record_cmd->add_option("--duration", rec.duration, "record for S seconds (from when the agent is up), then end the program")->check(CLI::PositiveNumber);
+  record_cmd->add_flag("--trap", rec.trap,
+                       "also trace functions whose prologue cannot be relocated, through trap probes (an int3: "
+                       "a signal a call)");
   record_cmd->add_option("command", rec_command, "-- PROG ARGS...");
 
   std::vector<std::string> run_command;

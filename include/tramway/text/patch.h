@@ -132,6 +132,17 @@ struct UnexecutedWrite {
 };
 Status write_unexecuted(std::span<const UnexecutedWrite> writes);
 
+// Writes single bytes at the heads of instructions other threads may be executing (a trap
+// probe's int3, or the byte it replaced) and returns once every core has seen them: one
+// serialisation for all. A byte is fetched whole, so a thread sees the old instruction or the
+// int3, never a mix. Whoever writes an int3 so has first told the SIGTRAP router what to do
+// with it (sites/hooks' trap probes), and keeps telling it until the old byte is back.
+struct ByteWrite {
+  void* address;
+  std::uint8_t byte;
+};
+Status write_instruction_bytes(std::span<const ByteWrite> writes);
+
 // Reads code that may be unmapped meanwhile: an error (EIO) instead of SIGSEGV when it is.
 Status read_code(const void* address, std::span<std::uint8_t> out);
 

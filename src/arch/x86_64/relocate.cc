@@ -45,8 +45,11 @@ struct Decoded {
 
 class Planner {
  public:
-  Planner(std::uintptr_t function, std::span<const std::uint8_t> code, const ReadMemory& read)
-      : function_(function), code_(code), read_(read) {
+  // `min_run`: kRunMinLength for a detour; 1 for a trap probe's single displaced instruction,
+  // where nothing else of the function matters (a branch to the entry meets the int3 again).
+  Planner(std::uintptr_t function, std::span<const std::uint8_t> code, const ReadMemory& read,
+          std::size_t min_run = kRunMinLength)
+      : function_(function), code_(code), read_(read), min_run_(min_run) {
     ZydisDecoderInit(&decoder_, ZYDIS_MACHINE_MODE_LONG_64, ZYDIS_STACK_WIDTH_64);
   }
 
@@ -79,6 +82,7 @@ class Planner {
   std::uintptr_t function_;
   std::span<const std::uint8_t> code_;
   const ReadMemory& read_;
+  std::size_t min_run_;
   ZydisDecoder decoder_;
   std::uintptr_t run_start_ = 0, run_end_ = 0;
   std::vector<std::uint8_t> boundary_;  // 1 at each instruction start of the run (by run offset)
@@ -250,7 +254,7 @@ Result<RelocationPlan> Planner::plan() {
   plan.run_start = run_start_;
   std::size_t run_offset = offset;
   std::vector<Decoded> run;
-  while (offset - run_offset < kRunMinLength) {
+  while (offset - run_offset < min_run_) {
     if (offset >= code_.size()) {
       return Status::error("cannot relocate the prologue of the function at " + function_text() + ": it is " +
                            std::to_string(code_.size()) + " bytes long, too short for the " +
@@ -284,6 +288,7 @@ Result<RelocationPlan> Planner::plan() {
       plan.reach_high = std::max<std::uintptr_t>(plan.reach_high, target);
     }
   }
+  if (min_run_ < kRunMinLength) return plan;  // one instruction: no branch can land inside it
   // Pass 2: every other instruction of the function, the endbr64 included.
   for (std::size_t o = 0; o < code_.size(); o += d.insn.length) {
     if (o == run_offset) {
@@ -308,6 +313,10 @@ bool read_own_memory(std::uintptr_t address, std::span<std::uint8_t> out) {
 Result<RelocationPlan> plan_relocation(std::uintptr_t function, std::span<const std::uint8_t> code,
                                        const ReadMemory& read) {
   return Planner(function, code, read).plan();
+}
+
+Result<RelocationPlan> plan_first_instruction(std::uintptr_t function, std::span<const std::uint8_t> code) {
+  return Planner(function, code, read_own_memory, 1).plan();
 }
 
 }  // namespace tramway::arch

@@ -62,6 +62,12 @@ bool read_own_memory(std::uintptr_t address, std::span<std::uint8_t> out);
 Result<RelocationPlan> plan_relocation(std::uintptr_t function, std::span<const std::uint8_t> code,
                                        const ReadMemory& read = read_own_memory);
 
+// The plan of a trap probe (DESIGN "Hooks on any function"): the run is the function's first
+// instruction (behind an endbr64), executed out of line behind an int3; the same refusals of
+// that instruction, none for the rest of the function (no branch can land inside one
+// instruction, and one to its start meets the int3 again).
+Result<RelocationPlan> plan_first_instruction(std::uintptr_t function, std::span<const std::uint8_t> code);
+
 // Where a thread at an instruction of the run continues in the copy.
 struct Boundary {
   std::uint32_t run_offset = 0;   // from plan.run_start

@@ -44,8 +44,8 @@ Status not_hookable(const std::string& what, const HookKindOf& k) {
   const std::string advice = "; nothing was attached (compiled with -fpatchable-function-entry=13,8, GCC >= 8 or "
                              "Clang >= 10, it can be hooked whatever its prologue)";
   if (k.kind == HookKind::trap) {
-    return Status::error(what + " could only be hooked by a trap probe, which tramway does not implement yet, as its "
-                                "prologue cannot be relocated: " + k.reason + advice);
+    return Status::error(what + " can only be hooked by a trap probe, as its prologue cannot be relocated (" + k.reason +
+                         "): set Ops::allow_trap (tramway record --trap) to accept a signal a call" + advice);
   }
   return Status::error(what + " cannot be hooked: " + k.reason + advice);
 }
@@ -62,8 +62,8 @@ struct CachedObject {
     const sites::hooks::FunctionSymbol& f = sites.functions[i];
     if (auto why = sites::hooks::refusal_by_identity(sites.path, f.symbol)) {
       kinds[i] = HookKindOf{HookKind::refused, *why};
-    } else if (auto it = g_sites.find(f.address); it != g_sites.end() && it->second.relocated) {
-      kinds[i] = HookKindOf{HookKind::relocatable, {}};
+    } else if (auto it = g_sites.find(f.address); it != g_sites.end() && (it->second.relocated || it->second.trap)) {
+      kinds[i] = HookKindOf{it->second.relocated ? HookKind::relocatable : HookKind::trap, {}};
     } else {
       kinds[i] = sites::hooks::classify_function(f.address, f.size);
     }
@@ -166,22 +166,19 @@ const std::vector<Candidate>& all_candidates() {
 
 namespace {
 
-Candidate relocated_candidate(const ObjectKey& key, const CachedObject& o, const FunctionSymbol& f) {
-  return {f.address, HookKind::relocatable, &f.name, &o.sites.path, &key, EntryForm::other, f.size};
-}
-
-// Adds the functions without patchable entries that `match` accepts and that can be relocated;
-// returns the first that cannot (for the error when none can).
+// Adds the functions without patchable entries that `match` accepts and that can be relocated
+// (or probed, with `allow_trap`); returns the first that cannot (for the error when none can).
 template <typename Match>
-std::optional<std::pair<CachedObject*, std::size_t>> add_relocatable(std::vector<Candidate>& out, const Match& match,
-                                                                     std::size_t* refused = nullptr) {
+std::optional<std::pair<CachedObject*, std::size_t>> add_hookable(std::vector<Candidate>& out, const Match& match,
+                                                                  bool allow_trap, std::size_t* refused = nullptr) {
   std::optional<std::pair<CachedObject*, std::size_t>> first_refused;
   for (auto& [key, o] : g_objects) {
     for (std::size_t i = 0; i < o.sites.functions.size(); ++i) {
       const FunctionSymbol& f = o.sites.functions[i];
       if (!match(f)) continue;
-      if (o.kind_of(i).kind == HookKind::relocatable) {
-        out.push_back(relocated_candidate(key, o, f));
+      const HookKind k = o.kind_of(i).kind;
+      if (k == HookKind::relocatable || (allow_trap && k == HookKind::trap)) {
+        out.push_back({f.address, k, &f.name, &o.sites.path, &key, EntryForm::other, f.size});
         continue;
       }
       if (!first_refused) first_refused = std::pair{&o, i};
@@ -197,7 +194,7 @@ std::optional<std::pair<CachedObject*, std::size_t>> add_relocatable(std::vector
 // a patchable entry is selected when it can be relocated; names and addresses look at those
 // only when no patchable function answers (reading every object's symbols costs milliseconds),
 // a glob always does.
-Result<std::vector<Candidate>> select(const Filter& filter) {
+Result<std::vector<Candidate>> select(const Filter& filter, bool allow_trap) {
   const std::vector<Candidate>& all = all_candidates();
   std::vector<Candidate> out;
   switch (filter.kind()) {
@@ -214,7 +211,7 @@ Result<std::vector<Candidate>> select(const Filter& filter) {
         }
         read_all_functions();
         const std::size_t before = out.size();
-        auto refused = add_relocatable(out, [&](const FunctionSymbol& f) { return f.address == e; });
+        auto refused = add_hookable(out, [&](const FunctionSymbol& f) { return f.address == e; }, allow_trap);
         if (out.size() != before) continue;
         if (refused) return not_hookable(describe(*refused), refused->first->kind_of(refused->second));
         return not_patchable("the function at " + common::hex_address(e));
@@ -228,7 +225,8 @@ Result<std::vector<Candidate>> select(const Filter& filter) {
         }
         if (out.size() != before) continue;
         read_all_functions();
-        auto refused = add_relocatable(out, [&](const FunctionSymbol& f) { return f.name == n || f.symbol == n; });
+        auto refused =
+            add_hookable(out, [&](const FunctionSymbol& f) { return f.name == n || f.symbol == n; }, allow_trap);
         if (out.size() != before) continue;
         if (refused) return not_hookable(describe(*refused), refused->first->kind_of(refused->second));
         return not_patchable("'" + n + "' (no function has that name)");
@@ -241,8 +239,8 @@ Result<std::vector<Candidate>> select(const Filter& filter) {
       }
       read_all_functions();
       std::size_t refused = 0;
-      (void)add_relocatable(out, [&](const FunctionSymbol& f) { return fnmatch(pattern, f.name.c_str(), 0) == 0; },
-                            &refused);
+      (void)add_hookable(out, [&](const FunctionSymbol& f) { return fnmatch(pattern, f.name.c_str(), 0) == 0; },
+                         allow_trap, &refused);
       if (out.empty()) {
         return Status::error("the filter '" + filter.patterns()[0] + "' matches no function that can be hooked" +
                              (refused ? " (it matches " + std::to_string(refused) +

@@ -1,6 +1,7 @@
 // The C++ dispatchers the stubs (arch/x86_64/hook_entry.S) call, with the thread's marker
 // raised, for every case their fast path leaves: lists of ops, disabled ops, extended state,
-// recursion, the thread's first hook. And the stubs' frame, as caller_return_slot reads it.
+// recursion, the thread's first hook; and the trap probes' SIGTRAP handler calls
+// (trap_probes.cc). And the stubs' frame, as caller_return_slot reads it.
 #include <cxxabi.h>
 
 #include <atomic>
@@ -55,6 +56,19 @@ inline void run_callbacks(Ops* const* ops, std::size_t count, std::uint32_t site
 }
 
 }  // namespace
+
+void run_cell_callbacks(const SiteCell& cell, std::uintptr_t caller, EntryRegs& regs) {
+  const std::uintptr_t target = cell.target.load(std::memory_order_acquire);
+  if (target == 0) return;  // detached meanwhile
+  if (target & kListTag) {
+    const auto* list = reinterpret_cast<const OpsList*>(target & ~kListTag);
+    run_callbacks(list->ops, list->count, cell.index, cell.function, caller, regs);
+  } else {
+    Ops* single = reinterpret_cast<const Ops::State*>(target)->ops;
+    run_callbacks(&single, 1, cell.index, cell.function, caller, regs);
+  }
+}
+
 }  // namespace tramway::hooks::detail
 
 namespace tramway::hooks {
@@ -74,16 +88,7 @@ extern "C" __attribute__((visibility("hidden"))) void tramway_hook_dispatch(tram
                                                                             std::uintptr_t caller) {
   using namespace tramway::hooks;
   using namespace tramway::hooks::detail;
-  const auto* cell = *reinterpret_cast<SiteCell* const*>(body - 5 - 8);  // the site's literal slot
-  const std::uintptr_t target = cell->target.load(std::memory_order_acquire);
-  if (target == 0) return;  // detached meanwhile
-  if (target & kListTag) {
-    const auto* list = reinterpret_cast<const OpsList*>(target & ~kListTag);
-    run_callbacks(list->ops, list->count, cell->index, cell->function, caller, *regs);
-  } else {
-    Ops* single = reinterpret_cast<const Ops::State*>(target)->ops;
-    run_callbacks(&single, 1, cell->index, cell->function, caller, *regs);
-  }
+  run_cell_callbacks(**reinterpret_cast<SiteCell* const*>(body - 5 - 8), caller, *regs);  // the site's literal slot
 }
 
 // Called by tramway_hook_direct with the marker raised, for what its fast path leaves; `slot`

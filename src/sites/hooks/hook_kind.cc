@@ -1,5 +1,5 @@
 // The kinds of a function without a patchable entry: relocatable when the relocator plans its
-// prologue, else trap when its first instruction decodes, else refused.
+// prologue, else trap when its first instruction can run out of line, else refused.
 #include "sites/hooks/hook_kind.h"
 
 #include <algorithm>
@@ -23,8 +23,11 @@ HookKindOf classify_function(std::uintptr_t address, std::size_t size) {
   }
   Result<arch::RelocationPlan> plan = arch::plan_relocation(address, code);
   if (plan.ok()) return {HookKind::relocatable, {}};
-  if (arch::first_instruction(address, code).ok()) return {HookKind::trap, plan.status().message()};
-  return {HookKind::refused, plan.status().message()};
+  // A trap probe executes the first instruction out of line: it must be relocatable alone.
+  Result<arch::RelocationPlan> first = arch::plan_first_instruction(address, code);
+  if (first.ok()) return {HookKind::trap, plan.status().message()};
+  return {HookKind::refused, plan.status().message() + "; nor can its first instruction run out of line behind a "
+                             "trap probe: " + first.status().message()};
 }
 
 namespace {

@@ -98,7 +98,7 @@ Status pin_selected_objects(const Ops& ops, const Filter& filter, sites::hooks::
   {
     std::lock_guard lock(g_mu);
     if (ops.state) return attached_already(ops);
-    auto selected = select(filter);
+    auto selected = select(filter, ops.allow_trap);
     if (!selected.ok()) return selected.status();
     // Only here is an empty selection the filter's doing; after the pins it means unloaded.
     if (selected->empty()) return Status::error("hooks::attach: the filter selects no function; nothing was attached");
@@ -170,7 +170,7 @@ Status attach(Ops& ops, const Filter& filter) {
   forget_dead_objects();
   (void)all_candidates();  // rebuilt if an object came or went since the first selection
   const bool unchanged = g_all_version == first.version;
-  auto selected = unchanged ? Result<std::vector<Candidate>>(std::move(first.candidates)) : select(filter);
+  auto selected = unchanged ? Result<std::vector<Candidate>>(std::move(first.candidates)) : select(filter, ops.allow_trap);
   if (!selected.ok()) return selected.status();
   // Objects loaded since the pins were taken are left out, as if loaded after the attach (the
   // first selection's objects are all pinned).
@@ -221,8 +221,9 @@ Status attach(Ops& ops, const Filter& filter) {
     Site& s = g_sites[c.entry];
     if (!s.cell) {
       s.function = c.entry;
-      s.relocated = c.kind != HookKind::patchable;
-      s.entry = s.relocated ? 0 : c.entry;  // relocated: its pad's site, taken by its first batch
+      s.relocated = c.kind == HookKind::relocatable;
+      s.trap = c.kind == HookKind::trap;
+      s.entry = c.kind == HookKind::patchable ? c.entry : 0;  // relocated: its pad's site, taken by its first batch
       s.size = c.size;
       s.name = *c.name;
       s.object = *c.object;
@@ -233,7 +234,7 @@ Status attach(Ops& ops, const Filter& filter) {
     }
     std::vector<Ops*> after = s.ops;
     after.push_back(&ops);
-    const Mode m = mode_for(after);
+    const Mode m = mode_for(s, after);
     if (!site_is(s, m, after)) changes.push_back({&s, m, m == Mode::direct ? &ops : nullptr});
   }
   // Code first: a site that calls the stub before its cell names the ops just returns, and
@@ -324,7 +325,7 @@ Result<Retired> unpublish(Ops& ops, const char* who) {
     // Code that is not pinned is not written: the site keeps calling the stub or its slot,
     // which turn calls away now (as after a failed batch, below).
     if (!pins.holds(s.object_key.first, s.object_key.second)) continue;
-    const Mode m = mode_for(s.ops);
+    const Mode m = mode_for(s, s.ops);
     if (!site_is(s, m, s.ops)) changes.push_back({&s, m, m == Mode::direct ? s.ops[0] : nullptr});
   }
   // On failure the sites keep their code: a common-mode site calls the stub with a cell that

@@ -10,6 +10,10 @@
 // batch: the 5-byte nop at the entry becomes `call thunk` (a generated `jmp
 // *tramway_hook_entry` within rel32 reach) and back.
 //
+// A function without a patchable entry has its site in its entry pad (detour.h), the same
+// machinery behind it; one hooked by a trap probe has none: the SIGTRAP handler reads its cell
+// (trap_probes.h), and it is never direct.
+//
 // A site whose only ops is direct calls a slot of the direct pool instead (direct_slots.cc);
 // the slot's data names the ops. The cell is kept up to date in every mode, so a thread that
 // entered through either path finds the ops it should run.
@@ -27,7 +31,10 @@
 //   extended_state.cc   the xsave layout, and the callback run between xsave and xrstor
 //   dispatch.cc         the C++ dispatchers the stubs (arch/x86_64/hook_entry.S) call
 //   discovery.cc        reading an object's patchable entries and functions (discovery.h)
-//   hook_kind.cc        how a function without a patchable entry could be hooked (hook_kind.h)
+//   hook_kind.cc        how a function without a patchable entry can be hooked, and what is
+//                       refused whatever its bytes (hook_kind.h)
+//   detour.cc           entry pads and relocated copies of functions without patchable entries
+//   trap_probes.cc      trap probes: the probe table, the SIGTRAP handler's part (trap_probes.h)
 //   discovery_cache.cc  the functions loaded now, read once an object, the filters'
 //                       selection from them, patchable_functions(), functions()
 //   unload.cc           object pins, the dlclose interposer, and the tables forgetting objects
@@ -51,6 +58,7 @@
 #include "arch/x86_64/hook_layout.h"
 #include "sites/hooks/detour.h"
 #include "sites/hooks/discovery.h"
+#include "sites/hooks/trap_probes.h"
 #include "sites/hooks/unload.h"
 #include "tramway/grace.h"
 #include "tramway/hooks.h"
@@ -134,6 +142,9 @@ extern std::vector<std::uint32_t> g_free_ids;  // under g_mu
 extern std::uint32_t g_next_id;
 
 // --- dispatch.cc: the dispatchers ------------------------------------------------------------
+struct SiteCell;
+// Runs the callbacks `cell` names now (the recursion guard, counters), with the marker raised.
+void run_cell_callbacks(const SiteCell& cell, std::uintptr_t caller, EntryRegs& regs);
 // Set while this thread runs callbacks: the recursion guard (DESIGN invariant 7).
 extern thread_local constinit bool t_in_callback __asm__("tramway_hook_in_callback")
     __attribute__((tls_model("initial-exec")));
@@ -197,6 +208,8 @@ struct Site {
   // its entry pad (sites/hooks/detour.h), taken on its first hook and kept.
   std::uintptr_t entry = 0;
   bool relocated = false;       // no patchable entry: hooked through a detour while not off
+  bool trap = false;            // hooked by a trap probe while not off (never direct: no site to call a slot)
+  std::unique_ptr<TrapProbe> probe;  // trap, while not off
   std::size_t size = 0;         // relocated: the symbol's size, the bytes the relocator decodes
   std::unique_ptr<sites::hooks::Detour> detour;  // relocated, while not off: the copy of its run
   std::string name, object;
@@ -212,8 +225,8 @@ struct Site {
 
 extern std::map<std::uintptr_t, Site> g_sites;  // every site ever hooked, by function (under g_mu)
 
-// What a site with these ops should be.
-Mode mode_for(const std::vector<Ops*>& ops);
+// What a site with these ops should be (a trap probe's is never direct).
+Mode mode_for(const Site& s, const std::vector<Ops*>& ops);
 bool site_is(const Site& s, Mode m, const std::vector<Ops*>& ops);
 
 // What may be read by threads still inside a stub: reused or freed after a grace period. The
@@ -222,8 +235,9 @@ bool site_is(const Site& s, Mode m, const std::vector<Ops*>& ops);
 struct Retired {
   std::vector<std::uintptr_t> targets;  // cell targets replaced (lists are freed)
   std::vector<DirectSlot> slots;        // tags cleared, given back to the pool
-  std::vector<text::CodeBlock> copies;  // detours' copies, retired (sites/hooks/detour.h)
-  bool empty() const noexcept { return targets.empty() && slots.empty() && copies.empty(); }
+  std::vector<text::CodeBlock> copies;  // detours' and trap probes' copies, retired
+  std::vector<void*> probe_tables;      // trap probe tables replaced (trap_probes.cc)
+  bool empty() const noexcept { return targets.empty() && slots.empty() && copies.empty() && probe_tables.empty(); }
   grace::Flavor flavor() const noexcept { return copies.empty() ? grace::Flavor::trace : grace::Flavor::tasks; }
 };
 // Unpublishes a detour's copy: retired for the next tasks grace period, freed after it.
@@ -248,7 +262,7 @@ Status apply_modes(const std::vector<ModeChange>& changes, Retired& retired);
 // --- discovery_cache.cc: the patchable functions loaded now ----------------------------------
 struct Candidate {
   std::uintptr_t entry;       // the function's
-  HookKind kind;              // patchable or relocatable
+  HookKind kind;              // patchable, relocatable, or trap
   const std::string* name;    // in the discovery cache, valid under g_mu
   const std::string* object;
   const ObjectKey* key;
@@ -260,8 +274,9 @@ extern std::uint64_t g_all_version;  // rebuilds of the candidate list: candidat
 
 // Every patchable function loaded now, sorted by entry (under g_mu).
 const std::vector<Candidate>& all_candidates();
-// The sites the filter selects, or an error naming what did not match (under g_mu).
-Result<std::vector<Candidate>> select(const Filter& filter);
+// The functions the filter selects, or an error naming what did not match (under g_mu); trap
+// probes only with `allow_trap`.
+Result<std::vector<Candidate>> select(const Filter& filter, bool allow_trap);
 // Drops an object from the cache, remembering it as unloaded: a reload is read afresh.
 void uncache_object(const ObjectKey& key);
 

@@ -53,9 +53,9 @@ Result<std::uintptr_t> thunk_near(std::uintptr_t entry) {
 
 }  // namespace
 
-Mode mode_for(const std::vector<Ops*>& ops) {
+Mode mode_for(const Site& s, const std::vector<Ops*>& ops) {
   if (ops.empty()) return Mode::off;
-  return ops.size() == 1 && ops[0]->state->direct ? Mode::direct : Mode::common;
+  return ops.size() == 1 && ops[0]->state->direct && !s.trap ? Mode::direct : Mode::common;
 }
 bool site_is(const Site& s, Mode m, const std::vector<Ops*>& ops) {
   if (s.mode != m) return false;
@@ -74,6 +74,7 @@ std::uintptr_t target_for(const std::vector<Ops*>& ops) {
 void release(const Retired& r) {  // after a grace period (tasks with copies); takes g_mu
   for (std::uintptr_t t : r.targets) free_target(t);
   for (const text::CodeBlock& b : r.copies) sites::hooks::free_detour(b);
+  for (void* t : r.probe_tables) ::operator delete(t);
   if (r.slots.empty()) return;
   std::lock_guard lock(g_mu);
   for (const DirectSlot& slot : r.slots) give_back_slot(slot);
@@ -137,10 +138,57 @@ Status prepare_detour(Site& s) {
 //
 // A relocated function leaving mode off gets a detour (sites/hooks/detour.h) and the batch
 // writes, besides its pad's site, the jmp over its run (every PC inside the run moved to the
-// copy) and, for a pad used before, the pad's jmp to the new copy. Returning to mode off, the
+// copy) and the pad's jmp to the new copy. Returning to mode off, the
 // batch puts the run's original bytes back (a thread trapping at their head meanwhile resumes
 // in the copy) and turns the pad's jmp back to the run; the copy is retired.
-Status apply_modes(const std::vector<ModeChange>& changes, Retired& retired) {
+//
+// Trap probes are not the batch's: once it is done their int3s go in, or their bytes back
+// (trap_probes.h). Should that fail, the batch's sites have changed mode, the trap sites not.
+namespace {
+Status apply_batch_modes(const std::vector<ModeChange>& changes, Retired& retired);
+Status apply_probe_modes(const std::vector<ModeChange>& changes, Retired& retired);
+}  // namespace
+
+Status apply_modes(const std::vector<ModeChange>& all_changes, Retired& retired) {
+  std::vector<ModeChange> changes, probe_changes;
+  for (const ModeChange& c : all_changes) (c.site->trap ? probe_changes : changes).push_back(c);
+  if (Status st = apply_batch_modes(changes, retired); !st.ok()) return st;
+  return apply_probe_modes(probe_changes, retired);
+}
+
+namespace {
+
+// Trap sites leaving mode off get a probe, those returning to it lose theirs.
+Status apply_probe_modes(const std::vector<ModeChange>& changes, Retired& retired) {
+  std::vector<TrapProbe*> on, off;
+  std::vector<std::unique_ptr<TrapProbe>> built(changes.size());
+  for (std::size_t i = 0; i < changes.size(); ++i) {
+    Site& s = *changes[i].site;
+    if (s.mode == Mode::off && changes[i].mode != Mode::off) {
+      auto p = build_trap_probe(s.function, s.size, s.cell);
+      if (!p.ok()) {
+        for (const auto& b : built)
+          if (b) text::free_code(b->copy);  // never published
+        return Status::error("cannot probe '" + s.name + "' (" + common::hex_address(s.function) + " in " + s.object +
+                             "): " + p.status().message());
+      }
+      built[i] = std::move(*p);
+      on.push_back(built[i].get());
+    } else if (s.mode != Mode::off && changes[i].mode == Mode::off) {
+      off.push_back(s.probe.get());
+    }
+  }
+  if (Status st = change_trap_probes(on, off, retired); !st.ok()) return st;
+  for (std::size_t i = 0; i < changes.size(); ++i) {
+    Site& s = *changes[i].site;
+    if (built[i]) s.probe = std::move(built[i]);
+    if (changes[i].mode == Mode::off) s.probe.reset();
+    s.mode = changes[i].mode;
+  }
+  return {};
+}
+
+Status apply_batch_modes(const std::vector<ModeChange>& changes, Retired& retired) {
   std::vector<text::UnexecutedWrite> literals;
   std::vector<bool> built(changes.size());
   // A failure after copies were built: they are retired (a failed batch may have carried a
@@ -253,5 +301,6 @@ Status apply_modes(const std::vector<ModeChange>& changes, Retired& retired) {
   return {};
 }
 
+}  // namespace
 
 }  // namespace tramway::hooks::detail

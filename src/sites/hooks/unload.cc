@@ -167,6 +167,8 @@ void forget_object(const ObjectKey& key) {
   uncache_object(key);  // a reload here is read afresh
   Retired retired;
   std::vector<SiteCell*> cells;  // may still be read by a thread that was inside the stub
+  std::vector<TrapProbe*> probes;
+  std::vector<std::unique_ptr<TrapProbe>> owned_probes;  // their copies are retired, the rest freed here
   for (auto it = g_sites.begin(); it != g_sites.end();) {
     Site& s = it->second;
     if (s.object_key != key) {
@@ -176,13 +178,16 @@ void forget_object(const ObjectKey& key) {
     for (Ops* o : s.ops) std::erase(o->state->entries, s.function);
     retired.targets.push_back(s.cell->target.exchange(0, std::memory_order_acq_rel));
     retire_copy(s, retired);  // a thread preempted in it would return into unmapped code anyway
+    if (s.probe) probes.push_back(s.probe.get());
     if (s.slot) {
       s.slot.data->tag.store(0, std::memory_order_release);
       retired.slots.push_back(s.slot);
     }
     cells.push_back(s.cell);
+    if (s.probe) owned_probes.push_back(std::move(s.probe));
     it = g_sites.erase(it);
   }
+  forget_trap_probes(probes, retired);
   if (cells.empty()) return;
   const grace::Flavor flavor = retired.flavor();
   (void)grace::call(flavor, [retired = std::move(retired), cells] {
@@ -196,7 +201,13 @@ void forget_object(const ObjectKey& key) {
 // jmp over its run.
 sites::hooks::Witness witness_of(const Site& s) {
   sites::hooks::Witness w;
-  if (s.relocated) {  // its pad is tramway's: only the jmp over the run is in the object
+  if (s.trap) {
+    if (s.probe) {
+      w.address = s.probe->address;
+      w.size = 1;
+      w.bytes[0] = arch::kInt3;
+    }
+  } else if (s.relocated) {  // its pad is tramway's: only the jmp over the run is in the object
     if (s.detour) {
       w.address = s.detour->plan.run_start;
       w.size = s.detour->jmp.size();
