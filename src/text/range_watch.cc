@@ -73,9 +73,11 @@ void sample_for_watch(ThreadSlot* s, const ucontext_t* uc) noexcept {
     for (std::uint32_t i = 0; i < depth && i < kMaxNest && !hit; ++i) {
       const std::uintptr_t f = s->frames[i].load(std::memory_order_relaxed);
       if (!own_frame_live(s, i, f)) continue;
-      std::uintptr_t pc = arch::context_pc(frame_context(f));
-      if (f & kTrapFrameTag) --pc;  // executing the instruction at the int3
+      // A trap frame: executing the instruction at the int3, or already sent on by its
+      // emulation (a trap probe sends it into a copy): both count.
+      const std::uintptr_t pc = arch::context_pc(frame_context(f));
       if (in_ranges(pc, ranges)) hit = pc;
+      else if ((f & kTrapFrameTag) && in_ranges(pc - 1, ranges)) hit = pc - 1;
     }
     const RangeWatch::QuiescenceProbe quiet = g_quiet_probe.load(std::memory_order_relaxed);
     s->watch_pc.store(hit, std::memory_order_relaxed);

@@ -211,10 +211,11 @@ OutsideProof prove_outside(pid_t tid, std::span<const PcRange> ranges, TrapFrame
       if (f & kExitingTag) continue;  // returned through sigreturn, and overwritten since: dead
       return out;                      // a live frame changed under us (or a handler rewrote it)
     }
-    std::uintptr_t pc = sp_pc[1];
-    if (trap) --pc;  // the int3 being emulated
-    if (in_ranges(pc, ranges)) {
-      out.inside = pc;
+    // A trap frame's PC is behind the int3 being emulated, or already where the emulation
+    // (or a trap probe) sends it: both count.
+    const std::uintptr_t pc = sp_pc[1];
+    if (in_ranges(pc, ranges) || (trap && in_ranges(pc - 1, ranges))) {
+      out.inside = trap && !in_ranges(pc, ranges) ? pc - 1 : pc;
       return out;
     }
   }

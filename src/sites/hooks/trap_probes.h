@@ -8,8 +8,10 @@
 //
 // The table is published before an int3 is written and unpublished after the byte it replaced
 // is back; the handler reads it inside a grace-period marker region and sets the thread's PC to
-// the copy before leaving it, so a tasks grace period started after the unpublish (a trace one,
-// then the PCs observed, trap frames included) covers both the table and every copy it named.
+// the copy before leaving it, so a tasks grace period started after the unpublish covers both
+// the table and every copy it named: its trace part waits for every handler that may have read
+// the old table, and its observation then finds such a thread by its trap frame, whose PC (the
+// copy, once the handler set it) it counts as well as the int3's address behind it.
 // Internal; under the hook tables' lock.
 #pragma once
 
