@@ -43,7 +43,13 @@ constexpr std::string_view kLibcEntries[] = {
     "sigandset", "sigisemptyset", "sigaltstack", "sigreturn", "__restore_rt", "raise", "abort", "_exit",
     "__errno_location", "__stack_chk_fail", "__tls_get_addr", "clock_gettime", "__clock_gettime", "sched_yield",
     "nanosleep", "clock_nanosleep", "write", "pwrite64", "pwrite", "tgkill", "pthread_self", "getauxval", "fork",
-    "_Fork", "__libc_fork", "dl_iterate_phdr", "process_vm_readv"};
+    "_Fork", "__libc_fork", "dl_iterate_phdr", "process_vm_readv",
+    // What registering a thread for grace periods calls, which a thread's first hooked call
+    // does from inside the stub: a hook there would recurse into the registration.
+    "malloc", "free", "calloc", "realloc", "pthread_once", "pthread_mutex_lock", "pthread_mutex_unlock",
+    "pthread_setspecific", "pthread_getspecific"};
+// The same for the C++ runtime's allocation (the registration allocates the marker with new).
+constexpr std::string_view kCxxEntries[] = {"_Znwm", "_ZdlPv", "_ZdlPvm", "_ZnwmRKSt9nothrow_t"};
 
 std::string_view basename_of(std::string_view path) {
   const std::size_t slash = path.rfind('/');
@@ -65,7 +71,12 @@ std::optional<std::string> refusal_by_identity(const std::string& object_path, c
       return "it is in " + std::string(base) + ", whose code runs while tramway patches code or handles signals";
     }
   }
-  if (base.starts_with("libc.so") || base.starts_with("libc-")) {
+  if (base.starts_with("libstdc++") &&
+      std::find(std::begin(kCxxEntries), std::end(kCxxEntries), symbol) != std::end(kCxxEntries)) {
+    return "tramway's grace-period registration calls it from inside the hook stub (a hook there would recurse)";
+  }
+  // In any object: an interposer of one of them (ASan's sigprocmask) is what tramway calls.
+  {
     if (std::find(std::begin(kLibcEntries), std::end(kLibcEntries), symbol) != std::end(kLibcEntries)) {
       return "tramway calls it while it patches code or handles signals (a hook there could recurse into the "
              "patching, or trap where SIGTRAP is blocked)";

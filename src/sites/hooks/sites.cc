@@ -74,7 +74,7 @@ std::uintptr_t target_for(const std::vector<Ops*>& ops) {
 void release(const Retired& r) {  // after a grace period (tasks with copies); takes g_mu
   for (std::uintptr_t t : r.targets) free_target(t);
   for (const text::CodeBlock& b : r.copies) sites::hooks::free_detour(b);
-  for (void* t : r.probe_tables) ::operator delete(t);
+  if (!r.probe_tables.empty()) free_probe_tables(r.probe_tables);
   if (r.slots.empty()) return;
   std::lock_guard lock(g_mu);
   for (const DirectSlot& slot : r.slots) give_back_slot(slot);

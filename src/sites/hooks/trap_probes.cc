@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <mutex>
 #include <new>
 
 #include "arch/x86_64/emulate.h"
@@ -30,6 +31,9 @@ struct ProbeTable {  // immutable once published
   ProbeEntry entries[1];  // sorted by address; allocated with `count` entries
 };
 std::atomic<const ProbeTable*> g_table{nullptr};
+// Handlers looking at a table without a marker (handle_probe): a table replaced is freed only
+// once this was seen at zero after the replacement (release_tables).
+std::atomic<int> g_peekers{0};
 std::vector<ProbeEntry> g_installed;  // what g_table holds (under g_mu)
 
 const ProbeEntry* find(const ProbeTable* t, std::uintptr_t address) noexcept {
@@ -56,10 +60,24 @@ static_assert(offsetof(ProbeFrame, rbp) == 200);
 // unpublished waits for every handler that may have found it.
 bool handle_probe(ucontext_t* uc) noexcept {
   const std::uintptr_t site = arch::context_pc(uc) - 1;
+  // A batch's int3 is none of ours, and its thread may be registering for grace periods (a
+  // batch over the functions that does): look without a marker first, so that only a probe's
+  // hit raises one. The table seen is kept alive by g_peekers meanwhile.
+  g_peekers.fetch_add(1, std::memory_order_seq_cst);
+  const ProbeTable* seen = g_table.load(std::memory_order_seq_cst);
+  const bool probe = seen && find(seen, site);
+  g_peekers.fetch_sub(1, std::memory_order_seq_cst);
+  if (!probe) return false;
   grace::read_lock();
   const ProbeTable* t = g_table.load(std::memory_order_acquire);
   const ProbeEntry* e = t ? find(t, site) : nullptr;
-  if (e) {
+  if (!e) {
+    // Removed since the look (its byte is back): run whatever is there now.
+    arch::set_context_pc(uc, site);
+    grace::read_unlock();
+    return true;
+  }
+  {
     const greg_t* g = uc->uc_mcontext.gregs;
     ProbeFrame f{};
     f.regs.rdi = static_cast<std::uint64_t>(g[REG_RDI]);
@@ -77,7 +95,7 @@ bool handle_probe(ucontext_t* uc) noexcept {
     arch::set_context_pc(uc, e->copy);
   }
   grace::read_unlock();
-  return e != nullptr;
+  return true;
 }
 
 __attribute__((constructor)) void register_probe_handler() { text::detail::set_probe_handler(handle_probe); }
@@ -130,6 +148,18 @@ Result<std::unique_ptr<TrapProbe>> build_trap_probe(std::uintptr_t function, std
   p->copy = *block;
   p->cell = cell;
   return p;
+}
+
+void free_probe_tables(const std::vector<void*>& tables) {
+  // A grace period has passed since their replacement, so no marker region reads them; a
+  // handler may still be looking without one (a few instructions): those wait for a later call.
+  static std::mutex mu;
+  static std::vector<void*> waiting;
+  std::lock_guard lock(mu);
+  waiting.insert(waiting.end(), tables.begin(), tables.end());
+  if (g_peekers.load(std::memory_order_seq_cst) != 0) return;
+  for (void* t : waiting) ::operator delete(t);
+  waiting.clear();
 }
 
 Status change_trap_probes(const std::vector<TrapProbe*>& on, const std::vector<TrapProbe*>& off, Retired& retired) {

@@ -46,6 +46,10 @@ Result<std::unique_ptr<TrapProbe>> build_trap_probe(std::uintptr_t function, std
 // tasks grace period), with one serialisation each way. On failure nothing changed.
 Status change_trap_probes(const std::vector<TrapProbe*>& on, const std::vector<TrapProbe*>& off, Retired& retired);
 
+// Frees tables retired by the two above, once no SIGTRAP handler can be looking at them (after
+// their grace period; takes its own leaf lock).
+void free_probe_tables(const std::vector<void*>& tables);
+
 // Unpublishes probes whose code is gone (an unloaded object): nothing is written.
 void forget_trap_probes(const std::vector<TrapProbe*>& gone, Retired& retired);
 
