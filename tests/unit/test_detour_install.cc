@@ -407,80 +407,87 @@ std::vector<std::uintptr_t> surveyed_copy_pcs(const Case& c, long expected, std:
   return pcs;
 }
 
-TEST_F(DetourInstall, DetachWaitsForAThreadParkedAtEveryBoundaryOfTheCopy) {
-  std::size_t parked_total = 0;
-  for (const Case& c : cases()) {
-    const rl::RelocationPlan plan = rl::plan_of(c.f);
-    const long expected = c.call();
-    const auto original = bytes_at(c.f.address, c.f.code.size());
+// One fixture a test: each parks a thread at up to 6 instructions, each a tasks grace period.
+class DetourInstallDetach : public DetourInstall, public ::testing::WithParamInterface<int> {};
 
-    // Survey: which copy offsets the hooked call runs through. The copy is the relocator's
-    // output at its address; every instruction of the run is passed, and the jmp back (but
-    // for a final call, whose copy jumps to the callee instead).
-    std::set<std::uint32_t> offsets;
-    {
-      Counted counted;
-      ASSERT_TRUE(hooks::attach(counted.ops, hooks::Filter::addresses({c.f.address})).ok()) << c.name;
-      const std::uintptr_t copy = copy_of(plan);
-      ASSERT_NE(copy, 0u) << c.name;
-      const auto code = tramway::arch::emit_relocated(plan, copy);
-      ASSERT_TRUE(code.ok()) << code.status().message();
-      ASSERT_EQ(bytes_at(copy, code->bytes.size()), code->bytes) << c.name << ": the copy is not the relocator's";
-      std::set<std::uint32_t> linear;  // every instruction of the copy's code
-      for (std::size_t o = 0, n = 0; o < code->code_length; o += n) {
-        n = rl::decode_at(code->bytes, o, copy).insn.length;
-        ASSERT_NE(n, 0u) << c.name << ": copy offset " << o;
-        linear.insert(static_cast<std::uint32_t>(o));
-      }
-      for (std::uintptr_t pc : surveyed_copy_pcs(c, expected, copy, *code)) offsets.insert(static_cast<std::uint32_t>(pc - copy));
-      EXPECT_EQ(counted.calls.load(), 1u);
-      for (std::uint32_t o : offsets) EXPECT_TRUE(linear.count(o)) << c.name << ": copy offset " << o;
-      for (const auto& b : code->boundaries) EXPECT_TRUE(offsets.count(b.copy_offset)) << c.name << ": " << b.copy_offset;
-      const bool final_call = c.f.address == rl::address_of(&rl_call_last);
-      if (!final_call) {
-        EXPECT_TRUE(offsets.count(static_cast<std::uint32_t>(code->code_length - 5))) << c.name;
-      }
-      ASSERT_TRUE(hooks::detach(counted.ops).ok());
-      EXPECT_EQ(offsets.size(), c.copy_passed) << c.name;
+TEST_P(DetourInstallDetach, DetachWaitsForAThreadParkedAtEveryInstructionOfTheCopy) {
+  const Case c = cases()[static_cast<std::size_t>(GetParam())];
+  const rl::RelocationPlan plan = rl::plan_of(c.f);
+  const long expected = c.call();
+  const auto original = bytes_at(c.f.address, c.f.code.size());
+  std::size_t parked = 0;
+
+  // Survey: which copy offsets the hooked call runs through. The copy is the relocator's
+  // output at its address; every instruction of the run is passed, and the jmp back (but
+  // for a final call, whose copy jumps to the callee instead).
+  std::set<std::uint32_t> offsets;
+  {
+    Counted counted;
+    ASSERT_TRUE(hooks::attach(counted.ops, hooks::Filter::addresses({c.f.address})).ok()) << c.name;
+    const std::uintptr_t copy = copy_of(plan);
+    ASSERT_NE(copy, 0u) << c.name;
+    const auto code = tramway::arch::emit_relocated(plan, copy);
+    ASSERT_TRUE(code.ok()) << code.status().message();
+    ASSERT_EQ(bytes_at(copy, code->bytes.size()), code->bytes) << c.name << ": the copy is not the relocator's";
+    std::set<std::uint32_t> linear;  // every instruction of the copy's code
+    for (std::size_t o = 0, n = 0; o < code->code_length; o += n) {
+      n = rl::decode_at(code->bytes, o, copy).insn.length;
+      ASSERT_NE(n, 0u) << c.name << ": copy offset " << o;
+      linear.insert(static_cast<std::uint32_t>(o));
     }
-
-    for (std::uint32_t offset : offsets) {
-      SCOPED_TRACE(std::string(c.name) + " parked at copy offset " + std::to_string(offset));
-      // Shared with detach_async's `done`, which may outlive this scope if an assertion fails.
-      auto counted = std::make_shared<Counted>();
-      auto done = std::make_shared<std::atomic<bool>>(false);
-      ASSERT_TRUE(hooks::attach(counted->ops, hooks::Filter::addresses({c.f.address})).ok());
-      const std::uintptr_t copy = copy_of(plan);
-      ASSERT_NE(copy, 0u);
-      reset_orders(copy + offset);
-      Stepped t([&] { return c.stepped(); });
-      ASSERT_TRUE(eventually([] { return g_step.parked.load(); }));
-      EXPECT_EQ(counted->calls.load(), 1u) << "the parked call passed the entry while hooked";
-
-      ASSERT_TRUE(hooks::detach_async(counted->ops, [counted, done] { *done = true; }).ok());
-      // The tasks grace period names the parked thread as its holdout, inside the copy.
-      std::vector<tramway::grace::Holdout> held;
-      const auto names_it = [&] {
-        held = tramway::grace::holdouts();
-        return std::any_of(held.begin(), held.end(), [&](const auto& h) { return h.tid == t.tid.load() && !h.range.empty(); });
-      };
-      ASSERT_TRUE(eventually([&] { return done->load() || names_it(); }));
-      ASSERT_FALSE(done->load()) << "detach_async's done ran while a thread was parked inside the copy";
-      const auto h = std::find_if(held.begin(), held.end(), [&](const auto& x) { return x.tid == t.tid.load() && !x.range.empty(); });
-      EXPECT_NE(h->range.find(hex_address(copy)), std::string::npos) << h->range << " " << h->where;
-      EXPECT_FALSE(was_freed(copy));
-      EXPECT_EQ(bytes_at(c.f.address, c.f.code.size()), original) << "the original bytes are back before the grace period";
-
-      t.join();
-      ASSERT_TRUE(eventually([&] { return done->load(); }));
-      EXPECT_EQ(t.result, expected);
-      EXPECT_TRUE(was_freed(copy));
-      EXPECT_EQ(bytes_at(c.f.address, c.f.code.size()), original);
-      EXPECT_EQ(c.call(), expected);
-      ++parked_total;
+    for (std::uintptr_t pc : surveyed_copy_pcs(c, expected, copy, *code)) offsets.insert(static_cast<std::uint32_t>(pc - copy));
+    EXPECT_EQ(counted.calls.load(), 1u);
+    for (std::uint32_t o : offsets) EXPECT_TRUE(linear.count(o)) << c.name << ": copy offset " << o;
+    for (const auto& b : code->boundaries) EXPECT_TRUE(offsets.count(b.copy_offset)) << c.name << ": " << b.copy_offset;
+    const bool final_call = c.f.address == rl::address_of(&rl_call_last);
+    if (!final_call) {
+      EXPECT_TRUE(offsets.count(static_cast<std::uint32_t>(code->code_length - 5))) << c.name;
     }
+    ASSERT_TRUE(hooks::detach(counted.ops).ok());
+    EXPECT_EQ(offsets.size(), c.copy_passed) << c.name;
   }
-  EXPECT_EQ(parked_total, 36u);
+
+  for (std::uint32_t offset : offsets) {
+    SCOPED_TRACE(std::string(c.name) + " parked at copy offset " + std::to_string(offset));
+    // Shared with detach_async's `done`, which may outlive this scope if an assertion fails.
+    auto counted = std::make_shared<Counted>();
+    auto done = std::make_shared<std::atomic<bool>>(false);
+    ASSERT_TRUE(hooks::attach(counted->ops, hooks::Filter::addresses({c.f.address})).ok());
+    const std::uintptr_t copy = copy_of(plan);
+    ASSERT_NE(copy, 0u);
+    reset_orders(copy + offset);
+    Stepped t([&] { return c.stepped(); });
+    ASSERT_TRUE(eventually([] { return g_step.parked.load(); }));
+    EXPECT_EQ(counted->calls.load(), 1u) << "the parked call passed the entry while hooked";
+
+    ASSERT_TRUE(hooks::detach_async(counted->ops, [counted, done] { *done = true; }).ok());
+    // The tasks grace period names the parked thread as its holdout, inside the copy.
+    std::vector<tramway::grace::Holdout> held;
+    const auto names_it = [&] {
+      held = tramway::grace::holdouts();
+      return std::any_of(held.begin(), held.end(), [&](const auto& h) { return h.tid == t.tid.load() && !h.range.empty(); });
+    };
+    ASSERT_TRUE(eventually([&] { return done->load() || names_it(); }));
+    ASSERT_FALSE(done->load()) << "detach_async's done ran while a thread was parked inside the copy";
+    const auto h = std::find_if(held.begin(), held.end(), [&](const auto& x) { return x.tid == t.tid.load() && !x.range.empty(); });
+    EXPECT_NE(h->range.find(hex_address(copy)), std::string::npos) << h->range << " " << h->where;
+    EXPECT_FALSE(was_freed(copy));
+    EXPECT_EQ(bytes_at(c.f.address, c.f.code.size()), original) << "the original bytes are back before the grace period";
+
+    t.join();
+    ASSERT_TRUE(eventually([&] { return done->load(); }));
+    EXPECT_EQ(t.result, expected);
+    EXPECT_TRUE(was_freed(copy));
+    EXPECT_EQ(bytes_at(c.f.address, c.f.code.size()), original);
+    EXPECT_EQ(c.call(), expected);
+    ++parked;
+  }
+  EXPECT_EQ(parked, c.copy_passed);
 }
+
+INSTANTIATE_TEST_SUITE_P(Fixtures, DetourInstallDetach, ::testing::Range(0, 9),
+                         [](const ::testing::TestParamInfo<int>& p) {
+                           return std::string(cases()[static_cast<std::size_t>(p.param)].name);
+                         });
 
 }  // namespace

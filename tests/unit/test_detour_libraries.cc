@@ -68,8 +68,8 @@ std::vector<unsigned char> input_for(int worker, int round, std::size_t size) {
 
 std::uint64_t zlib_job(const Zlib& z, int worker, int round) {
   std::uint64_t h = 0xcbf29ce484222325ull;
-  for (int k = 0; k < 4; ++k) {
-    const auto in = input_for(worker, round * 4 + k, 2000 + 1500 * static_cast<std::size_t>(k));
+  for (int k = 0; k < 3; ++k) {
+    const auto in = input_for(worker, round * 3 + k, 2000 + 1500 * static_cast<std::size_t>(k));
     unsigned long packed_size = z.compressBound(in.size());
     std::vector<unsigned char> packed(packed_size);
     if (z.compress2(packed.data(), &packed_size, in.data(), in.size(), 1 + (round + k) % 9) != 0) return 1;
@@ -89,7 +89,7 @@ std::uint64_t sqlite_job(const Sqlite& s, int worker, int round) {
   void* db = nullptr;
   if (s.open(":memory:", &db) != 0) return 1;
   std::string sql = "create table t(k integer, v integer); begin;";
-  for (int i = 0; i < 200; ++i) {
+  for (int i = 0; i < 120; ++i) {
     sql += "insert into t values(" + std::to_string((i * 7 + worker) % 13) + "," +
            std::to_string(i * (round + 3) + worker) + ");";
   }
