@@ -198,10 +198,16 @@ void chain_trap(int sig, siginfo_t* si, ucontext_t* uc) noexcept {
   ::syscall(SYS_tgkill, ::getpid(), common::current_tid(), SIGTRAP);
 }
 
+// Only a frame whose int3 may be one of ours is a trap frame (its PC is about to be emulated
+// from). A trap that is not ours (the program's int3, a single step, int1) is chained as a
+// plain frame: the program's handler may stay in it, and its PC, where it resumes, must be
+// moved and observed like any other.
 void trap_handler(int sig, siginfo_t* si, void* ucv) {
   auto* uc = static_cast<ucontext_t*>(ucv);
-  FrameGuard frame(uc, true);
-  if (si->si_code == SI_KERNEL && detail::handle_int3(uc)) return;
+  const bool int3 = si->si_code == SI_KERNEL;
+  FrameGuard frame(uc, int3);
+  if (int3 && detail::handle_int3(uc)) return;
+  if (int3) frame.untrap();
   chain_trap(sig, si, uc);
 }
 

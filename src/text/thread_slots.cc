@@ -151,6 +151,13 @@ FrameGuard::FrameGuard(ucontext_t* uc, bool trap) noexcept : slot_(self_slot()) 
   index_ = static_cast<int>(d);
 }
 
+void FrameGuard::untrap() noexcept {
+  if (index_ < 0) return;
+  const auto i = static_cast<std::uint32_t>(index_);
+  slot_->frames[i].store(slot_->frames[i].load(std::memory_order_relaxed) & ~kTrapFrameTag, std::memory_order_relaxed);
+  slot_->seq.fetch_add(1, std::memory_order_acq_rel);  // an observer reading the frames meanwhile looks again
+}
+
 FrameGuard::~FrameGuard() {
   if (index_ < 0) return;
   sigset_t all;

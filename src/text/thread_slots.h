@@ -38,7 +38,7 @@ struct ThreadSlot {
   // compare-and-swap fail when the slot was freed and claimed again (by a thread that reused
   // the tid) between its liveness check and the swap.
   std::atomic<std::uint64_t> owner{0};
-  std::atomic<std::uint32_t> seq{0};    // changes on every push
+  std::atomic<std::uint32_t> seq{0};    // changes on every push (and untrap)
   std::atomic<std::uint32_t> depth{0};  // frames[0, depth) may be live, outermost first
   std::atomic<bool> overflow{false};    // frames deeper than kMaxNest are live but unrecorded
   std::atomic<std::uint64_t> acked{0};  // last fix-up generation this thread answered
@@ -94,6 +94,9 @@ class FrameGuard {
   FrameGuard(const FrameGuard&) = delete;
   FrameGuard& operator=(const FrameGuard&) = delete;
   ThreadSlot* slot() const noexcept { return slot_; }
+  // The trap frame's int3 was not ours: from now on it is a plain frame. Signals are still
+  // blocked (the trap handler's mask), so no handler of this thread reads it meanwhile.
+  void untrap() noexcept;
 
  private:
   ThreadSlot* slot_;
