@@ -116,7 +116,6 @@ constexpr std::size_t kMaxAttached = 6;
 constexpr std::uint64_t kRing = 256;  // window descriptors kept
 constexpr long kRssBoundKiB = 16 * 1024;
 
-using Fn = int (*)(int);
 using SlotMask = std::uint32_t;  // one bit per slot
 static_assert(kSlots <= 32);
 HookFunctions g_t;  // [0, g_t.patchable) patchable entries, [g_t.patchable, g_t.count) relocated
@@ -334,8 +333,8 @@ void on_entry(const hooks::Ops& ops, std::uintptr_t function, std::uintptr_t, ho
       const std::uint64_t n = c.callbacks.load(std::memory_order_relaxed);
       if (n % 29 == 0) {
         inc(c.recursive_calls);
-        call_one(c, static_cast<int>((n / 29 * 7919 + static_cast<std::uint64_t>(f->x)) % static_cast<std::uint64_t>(g_count)), f->x ^ 0x55,
-                 Mode::skipped);
+        const auto i = (n / 29 * 7919 + static_cast<std::uint64_t>(f->x)) % static_cast<std::uint64_t>(g_count);
+        call_one(c, static_cast<int>(i), f->x ^ 0x55, Mode::skipped);
       }
     }
   }
@@ -370,7 +369,8 @@ void on_sigprof(int, siginfo_t*, void*) {
     Counters& c = ts->context[1];
     inc(c.handler_calls);
     const Mode mode = t_cb_depth > 0 ? Mode::skipped : t_call_depth > 0 ? Mode::relaxed : Mode::full;
-    call_one(c, static_cast<int>((r >> 8) % static_cast<std::uint64_t>(g_count)), static_cast<int>((r >> 32) & 0xfffff), mode);
+    call_one(c, static_cast<int>((r >> 8) % static_cast<std::uint64_t>(g_count)), static_cast<int>((r >> 32) & 0xfffff),
+             mode);
   }
   std::atomic_signal_fence(std::memory_order_seq_cst);
   t_in_handler = 0;
@@ -978,7 +978,7 @@ int run_hooks(const Options& o) {
       std::fprintf(stderr,
                    "hooks:   first in a %s: %s: tw_fn_%d, mode %s, windows %" PRIu64 "/%" PRIu64
                    ", due once 0x%08x, due never 0x%08x, hits per slot [%s]\n",
-                   ctx ? "handler" : "thread", kKindNames[r.kind], r.function,
+                   ctx ? "handler" : "thread", kKindNames[r.kind], g_t.number[r.function],
                    r.mode == Mode::full ? "full" : r.mode == Mode::relaxed ? "relaxed" : "skipped", r.w0, r.w1,
                    unsigned{r.one}, unsigned{r.zero}, hits_text(r.hits).c_str());
     }
