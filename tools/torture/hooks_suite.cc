@@ -565,6 +565,9 @@ class Controller {
     s_.attach_ns.fetch_add(ns_since(t0));
     if (!attached.ok()) {
       s_.error("attach slot " + std::to_string(k) + ": " + attached.message());
+      // A failed attach returns once a grace period has passed: callbacks it let in have
+      // ended, and its count is final (the detached slot's count must not move from here).
+      own_after_detach_[k] = s.own.load();
       s.detached.store(true);
       transition(k, SlotState::zero);
       return;
