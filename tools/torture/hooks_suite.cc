@@ -1,17 +1,26 @@
 // Suite "hooks": function hooks (tramway/hooks.h) attached and detached as fast as a
 // controller can while caller threads call the hooked functions under a SIGPROF storm.
 //
-// Workload. 1,000 generated functions tw_fn_<i>(x) (each counts its calls in its library's
-// tw_fn_calls_<cc> array and returns x + i): 0..499 built by g++-12 (entries of five 1-byte
-// nops, normalised on first enable), 500..999 by clang++-14 (one 5-byte nop), both with
-// -fpatchable-function-entry=13,8 (tools/torture/CMakeLists.txt), dlopened at start.
+// Workload. 2,000 generated functions tw_fn_<i>(x) (each counts its calls in its library's
+// tw_fn_calls_<tag> array and returns x + i), dlopened at start (hooks_functions.h): 0..499
+// built by g++-12 (entries of five 1-byte nops, normalised on first enable), 500..999 by
+// clang++-14 (one 5-byte nop), both with -fpatchable-function-entry=13,8; 1000..1999 without
+// patchable entries (GCC and Clang, -O2, with and without -fcf-protection=full and frame
+// pointers; bodies chosen so that the runs hold rip-relative loads, short jccs, a final call,
+// stack frames: tools/torture/CMakeLists.txt), hooked through relocated prologues. Only those
+// hooks::functions() lists as relocatable are used (the others are listed at start; more than
+// a tenth refused fails the run). Every check below applies to both kinds alike.
+// Detours: each relocated copy whose tasks grace period has passed is poisoned and
+// quarantined instead of freed (detour_poison.h); executing it ends the run with "poison
+// executed".
 // Callers (--threads) call random functions in a loop and check every return value; the
 // SIGPROF handler calls one too, every other signal, so callbacks run in signal context,
 // nested over a caller that may be anywhere — in the function, in tramway's stub, in a
 // callback. Callbacks sometimes call a hooked function themselves: the recursion guard must
 // skip its callbacks (DESIGN invariant 7). The controller owns 32 ops (slots) and steps as
 // fast as it can: attach an idle slot with a random filter (addresses of a random subset,
-// sometimes a glob such as "tw_fn_5*" or a few names), or detach an attached one — mostly
+// sometimes a glob such as "tw_fn_5*" or "tw_fn_12*" or a few names; mixing both kinds of
+// functions, or relocated ones only), or detach an attached one — mostly
 // with detach_async (its grace periods shared, the slot idle again once `done` ran), now and
 // then synchronously (disabled first, or live) — or disable and re-enable one, pausing now
 // and then so that callers make calls between changes. Up to 6 slots are attached at once,
@@ -64,10 +73,11 @@
 //    (see check_counts_quiesced, detach_slot and check_live_bounds); counters(ops).recursion_skipped is at least the
 //    number of calls seen skipped by the guard (check_skips); counters(ops).functions equals
 //    the size of the filter's set;
-//  * every attach/detach/disable/enable succeeds; after the run no function is still hooked;
+//  * every attach/detach/disable/enable succeeds; after the run no function is still hooked
+//    and every relocated function has its original first bytes back;
 //  * VmRSS after warm-up and at the end differ by at most 16 MiB;
-//  * no crash: the suite installs no handler for SIGSEGV, SIGILL or SIGBUS.
-#include <dlfcn.h>
+//  * no crash and no poison executed: SIGSEGV, SIGILL and SIGBUS end the run (status 3),
+//    saying whether the PC was in a poisoned copy.
 #include <fnmatch.h>
 #include <signal.h>
 #include <sys/resource.h>
@@ -89,32 +99,34 @@
 #include <vector>
 
 #include "arch/x86_64/callback_scan.h"
+#include "detour_poison.h"
+#include "hooks_functions.h"
 #include "storm.h"
 #include "suite.h"
 #include "tramway/grace.h"
 #include "tramway/hooks.h"
+#include "tramway/text/patch.h"
 #include "tramway/text/signal_router.h"
 
 namespace tramway::torture {
 namespace {
 
-constexpr int kFunctions = 1000, kPerLibrary = 500, kSlots = 32;
+constexpr int kMaxFunctions = kMaxHookFunctions, kSlots = 32;
 constexpr std::size_t kMaxAttached = 6;
 constexpr std::uint64_t kRing = 256;  // window descriptors kept
 constexpr long kRssBoundKiB = 16 * 1024;
 
-using Fn = int (*)(int);
 using SlotMask = std::uint32_t;  // one bit per slot
 static_assert(kSlots <= 32);
-Fn g_fns[kFunctions];
-std::uintptr_t g_entries[kFunctions];
-unsigned long long* g_body_calls[2];  // the libraries' own counts: gcc (0..499), clang (500..999)
+HookFunctions g_t;  // [0, g_t.patchable) patchable entries, [g_t.patchable, g_t.count) relocated
+int g_count = 0;    // g_t.count
+std::uintptr_t* const g_entries = g_t.entries;
 
 // ---- windows -------------------------------------------------------------------------------
 
 struct WindowDesc {
-  std::atomic<SlotMask> one[kFunctions];   // slots whose callback must run exactly once
-  std::atomic<SlotMask> zero[kFunctions];  // slots whose callback must not run
+  std::atomic<SlotMask> one[kMaxFunctions];   // slots whose callback must run exactly once
+  std::atomic<SlotMask> zero[kMaxFunctions];  // slots whose callback must not run
   std::atomic<std::uint32_t> tag[kSlots];      // each slot's attach (incarnation) tag
 };
 std::atomic<std::uint64_t> g_window{0};
@@ -180,7 +192,7 @@ struct Counters {
   std::atomic<std::uint64_t> skipped_calls{0}, recursive_calls{0}, callbacks{0}, bad_callbacks{0};
   std::atomic<std::uint64_t> violations[kKinds]{};
   Record first;
-  std::uint64_t body_calls[kFunctions] = {};  // read after join
+  std::uint64_t body_calls[kMaxFunctions] = {};  // read after join
 };
 struct alignas(64) ThreadState {
   Counters context[2];
@@ -227,7 +239,7 @@ void call_one(Counters& c, int i, int x, Mode mode) {
   t_frame = &f;
   t_call_depth = t_call_depth + 1;
   std::atomic_signal_fence(std::memory_order_seq_cst);
-  const int r = g_fns[i](x);
+  const int r = g_t.fns[i](x);
   std::atomic_signal_fence(std::memory_order_seq_cst);
   t_call_depth = t_call_depth - 1;
   t_frame = outer;
@@ -235,7 +247,7 @@ void call_one(Counters& c, int i, int x, Mode mode) {
 
   inc(c.calls);
   ++c.body_calls[i];
-  if (r != x + i) violation(c, kWrongReturn, i, mode, w0, w1, 0, 0, f);
+  if (r != x + g_t.number[i]) violation(c, kWrongReturn, i, mode, w0, w1, 0, 0, f);
   for (int k = 0; k < kSlots; ++k) {
     if (f.hits[k] > 1) violation(c, kTwice, i, mode, w0, w1, 0, 0, f);
   }
@@ -321,8 +333,8 @@ void on_entry(const hooks::Ops& ops, std::uintptr_t function, std::uintptr_t, ho
       const std::uint64_t n = c.callbacks.load(std::memory_order_relaxed);
       if (n % 29 == 0) {
         inc(c.recursive_calls);
-        call_one(c, static_cast<int>((n / 29 * 7919 + static_cast<std::uint64_t>(f->x)) % kFunctions), f->x ^ 0x55,
-                 Mode::skipped);
+        const auto i = (n / 29 * 7919 + static_cast<std::uint64_t>(f->x)) % static_cast<std::uint64_t>(g_count);
+        call_one(c, static_cast<int>(i), f->x ^ 0x55, Mode::skipped);
       }
     }
   }
@@ -357,7 +369,8 @@ void on_sigprof(int, siginfo_t*, void*) {
     Counters& c = ts->context[1];
     inc(c.handler_calls);
     const Mode mode = t_cb_depth > 0 ? Mode::skipped : t_call_depth > 0 ? Mode::relaxed : Mode::full;
-    call_one(c, static_cast<int>((r >> 8) % kFunctions), static_cast<int>((r >> 32) & 0xfffff), mode);
+    call_one(c, static_cast<int>((r >> 8) % static_cast<std::uint64_t>(g_count)), static_cast<int>((r >> 32) & 0xfffff),
+             mode);
   }
   std::atomic_signal_fence(std::memory_order_seq_cst);
   t_in_handler = 0;
@@ -396,7 +409,7 @@ std::uint64_t ns_since(std::chrono::steady_clock::time_point t0) {
 class Controller {
  public:
   Controller(const Options& o, Shared& s) : s_(s), rng_(o.seed), max_cycles_(o.cycles) {
-    for (auto& m : member_) m.assign(kFunctions, false);
+    for (auto& m : member_) m.assign(static_cast<std::size_t>(g_count), false);
   }
 
   // Window 1: nothing attached. Published before the callers start.
@@ -415,7 +428,7 @@ class Controller {
   void publish() {
     const std::uint64_t w = g_window.load(std::memory_order_relaxed) + 1;
     WindowDesc& d = g_desc[w % kRing];
-    for (int i = 0; i < kFunctions; ++i) {
+    for (int i = 0; i < g_count; ++i) {
       SlotMask one = 0, zero = 0;
       for (int k = 0; k < kSlots; ++k) {
         const auto bit = static_cast<SlotMask>(SlotMask{1} << k);
@@ -444,15 +457,22 @@ class Controller {
 
   void pause_short() { std::this_thread::sleep_for(std::chrono::microseconds(rng_() % 2000)); }
 
-  // A random filter for slot k; fills member_[k] with the set it selects.
+  // A random filter for slot k; fills member_[k] with the set it selects. Every kind of
+  // filter mixes patchable and relocated functions, or selects relocated ones only.
   hooks::Filter make_filter(int k) {
     std::vector<bool>& m = member_[k];
-    m.assign(kFunctions, false);
+    m.assign(static_cast<std::size_t>(g_count), false);
     const auto kind = rng_() % 8;
-    if (kind == 0) {  // a glob: "tw_fn_<d>*" selects d, d0..d9 and d00..d99 (111 functions)
-      const std::string pattern = "tw_fn_" + std::to_string(1 + rng_() % 9) + "*";
-      for (int i = 0; i < kFunctions; ++i) {
-        const std::string name = "tw_fn_" + std::to_string(i);
+    if (kind == 0) {
+      // "tw_fn_<d>*": d, d0..d9, d00..d99 (patchable) and for d = 1 every relocated one;
+      // "tw_fn_1<d>*": 1d, 1d0..1d9 and the relocated 1d00..1d99; "tw_fn_1<d><e>?": relocated only.
+      const auto shape = rng_() % 3;
+      const std::string pattern =
+          shape == 0   ? "tw_fn_" + std::to_string(1 + rng_() % 9) + "*"
+          : shape == 1 ? "tw_fn_1" + std::to_string(rng_() % 10) + "*"
+                       : "tw_fn_1" + std::to_string(rng_() % 10) + std::to_string(rng_() % 10) + "?";
+      for (int i = 0; i < g_count; ++i) {
+        const std::string name = "tw_fn_" + std::to_string(g_t.number[i]);
         m[static_cast<std::size_t>(i)] = fnmatch(pattern.c_str(), name.c_str(), 0) == 0;
       }
       return hooks::Filter::glob(pattern);
@@ -461,19 +481,23 @@ class Controller {
       std::vector<std::string> names;
       const int n = 1 + static_cast<int>(rng_() % 8);
       for (int j = 0; j < n; ++j) {
-        const int i = static_cast<int>(rng_() % kFunctions);
-        names.push_back("tw_fn_" + std::to_string(i));
+        const int i = static_cast<int>(rng_() % static_cast<std::uint64_t>(g_count));
+        names.push_back("tw_fn_" + std::to_string(g_t.number[i]));
         m[static_cast<std::size_t>(i)] = true;
       }
       return hooks::Filter::names(std::move(names));
     }
-    // Addresses of a random subset: small, any size, or all of them; a duplicate sometimes.
-    const auto shape = rng_() % 4;
+    // Addresses of a random subset: small, any size, relocated ones only, or all of them; a
+    // duplicate sometimes.
+    const auto shape = rng_() % 5;
+    const int relocated = g_count - g_t.patchable;
+    const int first = shape == 2 && relocated > 0 ? g_t.patchable : 0;
+    const int pool = g_count - first;
     const int n = shape == 0   ? 1 + static_cast<int>(rng_() % 16)
-                  : shape == 3 ? kFunctions
-                               : 1 + static_cast<int>(rng_() % kFunctions);
-    std::vector<int> all(kFunctions);
-    for (int i = 0; i < kFunctions; ++i) all[static_cast<std::size_t>(i)] = i;
+                  : shape == 3 ? pool
+                               : 1 + static_cast<int>(rng_() % static_cast<std::uint64_t>(pool));
+    std::vector<int> all(static_cast<std::size_t>(pool));
+    for (int i = 0; i < pool; ++i) all[static_cast<std::size_t>(i)] = first + i;
     std::shuffle(all.begin(), all.end(), rng_);
     std::vector<std::uintptr_t> entries;
     for (int j = 0; j < n; ++j) {
@@ -541,6 +565,9 @@ class Controller {
     s_.attach_ns.fetch_add(ns_since(t0));
     if (!attached.ok()) {
       s_.error("attach slot " + std::to_string(k) + ": " + attached.message());
+      // A failed attach returns once a grace period has passed: callbacks it let in have
+      // ended, and its count is final (the detached slot's count must not move from here).
+      own_after_detach_[k] = s.own.load();
       s.detached.store(true);
       transition(k, SlotState::zero);
       return;
@@ -774,39 +801,6 @@ long rss_kib() {
   return kib;
 }
 
-// Loads the two libraries and fills the function table; checks each entry's nop form.
-bool load_functions(std::string* error) {
-  const char* const paths[2] = {TRAMWAY_TORTURE_HOOKS_GCC, TRAMWAY_TORTURE_HOOKS_CLANG};
-  const char* const tables[2] = {"tw_fns_gcc", "tw_fns_clang"};
-  const char* const counts[2] = {"tw_fn_calls_gcc", "tw_fn_calls_clang"};
-  for (int l = 0; l < 2; ++l) {
-    void* h = dlopen(paths[l], RTLD_NOW | RTLD_LOCAL);
-    if (!h) {
-      *error = std::string("dlopen: ") + dlerror();
-      return false;
-    }
-    auto* table = static_cast<Fn const*>(dlsym(h, tables[l]));
-    g_body_calls[l] = static_cast<unsigned long long*>(dlsym(h, counts[l]));
-    if (!table || !g_body_calls[l]) {
-      *error = std::string(paths[l]) + " lacks " + tables[l] + " or " + counts[l];
-      return false;
-    }
-    for (int j = 0; j < kPerLibrary; ++j) {
-      const int i = l * kPerLibrary + j;
-      g_fns[i] = table[j];
-      g_entries[i] = reinterpret_cast<std::uintptr_t>(table[j]);
-      // GCC: five 1-byte nops; Clang: one 5-byte nop (0f 1f 44 00 xx, any displacement).
-      static const std::uint8_t gcc[5] = {0x90, 0x90, 0x90, 0x90, 0x90}, clang[4] = {0x0f, 0x1f, 0x44, 0x00};
-      if (std::memcmp(reinterpret_cast<const void*>(g_entries[i]), l == 0 ? gcc : clang, l == 0 ? 5 : 4) != 0) {
-        *error = "tw_fn_" + std::to_string(i) + " does not start with " +
-                 (l == 0 ? "GCC's five 1-byte nops" : "Clang's 5-byte nop");
-        return false;
-      }
-    }
-  }
-  return true;
-}
-
 // Callers never block; at normal priority they would leave the controller (which blocks in
 // membarrier and /proc writes every batch) a small share of the CPU.
 void lower_priority() { setpriority(PRIO_PROCESS, static_cast<id_t>(syscall(SYS_gettid)), 10); }
@@ -820,7 +814,7 @@ void caller(const Options& o, Shared& s, ThreadState* ts, int index) {
   std::uint64_t rng = (0xd1b54a32d192ed03ull * (o.seed + static_cast<std::uint64_t>(index) + 7)) | 1;
   while (!s.stop_callers.load(std::memory_order_relaxed)) {
     const std::uint64_t r = xorshift(rng);
-    call_one(ts->context[0], static_cast<int>(r % kFunctions), static_cast<int>((r >> 32) & 0xfffff), Mode::full);
+    call_one(ts->context[0], static_cast<int>(r % static_cast<std::uint64_t>(g_count)), static_cast<int>((r >> 32) & 0xfffff), Mode::full);
   }
 }
 
@@ -866,11 +860,22 @@ std::string hits_text(const std::uint8_t (&hits)[kSlots]) {
 
 int run_hooks(const Options& o) {
   if (!install_storm_handler("hooks", on_sigprof)) return 1;
-  std::string error;
-  if (!load_functions(&error)) {
+  std::string error, refused;
+  if (!load_hook_functions(g_t, &refused, &error) || !install_detour_poison(&error)) {
     std::fprintf(stderr, "hooks: %s\n", error.c_str());
     return 1;
   }
+  g_count = g_t.count;
+  const int relocated = g_t.count - g_t.patchable;
+  std::fprintf(stderr, "hooks: %d functions with patchable entries, %d of %d without them relocatable%s\n%s",
+               g_t.patchable, relocated, g_t.without_entry,
+               relocated == g_t.without_entry ? "" : "; left out:", refused.c_str());
+  // The relocator may refuse a few (a loop whose branch lands inside the run), not more.
+  if (relocated * 10 < g_t.without_entry * 9) {
+    std::fprintf(stderr, "hooks: fewer than 90%% of the functions without patchable entries are relocatable\n");
+    return 1;
+  }
+  const text::PatchStats patch_before = text::stats();
   // The lean path must really be taken: the scan has to prove on_entry_lean (an optimised
   // build does) and must refuse on_entry, which calls out and reads its EntryRegs.
   const auto lean_scan = tramway::arch::scan_callback(reinterpret_cast<std::uintptr_t>(&on_entry_lean));
@@ -934,25 +939,30 @@ int run_hooks(const Options& o) {
 
   // Every function's own count against the calls made to it.
   std::uint64_t body_mismatches = 0;
-  for (int i = 0; i < kFunctions; ++i) {
+  for (int i = 0; i < g_count; ++i) {
     std::uint64_t made = 0;
     for (const ThreadState& ts : states) made += ts.context[0].body_calls[i] + ts.context[1].body_calls[i];
-    const unsigned long long counted =
-        __atomic_load_n(&g_body_calls[i / kPerLibrary][i % kPerLibrary], __ATOMIC_RELAXED);
+    const unsigned long long counted = __atomic_load_n(g_t.body_calls[i], __ATOMIC_RELAXED);
     if (counted != made) {
       if (body_mismatches++ == 0) {
-        std::fprintf(stderr, "hooks: tw_fn_%d ran %llu times but was called %" PRIu64 " times\n", i, counted, made);
+        std::fprintf(stderr, "hooks: tw_fn_%d ran %llu times but was called %" PRIu64 " times\n", g_t.number[i],
+                     counted, made);
       }
     }
   }
-  // Nothing of ours may still be hooked.
-  if (auto fns = hooks::patchable_functions(); !fns.ok()) {
-    shared.error("patchable_functions: " + fns.status().message());
+  // Nothing of ours may still be hooked, and the relocated functions have their bytes back.
+  if (auto fns = hooks::functions(); !fns.ok()) {
+    shared.error("functions: " + fns.status().message());
   } else {
     for (const hooks::Function& f : *fns) {
       if (f.ops != 0 && f.name.rfind("tw_fn_", 0) == 0) shared.hooked_sites.fetch_add(1);
     }
   }
+  std::string changed_first;
+  const int bytes_changed = relocated_bytes_changed(g_t, &changed_first);
+  if (bytes_changed) shared.error(changed_first + " (" + std::to_string(bytes_changed) + " functions)");
+  const text::PatchStats patch_after = text::stats();
+  const PoisonTotals poison = detour_poison_totals();
   std::uint64_t late = 0;
   for (const Slot& s : g_slots) late += s.late.load();
 
@@ -971,7 +981,7 @@ int run_hooks(const Options& o) {
       std::fprintf(stderr,
                    "hooks:   first in a %s: %s: tw_fn_%d, mode %s, windows %" PRIu64 "/%" PRIu64
                    ", due once 0x%08x, due never 0x%08x, hits per slot [%s]\n",
-                   ctx ? "handler" : "thread", kKindNames[r.kind], r.function,
+                   ctx ? "handler" : "thread", kKindNames[r.kind], g_t.number[r.function],
                    r.mode == Mode::full ? "full" : r.mode == Mode::relaxed ? "relaxed" : "skipped", r.w0, r.w1,
                    unsigned{r.one}, unsigned{r.zero}, hits_text(r.hits).c_str());
     }
@@ -1001,7 +1011,9 @@ int run_hooks(const Options& o) {
               ", checked_outside=%" PRIu64 ", straddling=%" PRIu64 ", handler_relaxed=%" PRIu64 " (%" PRIu64
               " skipped), skipped_checked=%" PRIu64 ", late=%" PRIu64 ", count_checks=%" PRIu64
               " (synchronize %.2f ms each), count_mismatches=%" PRIu64 ", recursion_skipped=%" PRIu64 " (%" PRIu64
-              " proved), body_mismatches=%" PRIu64 ", errors=%" PRIu64 ", rss_kib=%ld->%ld, violations=%" PRIu64 "\n",
+              " proved), body_mismatches=%" PRIu64 ", functions=%d (%d relocated, %d refused), runs_displaced=%" PRIu64
+              ", pcs_moved=%" PRIu64 ", copies_poisoned=%" PRIu64 " (%" PRIu64 " given back), errors=%" PRIu64
+              ", rss_kib=%ld->%ld, violations=%" PRIu64 "\n",
               violations ? "FAIL" : "PASS", elapsed, o.threads, o.signal_interval_us, shared.cycles.load(),
               static_cast<double>(shared.cycles.load()) / elapsed, shared.attaches.load(), shared.direct_attaches.load(),
               ms_each(shared.attach_ns, shared.attaches.load()), shared.detaches.load(), shared.async_detaches.load(),
@@ -1012,7 +1024,9 @@ int run_hooks(const Options& o) {
               tt.inside, tt.outside, tt.straddling, tt.relaxed, tt.relaxed_skipped, tt.skipped, late,
               shared.count_checks.load(), ms_each(shared.sync_ns, shared.count_checks.load()),
               shared.count_mismatches.load(), shared.recursion_skipped.load(), shared.skips_proved.load(),
-              body_mismatches, shared.errors.load(), rss_start, rss_end, violations);
+              body_mismatches, g_count, relocated, g_t.without_entry - relocated,
+              patch_after.runs_displaced - patch_before.runs_displaced, patch_after.pcs_moved - patch_before.pcs_moved,
+              poison.poisoned, poison.given_back, shared.errors.load(), rss_start, rss_end, violations);
   return violations ? 1 : 0;
 }
 

@@ -1,8 +1,9 @@
 // tramway-torture SUITE --seconds N: runs one torture suite and exits non-zero on any
 // violation. Suites: static (static keys and static calls under a SIGPROF storm, with PC
 // fix-ups of a thread spinning in generated code); grace (readers, writers retiring and
-// poisoning, pipe histograms: the trace and tasks flavors of grace periods); hooks (1,000
-// functions built by GCC and Clang, ops attached and detached in cycles while callers and a
+// poisoning, pipe histograms: the trace and tasks flavors of grace periods); hooks (2,000
+// functions built by GCC and Clang, half without patchable entries (relocated prologues, their
+// freed copies poisoned), ops attached and detached in cycles while callers and a
 // SIGPROF storm call them: every call inside an attach window ran each callback exactly once,
 // none ran late, the counts agree); trace (the tracer's exit hooks: nested, tail, recursive,
 // throwing and longjmp-ing traced calls under a SIGPROF storm whose handler calls traced code,
