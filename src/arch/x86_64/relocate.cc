@@ -58,8 +58,11 @@ class Planner {
  private:
   std::uintptr_t at(std::size_t offset) const { return function_ + offset; }
   std::string where(std::size_t offset) const {
-    return "`" + disassemble(at(offset), code_.subspan(offset)) + "` at " + function_text() + "+" +
-           std::to_string(offset);
+    // Appended, not `"`" + std::string&&`: GCC 12 at -O3 reports a bogus -Wrestrict overlap there.
+    std::string s = "`";
+    s += disassemble(at(offset), code_.subspan(offset));
+    s += "` at " + function_text() + "+" + std::to_string(offset);
+    return s;
   }
   std::string function_text() const { return common::hex_address(function_); }
   Status refuse(std::size_t offset, const std::string& why) const {
