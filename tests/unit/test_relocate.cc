@@ -3,7 +3,10 @@
 // made-up addresses where an encoding cannot be linked into a PIE). Running the copies is
 // test_relocate_run.cc's.
 #include <gtest/gtest.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <cstring>
@@ -239,3 +242,36 @@ TEST(RelocatePlan, CallsBehindTheRunAreFine) {
 }
 
 }  // namespace
+
+// arch::read_own_memory_many: every range read whole is reported so, and one that cannot be read
+// (an unmapped page between two readable ranges) is reported alone, the ranges behind it read.
+TEST(ReadOwnMemoryMany, ReportsEachRange) {
+  const long page = sysconf(_SC_PAGESIZE);
+  auto* map = static_cast<std::uint8_t*>(
+      mmap(nullptr, static_cast<std::size_t>(3 * page), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
+  ASSERT_NE(map, MAP_FAILED);
+  ASSERT_EQ(munmap(map + page, static_cast<std::size_t>(page)), 0);  // the middle page is gone
+  for (int i = 0; i < 16; ++i) {
+    map[i] = static_cast<std::uint8_t>(i + 1);
+    map[2 * page + i] = static_cast<std::uint8_t>(i + 101);
+  }
+  std::array<std::uint8_t, 16> a{}, b{}, c{}, d{};
+  const auto addr = [&](long offset) { return reinterpret_cast<std::uintptr_t>(map + offset); };
+  const std::vector<tramway::arch::OwnMemoryRead> reads = {
+      {addr(0), a}, {addr(page), b}, {addr(2 * page), c}, {addr(page - 8), d}};  // d straddles the hole
+  const std::vector<bool> ok = tramway::arch::read_own_memory_many(reads);
+  EXPECT_EQ(ok, (std::vector<bool>{true, false, true, false}));
+  for (int i = 0; i < 16; ++i) {
+    EXPECT_EQ(a[i], i + 1);
+    EXPECT_EQ(c[i], i + 101);
+  }
+  // More ranges than one system call takes (IOV_MAX): all read.
+  std::vector<std::array<std::uint8_t, 1>> bytes(3000);
+  std::vector<tramway::arch::OwnMemoryRead> many;
+  for (std::size_t i = 0; i < bytes.size(); ++i) many.push_back({addr(static_cast<long>(i % 16)), bytes[i]});
+  const std::vector<bool> all = tramway::arch::read_own_memory_many(many);
+  EXPECT_EQ(std::count(all.begin(), all.end(), true), 3000);
+  for (std::size_t i = 0; i < bytes.size(); ++i) EXPECT_EQ(bytes[i][0], i % 16 + 1);
+  munmap(map, static_cast<std::size_t>(page));
+  munmap(map + 2 * page, static_cast<std::size_t>(page));
+}
