@@ -17,6 +17,7 @@
 // did not load one.
 #include "arch/x86_64/relocate.h"
 
+#include <limits.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -311,6 +312,32 @@ bool read_own_memory(std::uintptr_t address, std::span<std::uint8_t> out) {
   iovec local{out.data(), out.size()};
   iovec remote{reinterpret_cast<void*>(address), out.size()};
   return process_vm_readv(getpid(), &local, 1, &remote, 1, 0) == static_cast<ssize_t>(out.size());
+}
+
+std::vector<bool> read_own_memory_many(std::span<const OwnMemoryRead> reads) {
+  std::vector<bool> ok(reads.size(), false);
+  const pid_t self = getpid();
+  std::vector<iovec> local, remote;
+  // process_vm_readv never splits a range: it returns the bytes of the ranges read whole, up to
+  // the first it could not read, which is skipped before the next call.
+  for (std::size_t next = 0; next < reads.size();) {
+    const std::size_t n = std::min<std::size_t>(reads.size() - next, IOV_MAX);
+    local.clear();
+    remote.clear();
+    for (std::size_t i = next; i < next + n; ++i) {
+      local.push_back({reads[i].out.data(), reads[i].out.size()});
+      remote.push_back({reinterpret_cast<void*>(reads[i].address), reads[i].out.size()});
+    }
+    const ssize_t got = process_vm_readv(self, local.data(), n, remote.data(), n, 0);
+    std::size_t covered = got > 0 ? static_cast<std::size_t>(got) : 0;
+    std::size_t i = next;
+    for (; i < next + n && covered >= reads[i].out.size(); ++i) {
+      covered -= reads[i].out.size();
+      ok[i] = true;
+    }
+    next = i < next + n ? i + 1 : i;  // reads[i], if any, failed
+  }
+  return ok;
 }
 
 Result<RelocationPlan> plan_relocation(std::uintptr_t function, std::span<const std::uint8_t> code,

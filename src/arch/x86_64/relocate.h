@@ -49,6 +49,14 @@ struct RelocationPlan {
 using ReadMemory = std::function<bool(std::uintptr_t address, std::span<std::uint8_t> out)>;
 // process_vm_readv on the own process: an unmapped address gives false, never a fault.
 bool read_own_memory(std::uintptr_t address, std::span<std::uint8_t> out);
+// The same for many ranges, in as few system calls as process_vm_readv allows (IOV_MAX ranges
+// a call): an attach to thousands of functions reads them all before planning any. Returns,
+// for each range, whether it was read whole.
+struct OwnMemoryRead {
+  std::uintptr_t address = 0;
+  std::span<std::uint8_t> out;
+};
+std::vector<bool> read_own_memory_many(std::span<const OwnMemoryRead> reads);
 
 // Decodes the whole function (`code` holds its bytes, the symbol's bounds, as they are at
 // `function`) and chooses the run. Refuses, with the instruction's text, offset and reason:

@@ -11,6 +11,7 @@
 #include <map>
 #include <mutex>
 #include <new>
+#include <span>
 #include <utility>
 #include <vector>
 
@@ -104,15 +105,32 @@ void retire_copy(Site& s, Retired& retired) {
 
 namespace {
 
-// The detour of a relocated function leaving mode off, planned from its bytes now (its
-// original ones: nothing of ours is in them while it is off). Its pad is taken on its first
-// hook, its jmp going home (to the run), so that the batch changes it like any instruction.
-Status prepare_detour(Site& s) {
-  std::vector<std::uint8_t> code(s.size);
-  const std::string what = "'" + s.name + "' (" + common::hex_address(s.function) + " in " + s.object + ")";
-  if (s.size == 0 || !arch::read_own_memory(s.function, code)) {
-    return Status::error("cannot read the " + std::to_string(s.size) + " bytes of " + what);
+// The bytes of the relocated functions leaving mode off, read now (their original ones:
+// nothing of ours is in them while they are off), all in a few system calls. Empty for a
+// function whose bytes cannot be read.
+std::vector<std::vector<std::uint8_t>> read_functions_leaving_off(const std::vector<ModeChange>& changes) {
+  std::vector<std::vector<std::uint8_t>> code(changes.size());
+  std::vector<arch::OwnMemoryRead> reads;
+  std::vector<std::size_t> index;
+  for (std::size_t i = 0; i < changes.size(); ++i) {
+    const Site& s = *changes[i].site;
+    if (!s.relocated || s.mode != Mode::off || changes[i].mode == Mode::off || s.size == 0) continue;
+    code[i].resize(s.size);
+    reads.push_back({s.function, code[i]});
+    index.push_back(i);
   }
+  const std::vector<bool> ok = arch::read_own_memory_many(reads);
+  for (std::size_t k = 0; k < index.size(); ++k)
+    if (!ok[k]) code[index[k]].clear();
+  return code;
+}
+
+// The detour of a relocated function leaving mode off, planned from `code`, its bytes now. Its
+// pad is taken on its first hook, its jmp going home (to the run), so that the batch changes it
+// like any instruction.
+Status prepare_detour(Site& s, std::span<const std::uint8_t> code) {
+  const std::string what = "'" + s.name + "' (" + common::hex_address(s.function) + " in " + s.object + ")";
+  if (code.empty()) return Status::error("cannot read the " + std::to_string(s.size) + " bytes of " + what);
   auto plan = arch::plan_relocation(s.function, code);
   if (!plan.ok()) return Status::error("cannot relocate the prologue of " + what + ": " + plan.status().message());
   if (s.entry == 0) {
@@ -197,11 +215,12 @@ Status apply_batch_modes(const std::vector<ModeChange>& changes, Retired& retire
     for (std::size_t i = 0; i < changes.size(); ++i)
       if (built[i]) retire_copy(*changes[i].site, retired);
   };
+  const std::vector<std::vector<std::uint8_t>> code = read_functions_leaving_off(changes);
   for (std::size_t i = 0; i < changes.size(); ++i) {
     const ModeChange& c = changes[i];
     Site& s = *c.site;
     if (s.relocated && s.mode == Mode::off && c.mode != Mode::off) {
-      if (Status st = prepare_detour(s); !st.ok()) {
+      if (Status st = prepare_detour(s, code[i]); !st.ok()) {
         drop_built();
         return st;
       }
