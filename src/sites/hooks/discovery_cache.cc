@@ -188,6 +188,27 @@ std::optional<std::pair<CachedObject*, std::size_t>> add_hookable(std::vector<Ca
   return first_refused;
 }
 
+// add_hookable for the function at `e`: each object's functions are sorted by address, so a
+// binary search per object (a scan per address made an attach to 10,000 addresses quadratic:
+// ~0.4 s with the 40,000 functions of a benchmark's objects).
+std::optional<std::pair<CachedObject*, std::size_t>> add_hookable_at(std::vector<Candidate>& out, std::uintptr_t e,
+                                                                     bool allow_trap) {
+  std::optional<std::pair<CachedObject*, std::size_t>> first_refused;
+  for (auto& [key, o] : g_objects) {
+    const auto& fns = o.sites.functions;
+    auto it = std::lower_bound(fns.begin(), fns.end(), e, [](const FunctionSymbol& f, std::uintptr_t v) { return f.address < v; });
+    if (it == fns.end() || it->address != e) continue;
+    const auto i = static_cast<std::size_t>(it - fns.begin());
+    const HookKind k = o.kind_of(i).kind;
+    if (k == HookKind::relocatable || (allow_trap && k == HookKind::trap)) {
+      out.push_back({it->address, k, &it->name, &o.sites.path, &key, EntryForm::other, it->size});
+      return std::nullopt;
+    }
+    if (!first_refused) first_refused = std::pair{&o, i};
+  }
+  return first_refused;
+}
+
 }  // namespace
 
 // The functions the filter selects, or an error naming what did not match. A function without
@@ -211,7 +232,7 @@ Result<std::vector<Candidate>> select(const Filter& filter, bool allow_trap) {
         }
         read_all_functions();
         const std::size_t before = out.size();
-        auto refused = add_hookable(out, [&](const FunctionSymbol& f) { return f.address == e; }, allow_trap);
+        auto refused = add_hookable_at(out, e, allow_trap);
         if (out.size() != before) continue;
         if (refused) return not_hookable(describe(*refused), refused->first->kind_of(refused->second));
         return not_patchable("the function at " + common::hex_address(e));
