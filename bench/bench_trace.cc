@@ -10,6 +10,16 @@
 //                                   tramway is faster (the direction of bench_hooks' ratios)
 //   trace/timestamp                 ns one TSC read (rdtsc) costs here: a traced call takes two,
 //                                   the floor under trace/traced (uftrace reads clock_gettime twice)
+//   trace/relocated                 ns a traced call of the same body built without a patchable
+//                                   entry (trace_relocated_target.cc), hooked through a relocated
+//                                   prologue (CPU time, as trace/traced)
+//   uftrace/dynamic_full            ns a call of that body under `uftrace record -P` on a build
+//                                   without instrumentation flags: uftrace's full dynamic patching
+//                                   (bench_uftrace_plain_child). Skipped, saying why, when this
+//                                   uftrace cannot do it (Debian 12's 0.13 is built without capstone)
+//   trace/relocated/ratio_to_uftrace_full    trace/relocated over uftrace/dynamic_full (target <= 1/3)
+//   trace/relocated/ratio_to_uftrace_record  trace/relocated over uftrace/record, uftrace's tracing
+//                                   of a patchable entry: the peer figure this run always has
 //
 // A traced run makes kCalls calls: its events are all recorded (none lost; checked), and every
 // kBurst calls the rings are flushed with timing paused, so the figure is what the calling
@@ -37,8 +47,10 @@
 #include "tramway/trace.h"
 #include "tramway/trace/format.h"
 
-// trace_target.cc: compiled with -fpatchable-function-entry=13,8.
+// trace_target.cc: compiled with -fpatchable-function-entry=13,8; trace_relocated_target.cc:
+// the same body, without.
 extern "C" void bench_trace_target(std::uint64_t x);
+extern "C" void bench_trace_relocated_target(std::uint64_t x);
 
 namespace {
 
@@ -52,6 +64,7 @@ namespace trace = tramway::trace;
 namespace fs = std::filesystem;
 
 constexpr char kGlob[] = "bench_trace_target";
+constexpr char kRelocatedGlob[] = "bench_trace_relocated_target";
 // Calls a traced run (and a uftrace run) makes: 2 million events, 32 MB of trace at 16 bytes
 // an event, in a scratch directory removed afterwards.
 constexpr benchmark::IterationCount kCalls = 1'000'000;
@@ -82,12 +95,13 @@ struct ScratchDir {
 };
 
 // ---- calls ------------------------------------------------------------------------------------
-// One loop for both call figures, so that they differ by the tracing only. With `between`,
+// One loop for every call figure, so that they differ by the tracing only. With `between`,
 // every kBurst calls it runs with timing paused.
+template <void (*F)(std::uint64_t)>
 BENCH_NOINLINE void call_loop(State& state, const std::function<void()>* between) {
   std::uint64_t i = 0;
   for (auto _ : state) {
-    bench_trace_target(++i);
+    F(++i);
     if ((i & (kBurst - 1)) == 0 && between) {
       state.PauseTiming();
       (*between)();
@@ -96,7 +110,7 @@ BENCH_NOINLINE void call_loop(State& state, const std::function<void()>* between
   }
 }
 
-void bm_untraced(State& state) { call_loop(state, nullptr); }
+void bm_untraced(State& state) { call_loop<bench_trace_target>(state, nullptr); }
 
 // The end chunk (format.h: the last one of a file closed cleanly) holds the totals.
 bool read_end_chunk(const std::string& file, std::uint64_t& events, std::uint64_t& lost) {
@@ -114,21 +128,23 @@ bool read_end_chunk(const std::string& file, std::uint64_t& events, std::uint64_
   return true;
 }
 
-void bm_traced(State& state) {
+// Traces calls of F, the function `glob` names.
+template <void (*F)(std::uint64_t)>
+void bm_traced(State& state, const char* glob) {
   ScratchDir dir;
   if (dir.path.empty()) return fail(state, "cannot create a scratch directory");
   trace::RecordOptions options;
   options.output = dir.path + "/bench.trace";
   if (Status s = trace::start(options); !s.ok()) return fail(state, "trace::start: " + s.message());
-  if (auto attached = trace::attach(kGlob); !attached.ok()) {
+  if (auto attached = trace::attach(glob); !attached.ok()) {
     (void)trace::stop();
-    return fail(state, std::string("trace::attach(\"") + kGlob + "\"): " + attached.status().message());
+    return fail(state, std::string("trace::attach(\"") + glob + "\"): " + attached.status().message());
   }
   Status flushed;
   const std::function<void()> flush = [&flushed] {
     if (flushed.ok()) flushed = trace::flush();
   };
-  call_loop(state, &flush);
+  call_loop<F>(state, &flush);
   if (Status s = trace::stop(); !s.ok()) return fail(state, "trace::stop: " + s.message());
   if (!flushed.ok()) return fail(state, "trace::flush: " + flushed.message());
 
@@ -162,21 +178,22 @@ std::uintmax_t uftrace_record_bytes(const fs::path& data) {
 
 // uftrace 0.13 patches the address __patchable_function_entries lists, so its child is built
 // with -fpatchable-function-entry=5 (bench_hooks.cc's bm_uftrace says why); --no-libcall keeps it
-// from also hooking the PLT. One run a repetition (Iterations(1)).
-void bm_uftrace(State& state) {
+// from also hooking the PLT. One run a repetition (Iterations(1)). `child` and `figure`: the
+// plain build and uftrace/dynamic_full for its full dynamic patching.
+void bm_uftrace(State& state, const char* child, const char* figure) {
   ScratchDir dir;
   if (dir.path.empty()) return fail(state, "cannot create a scratch directory");
   const std::string data = dir.path + "/data";
   std::string out;
   for (auto _ : state) {
     if (std::string e = run_child({"uftrace", "record", "--no-libcall", "-d", data, "-P", "^bench_uftrace_target$",
-                                   sibling("bench_uftrace_child"), std::to_string(kCalls), "uftrace/record"},
+                                   sibling(child), std::to_string(kCalls), figure},
                                   out);
         !e.empty()) {
       return fail(state, e);
     }
   }
-  if (std::string e = take_child_figures(out, {{"uftrace/record", "ns"}}, state, "bench_uftrace_child"); !e.empty()) {
+  if (std::string e = take_child_figures(out, {{figure, "ns"}}, state, child); !e.empty()) {
     return fail(state, e);
   }
   // Its smallest record is 16 bytes: fewer bytes than 8 an event means calls went unrecorded.
@@ -186,7 +203,20 @@ void bm_uftrace(State& state) {
     return fail(state, "uftrace recorded " + std::to_string(static_cast<std::uint64_t>(bytes)) + " bytes for " +
                            std::to_string(kCalls) + " calls: not every entry and exit");
   }
-  state.counters["uftrace/bytes_per_event"] = bytes / events;
+  state.counters[std::string(figure) + "/bytes_per_event"] = bytes / events;
+}
+
+// Empty when this uftrace can patch a function built without instrumentation flags; else why
+// not. Its full dynamic patching decodes the prologue with capstone, which `uftrace --version`
+// lists among its features when built with it.
+std::string uftrace_full_unavailable() {
+  std::string version;
+  if (std::string e = run_child({"uftrace", "--version"}, version); !e.empty()) return e;
+  while (!version.empty() && version.back() == '\n') version.pop_back();
+  if (version.find("capstone") != std::string::npos) return {};
+  return "this uftrace (" + version +
+         ") is built without capstone, so -P cannot patch a function without patchable entries "
+         "(uftrace record -v reports its 'dynamic patch type' as 0 (none) and the function as failed)";
 }
 
 }  // namespace
@@ -211,13 +241,25 @@ int main(int argc, char** argv) {
   }
   add("trace/untraced", bm_untraced, {cpu_ns("trace/untraced")});
   add("trace/timestamp", bm_timestamp, {cpu_ns("trace/timestamp")});
-  add("trace/traced", bm_traced,
+  add("trace/traced", [](State& s) { bm_traced<bench_trace_target>(s, kGlob); },
       {cpu_ns("trace/traced"), counter_figure("trace/bytes_per_event", "bytes_per_event", "bytes")})
       ->Iterations(kCalls);
-  add("uftrace", bm_uftrace,
+  add("trace/relocated", [](State& s) { bm_traced<bench_trace_relocated_target>(s, kRelocatedGlob); },
+      {cpu_ns("trace/relocated")})
+      ->Iterations(kCalls);
+  add("uftrace", [](State& s) { bm_uftrace(s, "bench_uftrace_child", "uftrace/record"); },
       {counter_figure("uftrace/record", "uftrace/record", "ns"),
-       counter_figure("uftrace/bytes_per_event", "uftrace/bytes_per_event", "bytes"),
-       ratio_figure("trace/traced/ratio_to_uftrace", "trace/traced", "uftrace/record")})
+       counter_figure("uftrace/bytes_per_event", "uftrace/record/bytes_per_event", "bytes"),
+       ratio_figure("trace/traced/ratio_to_uftrace", "trace/traced", "uftrace/record"),
+       ratio_figure("trace/relocated/ratio_to_uftrace_record", "trace/relocated", "uftrace/record")})
       ->Iterations(1);
+  if (std::string why = uftrace_full_unavailable(); !why.empty()) {
+    std::fprintf(stderr, "uftrace/dynamic_full: skipped: %s\n", why.c_str());
+  } else {
+    add("uftrace_full", [](State& s) { bm_uftrace(s, "bench_uftrace_plain_child", "uftrace/dynamic_full"); },
+        {counter_figure("uftrace/dynamic_full", "uftrace/dynamic_full", "ns"),
+         ratio_figure("trace/relocated/ratio_to_uftrace_full", "trace/relocated", "uftrace/dynamic_full")})
+        ->Iterations(1);
+  }
   return tramway_bench::run(argc, argv);
 }

@@ -14,7 +14,7 @@
 
 namespace tramway_bench {
 
-std::string run_child(const std::vector<std::string>& argv, std::string& out) {
+std::string start_child(const std::vector<std::string>& argv, RunningChild& child) {
   int fds[2];
   if (pipe(fds) != 0) return "pipe failed";
   posix_spawn_file_actions_t actions;
@@ -42,17 +42,29 @@ std::string run_child(const std::vector<std::string>& argv, std::string& out) {
     close(fds[0]);
     return "cannot run " + argv[0] + ": " + std::strerror(rc);
   }
+  child = {pid, fds[0]};
+  return {};
+}
+
+std::string finish_child(RunningChild& child, std::string& out, const std::string& name) {
   std::array<char, 4096> buf;
-  for (ssize_t n; (n = read(fds[0], buf.data(), buf.size())) != 0;) {
+  for (ssize_t n; (n = read(child.out, buf.data(), buf.size())) != 0;) {
     if (n > 0) out.append(buf.data(), static_cast<std::size_t>(n));
     else if (errno != EINTR) break;
   }
-  close(fds[0]);
+  close(child.out);
   int status = 0;
-  while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+  while (waitpid(child.pid, &status, 0) < 0 && errno == EINTR) {
   }
-  if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) return argv[0] + " failed (wait status " + std::to_string(status) + ")";
+  child = {};
+  if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) return name + " failed (wait status " + std::to_string(status) + ")";
   return {};
+}
+
+std::string run_child(const std::vector<std::string>& argv, std::string& out) {
+  RunningChild child;
+  if (std::string e = start_child(argv, child); !e.empty()) return e;
+  return finish_child(child, out, argv[0]);
 }
 
 std::string sibling(const char* name) {

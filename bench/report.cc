@@ -29,6 +29,8 @@ double seconds_to(double seconds, const std::string& unit) {
   return seconds;
 }
 
+bool derived(const Figure& f) { return f.source == Figure::kRatio || f.source == Figure::kDifference; }
+
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   const std::size_t n = v.size();
@@ -82,7 +84,7 @@ class FigureReporter : public benchmark::BenchmarkReporter {
       const Entry* entry = find(name);
       if (!entry) continue;
       for (const Figure& f : entry->figures) {
-        if (f.source == Figure::kRatio) continue;  // computed from medians in Finalize()
+        if (derived(f)) continue;  // computed from medians in Finalize()
         double value;
         if (f.source == Figure::kCounter) {
           auto it = run.counters.find(f.counter);
@@ -108,14 +110,15 @@ class FigureReporter : public benchmark::BenchmarkReporter {
       for (const Figure& f : e.figures) {
         if (!std::regex_search(f.name, select_)) continue;
         double value;
-        if (f.source == Figure::kRatio) {
+        if (derived(f)) {
           auto num = values_.find(f.counter), den = values_.find(f.denominator);
           if (num == values_.end() || den == values_.end()) {
             std::cerr << f.name << ": no value for " << (num == values_.end() ? f.counter : f.denominator) << "\n";
             failed_ = true;
             continue;
           }
-          value = median(num->second) / median(den->second);
+          const double a = median(num->second), b = median(den->second);
+          value = f.source == Figure::kRatio ? a / b : a - b;
         } else {
           auto it = values_.find(f.name);
           if (it == values_.end()) continue;
@@ -194,7 +197,7 @@ int run(int argc, char** argv) {
     for (const Figure& f : e.figures) {
       if (!std::regex_search(f.name, select)) continue;
       needed.insert(f.name);
-      if (f.source == Figure::kRatio) needed.insert({f.counter, f.denominator});
+      if (derived(f)) needed.insert({f.counter, f.denominator});
     }
   }
   std::string spec;

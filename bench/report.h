@@ -4,6 +4,7 @@
 // calls run(). run() executes Google Benchmark with repetitions and prints to stdout one
 // JSON line per figure, the median over the repetitions:
 //   {"name": "static_key/disabled", "value": 0.61, "unit": "ns"}
+// Ratio and difference figures are computed from the medians of two figures of the same run.
 // Everything else (context, per-repetition values, errors) goes to stderr, so that stdout
 // can be concatenated across programs by bench/run.
 //
@@ -25,12 +26,14 @@ struct Figure {
   // kRatio: no value of its own; the median of figure `counter` over the median of figure
   // `denominator` (both of this run, registered with any benchmark). Selecting a ratio runs
   // the benchmarks of both its figures.
-  enum Source { kRealTime, kCpuTime, kCounter, kRatio };
+  // kDifference: the median of figure `counter` minus the median of figure `denominator`, in
+  // their unit (both must have it), for targets stated as "within N ns of".
+  enum Source { kRealTime, kCpuTime, kCounter, kRatio, kDifference };
   std::string name;     // as printed, e.g. "batch/10000/time"
   Source source;
   std::string unit;     // times: "ns", "us", "ms" or "s" (converted); counters: printed as is
-  std::string counter;  // kCounter: the key in state.counters; kRatio: the numerator figure
-  std::string denominator = {};  // kRatio: the denominator figure
+  std::string counter;  // kCounter: the key in state.counters; kRatio, kDifference: the numerator/minuend
+  std::string denominator = {};  // kRatio: the denominator figure; kDifference: the subtrahend
 };
 
 // A figure that is the benchmark's time per iteration.
@@ -43,6 +46,11 @@ inline Figure counter_figure(std::string name, std::string counter, std::string 
 // A figure that is one figure's median over another's, e.g. a time relative to a peer's.
 inline Figure ratio_figure(std::string name, std::string numerator, std::string denominator) {
   return {std::move(name), Figure::kRatio, "ratio", std::move(numerator), std::move(denominator)};
+}
+
+// A figure that is one figure's median minus another's (same unit), e.g. an added cost.
+inline Figure difference_figure(std::string name, std::string minuend, std::string subtrahend, std::string unit) {
+  return {std::move(name), Figure::kDifference, std::move(unit), std::move(minuend), std::move(subtrahend)};
 }
 
 // Registers benchmark `name` (which must contain no regex metacharacters other than '/').

@@ -3,6 +3,9 @@
 // -fpatchable-function-entry=5 build recording entry and exit into its data directory: times
 // CALLS calls of the function those benchmarks measure (same body), with this thread's CPU time
 // as their call figures, and prints {"name": FIGURE, "value": NS_A_CALL, "unit": "ns"}.
+// Built twice: bench_uftrace_child with -fpatchable-function-entry=5, and with BENCH_UFTRACE_FULL
+// bench_uftrace_plain_child without instrumentation flags, for uftrace's full dynamic patching
+// (bench_trace's uftrace/dynamic_full).
 #include <time.h>
 
 #include <cstdint>
@@ -28,9 +31,17 @@ int main(int argc, char** argv) {
     return 2;
   }
   const long calls = std::atol(argv[1]);
-  // uftrace turns the entry's 5-byte nop into a call before main; without it (not run under
-  // uftrace, or uftrace did not find the function) the figure would be a plain call's.
-  if (*reinterpret_cast<const unsigned char*>(&bench_uftrace_target) != 0xe8) {
+  // uftrace turns the entry's 5-byte nop into a call before main (full dynamic patching: the
+  // prologue's first instructions into a jmp or call; the body's first byte, the REX prefix of
+  // its add, is neither); without it (not run under uftrace, or uftrace did not patch the
+  // function) the figure would be a plain call's.
+  const unsigned char head = *reinterpret_cast<const unsigned char*>(&bench_uftrace_target);
+#ifdef BENCH_UFTRACE_FULL
+  const bool patched = head == 0xe8 || head == 0xe9;
+#else
+  const bool patched = head == 0xe8;
+#endif
+  if (!patched) {
     std::fprintf(stderr, "%s: bench_uftrace_target is not patched: run it under uftrace record -P\n", argv[0]);
     return 1;
   }
