@@ -35,6 +35,9 @@
 //   detach/relocated/10000/idle             ms, the same without the busy threads
 //   grace/tasks/busy/16                     ms, one tasks grace period alone with the 16 threads
 //                                           (over a range nobody runs): the floor of those detaches
+//   signal_round/busy/16                    ms, one signal round trip to the 16 threads (move_pcs):
+//                                           the floor under that grace period (DESIGN: <= 2x)
+//   grace/tasks/busy/16_ratio_to_signal_round, detach/relocated/10000_ratio_to_signal_round
 // No difference figure (report.h has ratios only): the DESIGN targets compare hook/disabled
 // with call/plain (<= 0.3 ns) and hook/common/empty with hook/disabled (<= 4 ns).
 //
@@ -74,6 +77,7 @@
 #include "report.h"
 #include "tramway/grace.h"
 #include "tramway/hooks.h"
+#include "tramway/text/signal_router.h"
 
 
 // ---- the measured function, twice ---------------------------------------------------------
@@ -257,6 +261,16 @@ void bm_tasks_gp(State& state, std::size_t busy) {
   timed_loop(state, 1e3, [] {
     Status s = tramway::grace::retire(g_never_run, g_never_run + sizeof g_never_run);
     return s.ok() ? tramway::grace::synchronize(tramway::grace::Flavor::tasks) : s;
+  }, [] { return Status(); });
+}
+
+// The floor under both: one signal round trip to the busy threads (each must be scheduled to
+// answer), a move_pcs() over a range no thread is in, as bench_grace's signal_round/busy/N.
+void bm_signal_round(State& state, std::size_t busy) {
+  BusyThreads spinners(busy);
+  timed_loop(state, 1e3, [] {
+    auto r = tramway::text::move_pcs(1, 2, 1);  // [1, 2): no thread is ever there
+    return r.ok() ? Status() : r.status();
   }, [] { return Status(); });
 }
 
@@ -503,6 +517,11 @@ int main(int argc, char** argv) {
       {timed("detach/relocated/10000/idle", "ms"), counter_figure("detach/relocated/10000/idle/cpu", "cpu", "ms")})
       ->Unit(benchmark::kMillisecond);
   add("grace/tasks/busy/16", [](State& s) { bm_tasks_gp(s, kBusy); }, {timed("grace/tasks/busy/16", "ms")})
+      ->Unit(benchmark::kMillisecond);
+  add("signal_round/busy/16", [](State& s) { bm_signal_round(s, kBusy); },
+      {timed("signal_round/busy/16", "ms"),
+       ratio_figure("grace/tasks/busy/16_ratio_to_signal_round", "grace/tasks/busy/16", "signal_round/busy/16"),
+       ratio_figure("detach/relocated/10000_ratio_to_signal_round", "detach/relocated/10000", "signal_round/busy/16")})
       ->Unit(benchmark::kMillisecond);
 
   std::vector<tramway_bench::Figure> xray;
