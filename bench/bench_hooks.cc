@@ -502,9 +502,11 @@ int main(int argc, char** argv) {
   const hooks::Filter relocated_thousand = first_functions(1000, bench_rfns);
   const hooks::Filter relocated_one = hooks::Filter::addresses({address(bench_rfns[kFunctions / 2])});
   constexpr std::size_t kBusy = 16;
-  for (auto [name, filter] : {std::pair{"1", &relocated_one}, std::pair{"1000", &relocated_thousand},
-                              std::pair{"10000", &relocated_all}}) {
-    const std::string a = std::string("attach/relocated/") + name, d = std::string("detach/relocated/") + name;
+  for (const auto& named : {std::pair{"1", &relocated_one}, std::pair{"1000", &relocated_thousand},
+                             std::pair{"10000", &relocated_all}}) {
+    const hooks::Filter* filter = named.second;  // a variable: Clang 14 cannot capture a structured binding
+    const std::string a = std::string("attach/relocated/") + named.first;
+    const std::string d = std::string("detach/relocated/") + named.first;
     add(a, [filter](State& s) { bm_attach(s, *filter, 1e3); },
         {timed(a.c_str(), "ms"), counter_figure(a + "/cpu", "cpu", "ms")})
         ->Unit(benchmark::kMillisecond);
