@@ -275,12 +275,12 @@ void bm_signal_round(State& state, std::size_t busy) {
 }
 
 // ---- trap probes --------------------------------------------------------------------------------
-// Empty when trap probes hook trap_target (HookKind::trap); else attach's refusal, which says
-// why. Not implemented yet, so hook/trap/empty is skipped with that message; once attach takes
-// trap functions, bm_trap measures them as it stands.
+// Empty when a trap probe hooks trap_target (HookKind::trap: Ops::allow_trap); else attach's
+// refusal, which says why, and hook/trap/empty is skipped with it.
 std::string trap_probes_unavailable() {
   hooks::Ops ops;
   ops.entry = empty_callback;
+  ops.allow_trap = true;
   if (Status s = hooks::attach(ops, hooks::Filter::addresses({address(trap_target)})); !s.ok()) return s.message();
   Status s = hooks::detach(ops);
   return s.ok() ? std::string() : "detach: " + s.message();
@@ -289,6 +289,7 @@ std::string trap_probes_unavailable() {
 void bm_trap(State& state) {
   hooks::Ops ops;
   ops.entry = empty_callback;
+  ops.allow_trap = true;
   if (Status s = hooks::attach(ops, hooks::Filter::addresses({address(trap_target)})); !s.ok())
     return fail(state, "attach: " + s.message());
   std::uint64_t i = 0;
