@@ -34,7 +34,10 @@ Status start(const RecordOptions& options);
 // Traces every function that can be hooked whose demangled name matches `glob` (fnmatch),
 // entry and exit. Returns how many functions that covers. Fails if nothing matches or the glob is
 // attached already.
-Result<std::size_t> attach(const std::string& glob);
+// With Scope::executable, only the functions of the main executable: `tramway record` without
+// -f, which should not hook every function of the C library and the rest.
+enum class Scope { all, executable };
+Result<std::size_t> attach(const std::string& glob, Scope scope = Scope::all);
 
 // Stops tracing the functions of an earlier attach(glob); its events recorded so far stay.
 Status detach(const std::string& glob);

@@ -17,8 +17,8 @@
 //                           With TRAMWAY_LIST_ALL=1, every function of every kind (a fourth
 //                           column, the hook kind, and a fifth, the reason, for trap and
 //                           refused), then one `# OBJECT: N patchable, ...` line per object.
-//   TRAMWAY_OUTPUT=FILE     record to FILE; TRAMWAY_FILTERS holds one glob per line (default
-//                           `*`). A failure prints `tramway: ...` and _exit(2)s before main.
+//   TRAMWAY_OUTPUT=FILE     record to FILE; TRAMWAY_FILTERS holds one glob per line (default:
+//                           every function of the executable itself). A failure prints `tramway: ...` and _exit(2)s before main.
 //   TRAMWAY_CONTROL=1       serve the control socket (control_io.h); failure: _exit(2).
 //   TRAMWAY_TRAP=1          recordings also trace functions only a trap probe can hook
 //   TRAMWAY_DURATION=S      stop recording S seconds after start; the program runs on untraced
@@ -206,8 +206,8 @@ Status start_recording(const std::string& file) {
   return {};
 }
 
-Result<std::size_t> attach(const std::string& glob) {
-  Result<std::size_t> n = trace::attach(glob);
+Result<std::size_t> attach(const std::string& glob, trace::Scope scope = trace::Scope::all) {
+  Result<std::size_t> n = trace::attach(glob, scope);
   if (!n.ok()) return n.status();
   State& st = state();
   std::lock_guard lock(st.mu);
@@ -397,9 +397,11 @@ void init() {
   if (output) {
     if (Status s = start_recording(*output); !s.ok()) die(2, s.message());
     std::vector<std::string> globs = split(filters.value_or(""), "\n");
-    if (globs.empty()) globs.push_back("*");
+    // No filter: every function of the program itself, not of every library it loaded.
+    const bool whole_program = globs.empty();
+    if (whole_program) globs.push_back("*");
     for (const std::string& g : globs) {
-      Result<std::size_t> n = attach(g);
+      Result<std::size_t> n = tramway::agent::attach(g, whole_program ? trace::Scope::executable : trace::Scope::all);
       if (!n.ok()) fail_start(output->c_str(), "-f '" + g + "': " + n.status().message() + " (`tramway list " + program_name() + "` lists them)");
     }
   }

@@ -364,7 +364,7 @@ Status start(const RecordOptions& options) {
   return {};
 }
 
-Result<std::size_t> attach(const std::string& glob) {
+Result<std::size_t> attach(const std::string& glob, Scope scope) {
   common::LoaderUse loader_use;  // before the recorder's lock: hooks pin objects (common/loader_gate.h)
   Recording& r = recording();
   std::lock_guard lock(r.mutex);
@@ -375,6 +375,12 @@ Result<std::size_t> attach(const std::string& glob) {
   if (!all.ok()) return all.status();
   std::set<std::uintptr_t> matched;
   std::vector<hooks::Function> hookable;
+  if (scope == Scope::executable) {
+    char exe[PATH_MAX];
+    const ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
+    const std::string self = n > 0 ? std::string(exe, static_cast<std::size_t>(n)) : std::string();
+    std::erase_if(*all, [&](const hooks::Function& f) { return f.object != self; });
+  }
   for (hooks::Function& f : *all) {
     const bool can_hook = f.kind == hooks::HookKind::patchable || f.kind == hooks::HookKind::relocatable ||
                           (r.allow_trap && f.kind == hooks::HookKind::trap);

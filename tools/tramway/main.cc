@@ -159,7 +159,7 @@ int record(const RecordArgs& a, const std::vector<std::string>& command) {
 
   Launch l = with_agent(p->agent, p->path, command);
   std::string filters;
-  for (const std::string& f : a.filters.empty() ? std::vector<std::string>{"*"} : a.filters) {
+  for (const std::string& f : a.filters) {  // none: the agent traces the executable's functions
     filters += (filters.empty() ? "" : "\n") + f;
   }
   l.env.emplace_back("TRAMWAY_OUTPUT", output);
@@ -285,7 +285,8 @@ int main_cli(int argc, char** argv) {
   std::vector<std::string> rec_command;
   CLI::App* record_cmd = app.add_subcommand("record", "run a program and record its function calls to a trace file");
   // One glob per -f, so that `-f GLOB PROG` does not take PROG for a second glob.
-  record_cmd->add_option("-f,--filter", rec.filters, "trace the functions matching this glob (repeatable; default: *)")
+  record_cmd->add_option("-f,--filter", rec.filters, "trace the functions matching this glob (repeatable; default: every function of the program itself, "
+                         "not of its libraries)")
       ->allow_extra_args(false);
   record_cmd->add_option("-o,--output", rec.output, "the trace file")->capture_default_str();
   record_cmd->add_option("--duration", rec.duration, "record for S seconds (from when the agent is up), then end the program")->check(CLI::PositiveNumber);
