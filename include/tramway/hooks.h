@@ -158,13 +158,17 @@ enum class HookKind {
   relocatable,  // no patchable entry, but the relocator (arch/x86_64/relocate.h) accepts its
                 // current bytes within its symbol's bounds: a relocated prologue would hook it
   trap,         // the relocator refuses it (Function::reason says why: e.g. shorter than the
-                // 5-byte jmp, a call early in the prologue) but its first instruction decodes:
-                // a trap probe (an int3 at the entry) would hook it; not implemented yet
-  refused,      // neither: its bytes cannot be read or its first instruction does not decode
-                // (Function::reason)
+                // 5-byte jmp, a call early in the prologue) but its first instruction can run
+                // out of line: a trap probe hooks it, for ops with Ops::allow_trap
+  refused,      // neither, or tramway refuses it whatever its bytes (its own machinery calls
+                // it, or it is a compiler's cold fragment): Function::reason says why
 };
 // "patchable", "relocatable", "trap", "refused".
 const char* hook_kind_name(HookKind kind) noexcept;
+// Whether attach selects a function of this kind for ops whose Ops::allow_trap is `allow_trap`.
+inline bool can_hook(HookKind kind, bool allow_trap = false) noexcept {
+  return kind == HookKind::patchable || kind == HookKind::relocatable || (allow_trap && kind == HookKind::trap);
+}
 
 // A function of the process: a sized STT_FUNC symbol (of .symtab, else .dynsym) or a
 // patchable entry, one per address (aliases are listed once, under the exported name with the

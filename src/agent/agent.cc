@@ -18,7 +18,8 @@
 //                           column, the hook kind, and a fifth, the reason, for trap and
 //                           refused), then one `# OBJECT: N patchable, ...` line per object.
 //   TRAMWAY_OUTPUT=FILE     record to FILE; TRAMWAY_FILTERS holds one glob per line (default:
-//                           every function of the executable itself). A failure prints `tramway: ...` and _exit(2)s before main.
+//                           every function of the executable itself). A failure prints
+//                           `tramway: ...` and _exit(2)s before main.
 //   TRAMWAY_CONTROL=1       serve the control socket (control_io.h); failure: _exit(2).
 //   TRAMWAY_TRAP=1          recordings also trace functions only a trap probe can hook
 //   TRAMWAY_DURATION=S      stop recording S seconds after start; the program runs on untraced
@@ -125,7 +126,7 @@ Result<std::vector<std::string>> list_lines(const std::string& glob, bool all, s
   if (loaded) *loaded = fns->size();
   std::vector<const hooks::Function*> hits;
   for (const hooks::Function& f : *fns) {
-    if (all || f.kind == hooks::HookKind::patchable || f.kind == hooks::HookKind::relocatable) hits.push_back(&f);
+    if (all || hooks::can_hook(f.kind)) hits.push_back(&f);
   }
   std::sort(hits.begin(), hits.end(), [](const hooks::Function* a, const hooks::Function* b) {
     return a->name != b->name ? a->name < b->name : a->entry < b->entry;

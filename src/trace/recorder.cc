@@ -382,9 +382,7 @@ Result<std::size_t> attach(const std::string& glob, Scope scope) {
     std::erase_if(*all, [&](const hooks::Function& f) { return f.object != self; });
   }
   for (hooks::Function& f : *all) {
-    const bool can_hook = f.kind == hooks::HookKind::patchable || f.kind == hooks::HookKind::relocatable ||
-                          (r.allow_trap && f.kind == hooks::HookKind::trap);
-    if (!can_hook) continue;
+    if (!hooks::can_hook(f.kind, r.allow_trap)) continue;
     matched.insert(f.entry);
     hookable.push_back(std::move(f));
   }

@@ -24,12 +24,11 @@ std::atomic<void (*)(const text::CodeBlock&)> g_freed_hook{nullptr};
 }  // namespace
 
 Result<std::uintptr_t> take_entry_pad(std::uintptr_t function, const void* cell, std::uintptr_t run_start) {
-  const auto home_from = [](std::uintptr_t pad) { return pad + kPadJmpOffset; };
   PadPage* page = nullptr;
   for (PadPage& p : g_pad_pages) {
     const auto rx = reinterpret_cast<std::uintptr_t>(p.block.rx);
     if (p.used < kPadPageSize && arch::rel32_reaches(function, rx) && arch::rel32_reaches(function, rx + kPadPageSize) &&
-        arch::encode_jmp(home_from(rx + p.used), run_start)) {
+        pad_jmp_home(rx + p.used + kPadSiteOffset, run_start)) {
       page = &p;
       break;
     }
@@ -46,7 +45,7 @@ Result<std::uintptr_t> take_entry_pad(std::uintptr_t function, const void* cell,
   }
   std::uint8_t* rw = page->block.rw + page->used;
   const auto pad = reinterpret_cast<std::uintptr_t>(page->block.rx) + page->used;
-  const auto home = arch::encode_jmp(home_from(pad), run_start);
+  const auto home = pad_jmp_home(pad + kPadSiteOffset, run_start);
   if (!home) return Status::error("internal: an entry pad out of rel32 reach of " + common::hex_address(function));
   page->used += kPadSize;
   // Nothing has jumped here yet: plain stores through the RW view, ordered before any thread

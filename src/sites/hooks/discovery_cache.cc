@@ -166,23 +166,31 @@ const std::vector<Candidate>& all_candidates() {
 
 namespace {
 
-// Adds the functions without patchable entries that `match` accepts and that can be relocated
-// (or probed, with `allow_trap`); returns the first that cannot (for the error when none can).
+using Refused = std::optional<std::pair<CachedObject*, std::size_t>>;
+
+// Adds function `i` of `o` to `out` when it can be hooked; else notes it in `refused` (the first
+// one, for the error when none can). Returns whether it was added.
+bool add_if_hookable(std::vector<Candidate>& out, const ObjectKey& key, CachedObject& o, std::size_t i,
+                     bool allow_trap, Refused& refused) {
+  const FunctionSymbol& f = o.sites.functions[i];
+  const HookKind k = o.kind_of(i).kind;
+  if (can_hook(k, allow_trap)) {
+    out.push_back({f.address, k, &f.name, &o.sites.path, &key, EntryForm::other, f.size});
+    return true;
+  }
+  if (!refused) refused = std::pair{&o, i};
+  return false;
+}
+
+// Adds the functions without patchable entries that `match` accepts and that can be hooked
+// (relocated, or probed with `allow_trap`); returns the first that cannot.
 template <typename Match>
-std::optional<std::pair<CachedObject*, std::size_t>> add_hookable(std::vector<Candidate>& out, const Match& match,
-                                                                  bool allow_trap, std::size_t* refused = nullptr) {
-  std::optional<std::pair<CachedObject*, std::size_t>> first_refused;
+Refused add_hookable(std::vector<Candidate>& out, const Match& match, bool allow_trap, std::size_t* refused = nullptr) {
+  Refused first_refused;
   for (auto& [key, o] : g_objects) {
     for (std::size_t i = 0; i < o.sites.functions.size(); ++i) {
-      const FunctionSymbol& f = o.sites.functions[i];
-      if (!match(f)) continue;
-      const HookKind k = o.kind_of(i).kind;
-      if (k == HookKind::relocatable || (allow_trap && k == HookKind::trap)) {
-        out.push_back({f.address, k, &f.name, &o.sites.path, &key, EntryForm::other, f.size});
-        continue;
-      }
-      if (!first_refused) first_refused = std::pair{&o, i};
-      if (refused) ++*refused;
+      if (!match(o.sites.functions[i])) continue;
+      if (!add_if_hookable(out, key, o, i, allow_trap, first_refused) && refused) ++*refused;
     }
   }
   return first_refused;
@@ -191,20 +199,13 @@ std::optional<std::pair<CachedObject*, std::size_t>> add_hookable(std::vector<Ca
 // add_hookable for the function at `e`: each object's functions are sorted by address, so a
 // binary search per object (a scan per address made an attach to 10,000 addresses quadratic:
 // ~0.4 s with the 40,000 functions of a benchmark's objects).
-std::optional<std::pair<CachedObject*, std::size_t>> add_hookable_at(std::vector<Candidate>& out, std::uintptr_t e,
-                                                                     bool allow_trap) {
-  std::optional<std::pair<CachedObject*, std::size_t>> first_refused;
+Refused add_hookable_at(std::vector<Candidate>& out, std::uintptr_t e, bool allow_trap) {
+  Refused first_refused;
   for (auto& [key, o] : g_objects) {
     const auto& fns = o.sites.functions;
     auto it = std::lower_bound(fns.begin(), fns.end(), e, [](const FunctionSymbol& f, std::uintptr_t v) { return f.address < v; });
     if (it == fns.end() || it->address != e) continue;
-    const auto i = static_cast<std::size_t>(it - fns.begin());
-    const HookKind k = o.kind_of(i).kind;
-    if (k == HookKind::relocatable || (allow_trap && k == HookKind::trap)) {
-      out.push_back({it->address, k, &it->name, &o.sites.path, &key, EntryForm::other, it->size});
-      return std::nullopt;
-    }
-    if (!first_refused) first_refused = std::pair{&o, i};
+    if (add_if_hookable(out, key, o, static_cast<std::size_t>(it - fns.begin()), allow_trap, first_refused)) return std::nullopt;
   }
   return first_refused;
 }

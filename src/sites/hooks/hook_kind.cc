@@ -36,7 +36,8 @@ namespace {
 constexpr std::string_view kOwnObjects[] = {"libtramway", "ld-linux", "linux-vdso", "libZydis",
                                            "libZycore",  "libelf",   "libgcc_s"};
 // The C library's entries those call while SIGTRAP may be blocked (tramway's all-blocked
-// windows, the handlers) or between a batch's int3 and its last serialisation.
+// windows, the handlers) or between a batch's int3 and its last serialisation. Refused in any
+// object: an interposer of one of them (ASan's sigprocmask) is what tramway calls.
 constexpr std::string_view kLibcEntries[] = {
     "syscall", "getpid", "gettid", "sigaction", "__sigaction", "__libc_sigaction", "signal", "sigprocmask",
     "pthread_sigmask", "sigemptyset", "sigfillset", "sigaddset", "sigdelset", "sigismember", "sigorset",
@@ -75,12 +76,9 @@ std::optional<std::string> refusal_by_identity(const std::string& object_path, c
       std::find(std::begin(kCxxEntries), std::end(kCxxEntries), symbol) != std::end(kCxxEntries)) {
     return "tramway's grace-period registration calls it from inside the hook stub (a hook there would recurse)";
   }
-  // In any object: an interposer of one of them (ASan's sigprocmask) is what tramway calls.
-  {
-    if (std::find(std::begin(kLibcEntries), std::end(kLibcEntries), symbol) != std::end(kLibcEntries)) {
-      return "tramway calls it while it patches code or handles signals (a hook there could recurse into the "
-             "patching, or trap where SIGTRAP is blocked)";
-    }
+  if (std::find(std::begin(kLibcEntries), std::end(kLibcEntries), symbol) != std::end(kLibcEntries)) {
+    return "tramway calls it while it patches code or handles signals (a hook there could recurse into the "
+           "patching, or trap where SIGTRAP is blocked)";
   }
   return std::nullopt;
 }

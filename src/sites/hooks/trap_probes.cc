@@ -32,7 +32,7 @@ struct ProbeTable {  // immutable once published
 };
 std::atomic<const ProbeTable*> g_table{nullptr};
 // Handlers looking at a table without a marker (handle_probe): a table replaced is freed only
-// once this was seen at zero after the replacement (release_tables).
+// once this was seen at zero after the replacement (free_probe_tables).
 std::atomic<int> g_peekers{0};
 std::vector<ProbeEntry> g_installed;  // what g_table holds (under g_mu)
 
@@ -77,23 +77,21 @@ bool handle_probe(ucontext_t* uc) noexcept {
     grace::read_unlock();
     return true;
   }
-  {
-    const greg_t* g = uc->uc_mcontext.gregs;
-    ProbeFrame f{};
-    f.regs.rdi = static_cast<std::uint64_t>(g[REG_RDI]);
-    f.regs.rsi = static_cast<std::uint64_t>(g[REG_RSI]);
-    f.regs.rdx = static_cast<std::uint64_t>(g[REG_RDX]);
-    f.regs.rcx = static_cast<std::uint64_t>(g[REG_RCX]);
-    f.regs.r8 = static_cast<std::uint64_t>(g[REG_R8]);
-    f.regs.r9 = static_cast<std::uint64_t>(g[REG_R9]);
-    f.regs.rax = static_cast<std::uint64_t>(g[REG_RAX]);
-    f.regs.r10 = static_cast<std::uint64_t>(g[REG_R10]);
-    if (uc->uc_mcontext.fpregs) std::memcpy(f.regs.xmm, uc->uc_mcontext.fpregs->_xmm, sizeof f.regs.xmm);
-    const std::uintptr_t sp = arch::context_sp(uc);
-    f.rbp = sp - 16;
-    run_cell_callbacks(*e->cell, *reinterpret_cast<const std::uintptr_t*>(sp), f.regs);
-    arch::set_context_pc(uc, e->copy);
-  }
+  const greg_t* g = uc->uc_mcontext.gregs;
+  ProbeFrame f{};
+  f.regs.rdi = static_cast<std::uint64_t>(g[REG_RDI]);
+  f.regs.rsi = static_cast<std::uint64_t>(g[REG_RSI]);
+  f.regs.rdx = static_cast<std::uint64_t>(g[REG_RDX]);
+  f.regs.rcx = static_cast<std::uint64_t>(g[REG_RCX]);
+  f.regs.r8 = static_cast<std::uint64_t>(g[REG_R8]);
+  f.regs.r9 = static_cast<std::uint64_t>(g[REG_R9]);
+  f.regs.rax = static_cast<std::uint64_t>(g[REG_RAX]);
+  f.regs.r10 = static_cast<std::uint64_t>(g[REG_R10]);
+  if (uc->uc_mcontext.fpregs) std::memcpy(f.regs.xmm, uc->uc_mcontext.fpregs->_xmm, sizeof f.regs.xmm);
+  const std::uintptr_t sp = arch::context_sp(uc);
+  f.rbp = sp - 16;
+  run_cell_callbacks(*e->cell, *reinterpret_cast<const std::uintptr_t*>(sp), f.regs);
+  arch::set_context_pc(uc, e->copy);
   grace::read_unlock();
   return true;
 }
