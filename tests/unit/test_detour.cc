@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <cstring>
+#include <memory>
 
 #include "arch/x86_64/insn.h"
 #include "relocate_fixtures.h"
@@ -29,7 +30,7 @@ PadAndCopy detour_of(const rl::Fixture& f) {
   auto site = sh::take_entry_pad(plan.function, &kCell, plan.run_start);
   EXPECT_TRUE(site.ok()) << site.status().message();
   if (!site.ok()) return {};
-  auto d = sh::build_detour(plan, *site);
+  auto d = sh::build_detour(std::make_shared<const tramway::arch::RelocationPlan>(plan), *site);
   EXPECT_TRUE(d.ok()) << d.status().message();
   if (!d.ok()) return {};
   return {*site, *d};
@@ -47,7 +48,7 @@ TEST(Detour, ThePadIsShapedLikeAPatchableEntryAndWithTheCopyRunsAsTheFunction) {
     // The pad's jmp goes home: entered at the site, the pad runs the original function.
     const rl::Insn home = rl::decode_at({reinterpret_cast<const std::uint8_t*>(site + 5), 5}, 0, site + 5);
     EXPECT_EQ(home.insn.mnemonic, ZYDIS_MNEMONIC_JMP);
-    EXPECT_EQ(home.target, d.plan.run_start);
+    EXPECT_EQ(home.target, d.plan->run_start);
     const auto as_function = reinterpret_cast<rl::Fn>(site);
     for (long a : {0L, 1L, -3L, 1000L}) EXPECT_EQ(as_function(a, 2, 3, 4), f.fn(a, 2, 3, 4)) << f.address;
     // Sent to the copy (the batch does this while the function is being hooked), likewise.
@@ -63,16 +64,16 @@ TEST(Detour, TheJmpReachesTheSiteAndEveryBoundaryMapsIntoTheCopyAndBack) {
   const auto [site, d] = detour_of(RL_FIXTURE(rl_jcc_in));
   ASSERT_NE(site, 0u);
   ASSERT_GE(d.boundaries.size(), 2u);
-  const rl::Insn jmp = rl::decode_at(d.jmp, 0, d.plan.run_start);
+  const rl::Insn jmp = rl::decode_at(d.jmp, 0, d.plan->run_start);
   EXPECT_EQ(jmp.insn.mnemonic, ZYDIS_MNEMONIC_JMP);
   EXPECT_EQ(jmp.target, site);
   const rl::Insn pad_jmp = rl::decode_at(d.pad_jmp, 0, site + 5);
   EXPECT_EQ(pad_jmp.target, d.copy);
   // The run's first byte is the jmp's (and the int3's): a thread there is not moved.
-  EXPECT_FALSE(d.continuation(d.plan.run_start));
-  EXPECT_FALSE(d.continuation(d.plan.run_end()));
+  EXPECT_FALSE(d.continuation(d.plan->run_start));
+  EXPECT_FALSE(d.continuation(d.plan->run_end()));
   for (std::size_t i = 1; i < d.boundaries.size(); ++i) {
-    const std::uintptr_t pc = d.plan.run_start + d.boundaries[i].run_offset;
+    const std::uintptr_t pc = d.plan->run_start + d.boundaries[i].run_offset;
     ASSERT_TRUE(d.continuation(pc)) << i;
     EXPECT_EQ(*d.continuation(pc), d.copy + d.boundaries[i].copy_offset);
     EXPECT_EQ(d.original(*d.continuation(pc)), pc);
@@ -81,7 +82,7 @@ TEST(Detour, TheJmpReachesTheSiteAndEveryBoundaryMapsIntoTheCopyAndBack) {
       EXPECT_FALSE(d.continuation(pc - 1));
     }
   }
-  EXPECT_EQ(d.original(d.copy), d.plan.run_start);
+  EXPECT_EQ(d.original(d.copy), d.plan->run_start);
   // The batch's moves are the continuations, one range per instruction behind the first.
   const auto moves = d.moves();
   ASSERT_EQ(moves.size(), d.boundaries.size() - 1);
@@ -89,7 +90,7 @@ TEST(Detour, TheJmpReachesTheSiteAndEveryBoundaryMapsIntoTheCopyAndBack) {
     EXPECT_EQ(d.continuation(m.begin), m.destination);
     EXPECT_GT(m.end, m.begin);
   }
-  EXPECT_EQ(moves.back().end, d.plan.run_end());
+  EXPECT_EQ(moves.back().end, d.plan->run_end());
   tramway::text::free_code(d.block);
 }
 

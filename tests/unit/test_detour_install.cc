@@ -485,6 +485,41 @@ TEST_P(DetourInstallDetach, DetachWaitsForAThreadParkedAtEveryInstructionOfTheCo
   EXPECT_EQ(parked, c.copy_passed);
 }
 
+// ---- the plan kept between hooks -------------------------------------------------------------
+
+// A relocated function keeps its relocation plan from one hook to the next, for as long as its
+// run holds the bytes the plan was made from: one changed since (here another tool's int3 on
+// the run's first byte) is planned again from what is there now, and refused for that int3;
+// with the byte back it is hooked again and runs as it did.
+TEST_F(DetourInstall, ARunChangedSinceItsLastHookIsPlannedAgainFromItsBytes) {
+  const Case c = cases()[2];  // rl_rip_load
+  const rl::RelocationPlan plan = rl::plan_of(c.f);
+  const long expected = c.call();
+  const auto original = bytes_at(c.f.address, c.f.code.size());
+  Counted counted;
+  ASSERT_TRUE(hooks::attach(counted.ops, hooks::Filter::addresses({c.f.address})).ok());
+  EXPECT_EQ(c.call(), expected);
+  EXPECT_EQ(counted.calls.load(), 1u);
+  ASSERT_TRUE(hooks::detach(counted.ops).ok());
+
+  auto* run = reinterpret_cast<std::uint8_t*>(plan.run_start);
+  const std::uint8_t first = *run;
+  const text::ByteWrite trap{run, 0xcc};
+  ASSERT_TRUE(text::write_instruction_bytes({&trap, 1}).ok());
+  Counted refused;
+  const auto st = hooks::attach(refused.ops, hooks::Filter::addresses({c.f.address}));
+  const text::ByteWrite back{run, first};
+  ASSERT_TRUE(text::write_instruction_bytes({&back, 1}).ok());
+  ASSERT_FALSE(st.ok()) << "attached over a run that no longer holds the bytes of its plan";
+  EXPECT_NE(st.message().find("int3"), std::string::npos) << st.message();
+
+  ASSERT_TRUE(hooks::attach(counted.ops, hooks::Filter::addresses({c.f.address})).ok());
+  EXPECT_EQ(c.call(), expected);
+  EXPECT_EQ(counted.calls.load(), 2u);
+  ASSERT_TRUE(hooks::detach(counted.ops).ok());
+  EXPECT_EQ(bytes_at(c.f.address, c.f.code.size()), original);
+}
+
 INSTANTIATE_TEST_SUITE_P(Fixtures, DetourInstallDetach, ::testing::Range(0, 9),
                          [](const ::testing::TestParamInfo<int>& p) {
                            return std::string(cases()[static_cast<std::size_t>(p.param)].name);

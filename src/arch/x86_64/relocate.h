@@ -5,7 +5,9 @@
 // allocation and installation belong to sites/hooks.
 //
 // Decoding goes through Zydis, re-encoding through Zydis' encoder; instructions that do not
-// depend on their address are copied byte for byte. Nothing here runs in a signal handler.
+// depend on their address are copied byte for byte, and a rip-relative operand still in reach
+// keeps its instruction's bytes with a new disp32 (where the decoder found the old one).
+// Nothing here runs in a signal handler.
 #pragma once
 
 #include <cstddef>

@@ -1,11 +1,13 @@
 // The run's copy at its detour: each instruction re-encoded by Zydis' encoder where its
-// meaning depends on its address, copied byte for byte where it does not.
+// meaning depends on its address (branches, a final call), copied byte for byte where it does
+// not, and copied with a new disp32 where only a rip-relative operand depends on it.
 //
 // Layout: the instructions, a jmp to run_end, then (8-byte aligned) the literals that targets
 // out of rel32 reach go through. Every rip-relative displacement is 32 bits whatever its value,
 // and whether a target is in reach depends only on the address of the instruction that needs
 // it, so the copy is emitted twice with the same lengths: once to learn where the literals and
-// the copies of the run's instructions land, once with those addresses.
+// the copies of the run's instructions land, once with those addresses. A first pass that
+// needed neither (the common case: no literal, no branch to the inside of the run) is final.
 #include <Zydis/Zydis.h>
 
 #include <cstring>
@@ -50,13 +52,6 @@ bool fits_push_imm32(std::uint64_t v) {
   return v <= 0x7fff'ffffu || v >= 0xffff'ffff'8000'0000u;
 }
 
-// The prefixes a re-encoding must keep.
-constexpr ZydisInstructionAttributes kPrefixAttributes =
-    ZYDIS_ATTRIB_HAS_LOCK | ZYDIS_ATTRIB_HAS_REP | ZYDIS_ATTRIB_HAS_REPE | ZYDIS_ATTRIB_HAS_REPNE |
-    ZYDIS_ATTRIB_HAS_BND | ZYDIS_ATTRIB_HAS_XACQUIRE | ZYDIS_ATTRIB_HAS_XRELEASE |
-    ZYDIS_ATTRIB_HAS_SEGMENT_CS | ZYDIS_ATTRIB_HAS_SEGMENT_SS | ZYDIS_ATTRIB_HAS_SEGMENT_DS |
-    ZYDIS_ATTRIB_HAS_SEGMENT_ES | ZYDIS_ATTRIB_HAS_SEGMENT_FS | ZYDIS_ATTRIB_HAS_SEGMENT_GS;
-
 class Emitter {
  public:
   Emitter(const RelocationPlan& plan, std::uintptr_t base) : plan_(plan), base_(base), pool_(base) {
@@ -69,6 +64,7 @@ class Emitter {
  private:
   std::uintptr_t here() const { return base_ + out_.size(); }
   std::uintptr_t literal(std::uint64_t value) {
+    provisional_ = true;  // where the pool lies is known only after the first pass
     literals_.push_back(value);
     return pool_ + 8 * (literals_.size() - 1);
   }
@@ -111,8 +107,6 @@ class Emitter {
   Status final_call(const ZydisDecodedInstruction& insn, const ZydisDecodedOperand* ops, std::size_t offset);
   Status rip_relative(const ZydisDecodedInstruction& insn, const ZydisDecodedOperand* ops, std::size_t offset,
                       std::size_t mem_index);
-  Status check_reencoding(const ZydisDecodedInstruction& insn, const ZydisDecodedOperand* ops,
-                          std::size_t from, std::size_t offset) const;
 
   const RelocationPlan& plan_;
   const std::uintptr_t base_;
@@ -121,6 +115,11 @@ class Emitter {
   ZydisDecoder decoder_;
   std::vector<std::uint8_t> out_;
   std::vector<std::uint64_t> literals_;
+  bool provisional_ = false;  // an address this pass used is the first pass' guess
+
+ public:
+  // After the first pass: whether a second one is needed (a literal or a copy's offset was guessed).
+  bool provisional() const noexcept { return provisional_; }
 };
 
 Status Emitter::jmp_to(std::uintptr_t target, std::size_t offset) {
@@ -204,52 +203,23 @@ Status Emitter::final_call(const ZydisDecodedInstruction& insn, const ZydisDecod
                             : "Zydis' encoder cannot encode the jmp through its operand");
 }
 
-// Decodes what was just encoded from `from` and compares it with the original: the same
-// instruction, operands and prefixes, the rip-relative operand at the same absolute address.
-// Guards against an encoder that picks another form than the one decoded.
-Status Emitter::check_reencoding(const ZydisDecodedInstruction& insn, const ZydisDecodedOperand* ops,
-                                 std::size_t from, std::size_t offset) const {
-  ZydisDecodedInstruction got;
-  ZydisDecodedOperand got_ops[ZYDIS_MAX_OPERAND_COUNT];
-  const auto bytes = std::span(out_).subspan(from);
-  bool same = decode(bytes, got, got_ops) && got.length == bytes.size() && got.mnemonic == insn.mnemonic &&
-              got.operand_count_visible == insn.operand_count_visible &&
-              (got.attributes & kPrefixAttributes) == (insn.attributes & kPrefixAttributes) &&
-              got.operand_width == insn.operand_width;
-  for (std::size_t i = 0; same && i < insn.operand_count_visible; ++i) {
-    const ZydisDecodedOperand &a = ops[i], &b = got_ops[i];
-    same = a.type == b.type && a.size == b.size;
-    if (!same) break;
-    if (a.type == ZYDIS_OPERAND_TYPE_REGISTER) same = a.reg.value == b.reg.value;
-    if (a.type == ZYDIS_OPERAND_TYPE_IMMEDIATE) same = a.imm.value.u == b.imm.value.u;
-    if (a.type == ZYDIS_OPERAND_TYPE_MEMORY) {
-      same = a.mem.base == b.mem.base && a.mem.index == b.mem.index && a.mem.scale == b.mem.scale &&
-             a.mem.segment == b.mem.segment;
-      ZyanU64 ta = 0, tb = 0;
-      ZydisCalcAbsoluteAddress(&insn, &a, plan_.run_start + offset, &ta);
-      ZydisCalcAbsoluteAddress(&got, &b, base_ + from, &tb);
-      same = same && ta == tb;
-    }
-  }
-  if (same) return {};
-  return refuse(offset, "Zydis' encoder re-encoded it as `" + disassemble(base_ + from, bytes) + "`");
-}
-
-// An instruction with a rip-relative operand, re-encoded at here() to the same absolute address.
+// An instruction with a rip-relative operand, moved to here() with the same absolute address.
+// Where the new displacement fits, the instruction keeps its encoding and only its disp32
+// changes, at the offset the decoder found it (rip-relative addressing always has a 32-bit
+// one): nothing is re-encoded, so no encoder can choose another form, prefix or length.
 Status Emitter::rip_relative(const ZydisDecodedInstruction& insn, const ZydisDecodedOperand* ops, std::size_t offset,
                              std::size_t mem_index) {
   ZyanU64 address = 0;
   ZydisCalcAbsoluteAddress(&insn, &ops[mem_index], plan_.run_start + offset, &address);
-  ZydisEncoderRequest r;
-  if (!ZYAN_SUCCESS(ZydisEncoderDecodedInstructionToEncoderRequest(&insn, ops, insn.operand_count_visible, &r))) {
-    return refuse(offset, "Zydis cannot convert it to an encoder request");
-  }
-  r.operands[mem_index].mem.displacement = static_cast<ZyanI64>(address);
-  const std::size_t from = out_.size();
-  if (encode(r)) return check_reencoding(insn, ops, from, offset);
-  const std::int64_t distance = static_cast<std::int64_t>(address - here());
-  if (distance >= INT32_MIN + 16 && distance <= INT32_MAX - 16) {
-    return refuse(offset, "Zydis' encoder cannot re-encode it");
+  if (insn.raw.disp.size != 32) return refuse(offset, "has a rip-relative operand without a 32-bit displacement");
+  const std::int64_t disp = static_cast<std::int64_t>(address - (here() + insn.length));
+  if (disp >= INT32_MIN && disp <= INT32_MAX) {
+    const auto bytes = std::span(plan_.run_bytes).subspan(offset, insn.length);
+    const std::size_t from = out_.size();
+    out_.insert(out_.end(), bytes.begin(), bytes.end());
+    const auto disp32 = static_cast<std::int32_t>(disp);
+    std::memcpy(out_.data() + from + insn.raw.disp.offset, &disp32, sizeof disp32);
+    return {};
   }
   if (insn.mnemonic == ZYDIS_MNEMONIC_LEA && ops[0].type == ZYDIS_OPERAND_TYPE_REGISTER) {
     // lea reg, [rip+x] only computes the address: mov reg, imm gives the same register.
@@ -288,6 +258,7 @@ Result<RelocatedCode> Emitter::emit(const RelocatedCode* previous) {
       if (target > plan_.run_start && target < plan_.run_end()) {
         const auto copy = previous_ ? previous_->copy_offset(static_cast<std::uint32_t>(target - plan_.run_start))
                                     : std::optional<std::uint32_t>(0);
+        if (!previous_) provisional_ = true;
         if (!copy) return refuse(ri.offset, "branches to the middle of an instruction of the run");
         target = base_ + *copy;
       }
@@ -357,8 +328,9 @@ std::size_t max_relocated_size(const RelocationPlan& plan) noexcept {
 }
 
 Result<RelocatedCode> emit_relocated(const RelocationPlan& plan, std::uintptr_t detour_address) {
-  Result<RelocatedCode> first = Emitter(plan, detour_address).emit(nullptr);
-  if (!first.ok()) return first;
+  Emitter first_pass(plan, detour_address);
+  Result<RelocatedCode> first = first_pass.emit(nullptr);
+  if (!first.ok() || !first_pass.provisional()) return first;
   return Emitter(plan, detour_address).emit(&*first);
 }
 

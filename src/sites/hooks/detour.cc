@@ -57,44 +57,44 @@ Result<std::uintptr_t> take_entry_pad(std::uintptr_t function, const void* cell,
 }
 
 std::optional<std::uintptr_t> Detour::continuation(std::uintptr_t pc) const noexcept {
-  if (pc <= plan.run_start || pc >= plan.run_end()) return std::nullopt;
+  if (pc <= plan->run_start || pc >= plan->run_end()) return std::nullopt;
   for (const arch::Boundary& b : boundaries)
-    if (plan.run_start + b.run_offset == pc) return copy + b.copy_offset;
+    if (plan->run_start + b.run_offset == pc) return copy + b.copy_offset;
   return std::nullopt;
 }
 
 std::optional<std::uintptr_t> Detour::original(std::uintptr_t pc) const noexcept {
   for (const arch::Boundary& b : boundaries)
-    if (copy + b.copy_offset == pc) return plan.run_start + b.run_offset;
+    if (copy + b.copy_offset == pc) return plan->run_start + b.run_offset;
   return std::nullopt;
 }
 
 std::vector<text::PcMove> Detour::moves() const {
   std::vector<text::PcMove> out;
   for (std::size_t i = 1; i < boundaries.size(); ++i) {
-    const std::uintptr_t end = i + 1 < boundaries.size() ? plan.run_start + boundaries[i + 1].run_offset : plan.run_end();
-    out.push_back({plan.run_start + boundaries[i].run_offset, end, copy + boundaries[i].copy_offset});
+    const std::uintptr_t end = i + 1 < boundaries.size() ? plan->run_start + boundaries[i + 1].run_offset : plan->run_end();
+    out.push_back({plan->run_start + boundaries[i].run_offset, end, copy + boundaries[i].copy_offset});
   }
   return out;
 }
 
-Result<Detour> build_detour(arch::RelocationPlan plan, std::uintptr_t pad_site) {
-  const std::size_t size = arch::max_relocated_size(plan);
-  auto block = text::allocate_code_near(reinterpret_cast<const void*>(plan.run_start), size);
+Result<Detour> build_detour(std::shared_ptr<const arch::RelocationPlan> plan, std::uintptr_t pad_site) {
+  const std::size_t size = arch::max_relocated_size(*plan);
+  auto block = text::allocate_code_near(reinterpret_cast<const void*>(plan->run_start), size);
   if (!block.ok()) {
-    return Status::error("no room for a detour near " + common::hex_address(plan.function) + ": " +
+    return Status::error("no room for a detour near " + common::hex_address(plan->function) + ": " +
                          block.status().message());
   }
   Detour d;
   d.block = *block;
   d.copy = reinterpret_cast<std::uintptr_t>(d.block.rx);
-  auto code = arch::emit_relocated(plan, d.copy);
-  const auto jmp = arch::encode_jmp(plan.run_start, pad_site);
+  auto code = arch::emit_relocated(*plan, d.copy);
+  const auto jmp = arch::encode_jmp(plan->run_start, pad_site);
   const auto pad_jmp = arch::encode_jmp(pad_site + arch::kRel32InsnSize, d.copy);
   if (!code.ok() || !jmp || !pad_jmp) {
     text::free_code(d.block);  // nothing has run here yet
     if (!code.ok()) return code.status();
-    return Status::error("internal: the detour of " + common::hex_address(plan.function) + " is out of rel32 reach");
+    return Status::error("internal: the detour of " + common::hex_address(plan->function) + " is out of rel32 reach");
   }
   std::memcpy(d.block.rw, code->bytes.data(), code->bytes.size());
   d.boundaries = std::move(code->boundaries);

@@ -25,6 +25,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <vector>
 
@@ -48,7 +49,7 @@ Result<std::uintptr_t> take_entry_pad(std::uintptr_t function, const void* cell,
 
 struct Detour {
   text::CodeBlock block;     // the copy
-  arch::RelocationPlan plan;
+  std::shared_ptr<const arch::RelocationPlan> plan;  // the site's (hooks' Site::plan), shared
   std::uintptr_t copy = 0;   // block.rx: the relocated run
   std::vector<arch::Boundary> boundaries;  // copy offsets are from `copy`
   arch::Insn5 jmp{};         // what the batch writes at plan.run_start: jmp rel32 to the pad's site
@@ -68,7 +69,7 @@ struct Detour {
 // Allocates the copy within rel32 reach of the run, of the data its rip-relative operands name
 // and of the pad whose site is `pad_site`, and fills it. Fails with the allocator's or the
 // relocator's message.
-Result<Detour> build_detour(arch::RelocationPlan plan, std::uintptr_t pad_site);
+Result<Detour> build_detour(std::shared_ptr<const arch::RelocationPlan> plan, std::uintptr_t pad_site);
 
 // What the pad's jmp is once the function is unhooked: back to the run's start.
 std::optional<arch::Insn5> pad_jmp_home(std::uintptr_t pad_site, std::uintptr_t run_start);

@@ -61,9 +61,9 @@ struct CachedObject {
     if (kinds[i]) return *kinds[i];
     const sites::hooks::FunctionSymbol& f = sites.functions[i];
     if (auto why = sites::hooks::refusal_by_identity(sites.path, f.symbol)) {
-      kinds[i] = HookKindOf{HookKind::refused, *why};
+      kinds[i] = HookKindOf{HookKind::refused, *why, nullptr};
     } else if (auto it = g_sites.find(f.address); it != g_sites.end() && (it->second.relocated || it->second.trap)) {
-      kinds[i] = HookKindOf{it->second.relocated ? HookKind::relocatable : HookKind::trap, {}};
+      kinds[i] = HookKindOf{it->second.relocated ? HookKind::relocatable : HookKind::trap, {}, nullptr};
     } else {
       kinds[i] = sites::hooks::classify_function(f.address, f.size);
     }
@@ -155,7 +155,8 @@ const std::vector<Candidate>& all_candidates() {
   for (const auto& [key, o] : g_objects) {
     for (const auto& s : o.sites.sites) {
       g_all.push_back(
-          {s.entry, HookKind::patchable, s.name.empty() ? &s.symbol : &s.name, &o.sites.path, &key, s.form, s.size});
+          {s.entry, HookKind::patchable, s.name.empty() ? &s.symbol : &s.name, &o.sites.path, &key, s.form, s.size,
+           nullptr});
     }
   }
   std::sort(g_all.begin(), g_all.end(), [](const Candidate& a, const Candidate& b) { return a.entry < b.entry; });
@@ -173,9 +174,9 @@ using Refused = std::optional<std::pair<CachedObject*, std::size_t>>;
 bool add_if_hookable(std::vector<Candidate>& out, const ObjectKey& key, CachedObject& o, std::size_t i,
                      bool allow_trap, Refused& refused) {
   const FunctionSymbol& f = o.sites.functions[i];
-  const HookKind k = o.kind_of(i).kind;
-  if (can_hook(k, allow_trap)) {
-    out.push_back({f.address, k, &f.name, &o.sites.path, &key, EntryForm::other, f.size});
+  const HookKindOf& kind = o.kind_of(i);
+  if (can_hook(kind.kind, allow_trap)) {
+    out.push_back({f.address, kind.kind, &f.name, &o.sites.path, &key, EntryForm::other, f.size, kind.plan});
     return true;
   }
   if (!refused) refused = std::pair{&o, i};

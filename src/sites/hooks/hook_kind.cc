@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <iterator>
+#include <memory>
 #include <span>
 #include <string_view>
 #include <vector>
@@ -19,15 +20,15 @@ HookKindOf classify_function(std::uintptr_t address, std::size_t size) {
   std::vector<std::uint8_t> code(size);
   if (size == 0 || !arch::read_own_memory(address, code)) {
     return {HookKind::refused, "its " + std::to_string(size) + " bytes cannot be read (the symbol's size does not "
-                               "match the mapped code)"};
+                               "match the mapped code)", nullptr};
   }
   Result<arch::RelocationPlan> plan = arch::plan_relocation(address, code);
-  if (plan.ok()) return {HookKind::relocatable, {}};
+  if (plan.ok()) return {HookKind::relocatable, {}, std::make_shared<const arch::RelocationPlan>(std::move(*plan))};
   // A trap probe executes the first instruction out of line: it must be relocatable alone.
   Result<arch::RelocationPlan> first = arch::plan_first_instruction(address, code);
-  if (first.ok()) return {HookKind::trap, plan.status().message()};
+  if (first.ok()) return {HookKind::trap, plan.status().message(), nullptr};
   return {HookKind::refused, plan.status().message() + "; nor can its first instruction run out of line behind a "
-                             "trap probe: " + first.status().message()};
+                             "trap probe: " + first.status().message(), nullptr};
 }
 
 namespace {

@@ -7,9 +7,11 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <string>
 
+#include "arch/x86_64/relocate.h"
 #include "tramway/hooks.h"
 
 namespace tramway::sites::hooks {
@@ -17,6 +19,9 @@ namespace tramway::sites::hooks {
 struct HookKindOf {
   tramway::hooks::HookKind kind = tramway::hooks::HookKind::refused;
   std::string reason;  // trap, refused: why not relocatable (the relocator's message)
+  // relocatable: the relocator's plan from these bytes, which the function's first hook uses
+  // (its bytes checked again then) rather than decode the whole function a second time.
+  std::shared_ptr<const arch::RelocationPlan> plan;
 };
 
 HookKindOf classify_function(std::uintptr_t address, std::size_t size);

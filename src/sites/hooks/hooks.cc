@@ -225,6 +225,7 @@ Status attach(Ops& ops, const Filter& filter) {
       s.trap = c.kind == HookKind::trap;
       s.entry = c.kind == HookKind::patchable ? c.entry : 0;  // relocated: its pad's site, taken by its first batch
       s.size = c.size;
+      s.plan = c.plan;
       s.name = *c.name;
       s.object = *c.object;
       s.object_key = *c.key;

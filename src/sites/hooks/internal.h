@@ -212,6 +212,9 @@ struct Site {
   std::unique_ptr<TrapProbe> probe;  // trap, while not off
   std::size_t size = 0;         // relocated: the symbol's size, the bytes the relocator decodes
   std::unique_ptr<sites::hooks::Detour> detour;  // relocated, while not off: the copy of its run
+  // relocated: the relocator's plan of its original bytes, reused by every hook for as long as
+  // the run still holds them (prepare_detour).
+  std::shared_ptr<const arch::RelocationPlan> plan;
   std::string name, object;
   ObjectKey object_key;
   SiteCell* cell = nullptr;  // never freed: the literal slot points at it
@@ -268,6 +271,7 @@ struct Candidate {
   const ObjectKey* key;
   EntryForm form;
   std::size_t size;  // the symbol's; 0 when none
+  std::shared_ptr<const arch::RelocationPlan> plan;  // relocatable: its classification's (HookKindOf::plan)
 };
 
 extern std::uint64_t g_all_version;  // rebuilds of the candidate list: candidates taken from it stay valid meanwhile

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstring>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <new>
 #include <span>
@@ -105,16 +106,27 @@ void retire_copy(Site& s, Retired& retired) {
 
 namespace {
 
-// The bytes of the relocated functions leaving mode off, read now (their original ones:
-// nothing of ours is in them while they are off), all in a few system calls. Empty for a
-// function whose bytes cannot be read.
-std::vector<std::vector<std::uint8_t>> read_functions_leaving_off(const std::vector<ModeChange>& changes) {
+// Whether the run still holds the bytes `plan` was made from. Read in place: the function's
+// object is pinned for the attach, and its bytes were read whole (process_vm_readv) when the
+// plan was made. The rest of the function is not read again: nothing of ours writes there, so
+// only another tool's patch could change it, and one in the run is caught here.
+bool run_unchanged(const arch::RelocationPlan& plan) {
+  return std::memcmp(reinterpret_cast<const void*>(plan.run_start), plan.run_bytes.data(), plan.run_length()) == 0;
+}
+
+// The bytes of the relocated functions leaving mode off that need a plan (none yet, or their
+// run changed since: that plan is dropped), read now (their original ones: nothing of ours is
+// in them while they are off), all in a few system calls. Empty for a function whose bytes
+// cannot be read, or that keeps its plan.
+std::vector<std::vector<std::uint8_t>> read_functions_to_plan(const std::vector<ModeChange>& changes) {
   std::vector<std::vector<std::uint8_t>> code(changes.size());
   std::vector<arch::OwnMemoryRead> reads;
   std::vector<std::size_t> index;
   for (std::size_t i = 0; i < changes.size(); ++i) {
-    const Site& s = *changes[i].site;
+    Site& s = *changes[i].site;
     if (!s.relocated || s.mode != Mode::off || changes[i].mode == Mode::off || s.size == 0) continue;
+    if (s.plan && !run_unchanged(*s.plan)) s.plan.reset();
+    if (s.plan) continue;
     code[i].resize(s.size);
     reads.push_back({s.function, code[i]});
     index.push_back(i);
@@ -125,22 +137,25 @@ std::vector<std::vector<std::uint8_t>> read_functions_leaving_off(const std::vec
   return code;
 }
 
-// The detour of a relocated function leaving mode off, planned from `code`, its bytes now. Its
-// pad is taken on its first hook, its jmp going home (to the run), so that the batch changes it
-// like any instruction.
+// The detour of a relocated function leaving mode off, from its plan, made first from `code`
+// (its bytes now) when it has none. Its pad is taken on its first hook, its jmp going home (to
+// the run), so that the batch changes it like any instruction.
 Status prepare_detour(Site& s, std::span<const std::uint8_t> code) {
-  const std::string what = "'" + s.name + "' (" + common::hex_address(s.function) + " in " + s.object + ")";
-  if (code.empty()) return Status::error("cannot read the " + std::to_string(s.size) + " bytes of " + what);
-  auto plan = arch::plan_relocation(s.function, code);
-  if (!plan.ok()) return Status::error("cannot relocate the prologue of " + what + ": " + plan.status().message());
+  const auto what = [&] { return "'" + s.name + "' (" + common::hex_address(s.function) + " in " + s.object + ")"; };
+  if (!s.plan) {
+    if (code.empty()) return Status::error("cannot read the " + std::to_string(s.size) + " bytes of " + what());
+    auto plan = arch::plan_relocation(s.function, code);
+    if (!plan.ok()) return Status::error("cannot relocate the prologue of " + what() + ": " + plan.status().message());
+    s.plan = std::make_shared<const arch::RelocationPlan>(std::move(*plan));
+  }
   if (s.entry == 0) {
-    auto pad = sites::hooks::take_entry_pad(s.function, s.cell, plan->run_start);
-    if (!pad.ok()) return Status::error("cannot hook " + what + ": " + pad.status().message());
+    auto pad = sites::hooks::take_entry_pad(s.function, s.cell, s.plan->run_start);
+    if (!pad.ok()) return Status::error("cannot hook " + what() + ": " + pad.status().message());
     s.entry = *pad;
     s.literal_written = true;  // the pad's literal slot names the cell from the start
   }
-  auto d = sites::hooks::build_detour(std::move(*plan), s.entry);
-  if (!d.ok()) return Status::error("cannot hook " + what + ": " + d.status().message());
+  auto d = sites::hooks::build_detour(s.plan, s.entry);
+  if (!d.ok()) return Status::error("cannot hook " + what() + ": " + d.status().message());
   s.detour = std::make_unique<sites::hooks::Detour>(std::move(*d));
   return {};
 }
@@ -215,7 +230,7 @@ Status apply_batch_modes(const std::vector<ModeChange>& changes, Retired& retire
     for (std::size_t i = 0; i < changes.size(); ++i)
       if (built[i]) retire_copy(*changes[i].site, retired);
   };
-  const std::vector<std::vector<std::uint8_t>> code = read_functions_leaving_off(changes);
+  const std::vector<std::vector<std::uint8_t>> code = read_functions_to_plan(changes);
   for (std::size_t i = 0; i < changes.size(); ++i) {
     const ModeChange& c = changes[i];
     Site& s = *c.site;
@@ -287,13 +302,13 @@ Status apply_batch_modes(const std::vector<ModeChange>& changes, Retired& retire
                           : batch.add(reinterpret_cast<void*>(s.entry), insn);
     if (st.ok() && s.relocated && (s.mode == Mode::off) != (c.mode == Mode::off)) {
       const sites::hooks::Detour& d = *s.detour;
-      auto* run = reinterpret_cast<void*>(d.plan.run_start);
+      auto* run = reinterpret_cast<void*>(d.plan->run_start);
       auto* pad_jmp = reinterpret_cast<void*>(s.entry + arch::kRel32InsnSize);
       if (c.mode != Mode::off) {
         st = batch.add(pad_jmp, d.pad_jmp);
         if (st.ok()) st = batch.add_displacing(run, d.jmp, d.moves());
-      } else if (const auto home = sites::hooks::pad_jmp_home(s.entry, d.plan.run_start)) {
-        st = batch.add_resuming(run, std::span(d.plan.run_bytes).first(arch::kRel32InsnSize), d.copy);
+      } else if (const auto home = sites::hooks::pad_jmp_home(s.entry, d.plan->run_start)) {
+        st = batch.add_resuming(run, std::span(d.plan->run_bytes).first(arch::kRel32InsnSize), d.copy);
         if (st.ok()) st = batch.add(pad_jmp, *home);
       } else {
         st = Status::error("internal: the entry pad of " + common::hex_address(s.function) + " is out of rel32 reach");

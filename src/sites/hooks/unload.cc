@@ -209,7 +209,7 @@ sites::hooks::Witness witness_of(const Site& s) {
     }
   } else if (s.relocated) {  // its pad is tramway's: only the jmp over the run is in the object
     if (s.detour) {
-      w.address = s.detour->plan.run_start;
+      w.address = s.detour->plan->run_start;
       w.size = s.detour->jmp.size();
       std::memcpy(w.bytes, s.detour->jmp.data(), s.detour->jmp.size());
     }
