@@ -365,6 +365,10 @@ std::vector<Site>& scratch_sites() {
   static auto* v = new std::vector<Site>;
   return *v;
 }
+std::vector<std::pair<std::uintptr_t, std::uint32_t>>& scratch_order() {
+  static auto* v = new std::vector<std::pair<std::uintptr_t, std::uint32_t>>;
+  return *v;
+}
 detail::PageWriter& scratch_writer() {
   static auto* w = new detail::PageWriter;
   return *w;
@@ -376,7 +380,16 @@ Status apply(const PatchBatch& batch, const PatchLock&) {
   sites.clear();
   sites.reserve(batch.size());
   std::size_t nop_runs = 0, displaced = 0;
-  for (const auto& p : batch.patches()) {
+  // The patches in address order, sorted by (address, index) pairs rather than as sites (an
+  // attach's 30,000 sites of 60 bytes each took a detach's largest share of CPU to sort).
+  auto& order = scratch_order();
+  order.clear();
+  order.reserve(batch.size());
+  for (std::size_t i = 0; i < batch.size(); ++i)
+    order.emplace_back(batch.patches()[i].address, static_cast<std::uint32_t>(i));
+  std::sort(order.begin(), order.end());
+  for (const auto& [address, index] : order) {
+    const auto& p = batch.patches()[index];
     Site s{p.address, p.length, {}, {}, {}, false, p.displacing, p.first_move, p.move_count};
     std::memcpy(s.old_bytes, reinterpret_cast<const void*>(p.address), p.length);
     std::memcpy(s.new_bytes, p.bytes, p.length);
@@ -397,7 +410,6 @@ Status apply(const PatchBatch& batch, const PatchLock&) {
     sites.push_back(s);
   }
   if (sites.empty()) return {};
-  std::sort(sites.begin(), sites.end(), [](const Site& x, const Site& y) { return x.address < y.address; });
   for (std::size_t i = 1; i < sites.size(); ++i) {
     if (sites[i - 1].address + sites[i - 1].length > sites[i].address) {
       return Status::error("patches at " + common::hex_address(sites[i - 1].address) + " and " +

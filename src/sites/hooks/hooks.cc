@@ -185,9 +185,10 @@ Status attach(Ops& ops, const Filter& filter) {
   }
 
   for (const Candidate& c : *selected) {
-    if (c.kind != HookKind::patchable) continue;  // relocated: its detour is planned from its bytes
+    // Relocated ones are planned from their bytes; patchable ones holding their nops are fine.
+    if (c.kind != HookKind::patchable || c.form != EntryForm::other) continue;
     const auto known = g_sites.find(c.entry);
-    if (c.form == EntryForm::other && (known == g_sites.end() || !known->second.enabled())) {
+    if (known == g_sites.end() || !known->second.enabled()) {
       return Status::error("the entry of " + (c.name->empty() ? common::hex_address(c.entry) : *c.name) +
                            " does not hold the nops -fpatchable-function-entry put there: another tool patched it, "
                            "or a sanitizer prologue comes first (Clang's -fsanitize=function; build with "
@@ -217,8 +218,15 @@ Status attach(Ops& ops, const Filter& filter) {
   state->hits_baseline = sum_hits(state->id);
   ops.state = state.get();
   std::vector<ModeChange> changes;
+  std::vector<Site*> sites;  // of the candidates, in order
+  sites.reserve(selected->size());
+  // The candidates are sorted by entry: each one's site is found or made next to the last one's.
+  auto hint = g_sites.begin();
   for (const Candidate& c : *selected) {
-    Site& s = g_sites[c.entry];
+    hint = g_sites.try_emplace(hint, c.entry);
+    Site& s = hint->second;
+    ++hint;
+    sites.push_back(&s);
     if (!s.cell) {
       s.function = c.entry;
       s.relocated = c.kind == HookKind::relocatable;
@@ -249,11 +257,13 @@ Status attach(Ops& ops, const Filter& filter) {
   }
   state.release();
   const ObjectKey* last_key = nullptr;
-  for (const Candidate& c : *selected) {
-    Site& s = g_sites[c.entry];
+  retired.targets.reserve(sites.size());
+  ops.state->sites = sites;
+  for (std::size_t i = 0; i < sites.size(); ++i) {
+    const Candidate& c = (*selected)[i];
+    Site& s = *sites[i];
     s.ops.push_back(&ops);
     retired.targets.push_back(s.cell->target.exchange(target_for(s.ops), std::memory_order_acq_rel));
-    ops.state->entries.push_back(c.entry);
     if (c.key == last_key) continue;  // the candidates of one object are adjacent
     last_key = c.key;
     auto& objects = ops.state->objects;
@@ -315,8 +325,9 @@ Result<Retired> unpublish(Ops& ops, const char* who) {
   ops.state->detaching = true;
   forget_dead_objects();
   std::vector<ModeChange> changes;
-  for (std::uintptr_t e : ops.state->entries) {
-    Site& s = g_sites[e];
+  retired.targets.reserve(ops.state->sites.size());
+  for (Site* site : ops.state->sites) {
+    Site& s = *site;
     std::erase(s.ops, &ops);
     retired.targets.push_back(s.cell->target.exchange(target_for(s.ops), std::memory_order_acq_rel));
     if (s.slot_ops == &ops) {  // from now on its slot turns every call away untraced
@@ -333,8 +344,8 @@ Result<Retired> unpublish(Ops& ops, const char* who) {
   // no longer names `ops` (correct, only slower); a direct-mode site of `ops` keeps calling its
   // slot, whose cleared tag turns calls away, until a later change fixes the site.
   (void)apply_modes(changes, retired);
-  for (std::uintptr_t e : ops.state->entries) retire_dead_slot(g_sites[e], retired);
-  ops.state->entries.clear();  // attached to nothing now
+  for (Site* s : ops.state->sites) retire_dead_slot(*s, retired);
+  ops.state->sites.clear();  // attached to nothing now
   ops.state->objects.clear();
   return retired;
 }
@@ -413,7 +424,7 @@ OpsCounters counters(const Ops& ops) {
   if (!ops.state) return c;
   c.hits = sum_hits(ops.state->id) - ops.state->hits_baseline;
   c.recursion_skipped = ops.state->recursion_skipped.load(std::memory_order_relaxed);
-  c.functions = ops.state->entries.size();
+  c.functions = ops.state->sites.size();
   return c;
 }
 

@@ -67,6 +67,15 @@
 
 namespace tramway::hooks {
 
+namespace detail {
+struct Site;
+}
+
+// Ops::State is a member of a public class, so of default visibility, and names the hidden
+// Site. Nothing outside the library sees inside it (an Ops holds only a pointer), so the
+// mismatch GCC warns about cannot matter.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wattributes"
 // A cell or a direct slot with one ops names its State, not the Ops, so that the stubs' fast
 // path finds everything it reads (its first 24 bytes) in one line, one load away from the cell.
 struct Ops::State {
@@ -82,11 +91,15 @@ struct Ops::State {
   bool detach_failed = false;  // that detach's grace period failed: detach again finishes it
   std::uint64_t hits_baseline = 0;  // what the blocks held for `id` when it was attached
   std::atomic<std::uint64_t> recursion_skipped{0};
-  std::vector<std::uintptr_t> entries;  // functions attached to (under g_mu)
+  // The sites of the functions attached to: g_sites' nodes, which stay put until their object is
+  // forgotten (which takes them out of here). Pointers, not entries: 10,000 lookups in a table
+  // of every site ever hooked were most of a detach's CPU time (under g_mu).
+  std::vector<detail::Site*> sites;
   // Their objects (key, path), which a detach pins: found once here rather than by looking up
   // every entry's site again (under g_mu).
   std::vector<std::pair<sites::hooks::ObjectKey, std::string>> objects;
 };
+#pragma GCC diagnostic pop
 
 // The fast path's view of these structures (arch/x86_64/hook_layout.h).
 #pragma GCC diagnostic push

@@ -175,7 +175,7 @@ void forget_object(const ObjectKey& key) {
       ++it;
       continue;
     }
-    for (Ops* o : s.ops) std::erase(o->state->entries, s.function);
+    for (Ops* o : s.ops) std::erase(o->state->sites, &s);
     retired.targets.push_back(s.cell->target.exchange(0, std::memory_order_acq_rel));
     retire_copy(s, retired);  // a thread preempted in it would return into unmapped code anyway
     if (s.probe) probes.push_back(s.probe.get());
