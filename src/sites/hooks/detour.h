@@ -20,8 +20,12 @@
 // observes.
 //
 // Installing: one batch writes the site, the pad's jmp to the copy and the jmp over the run
-// (int3 first; PCs inside the run moved to `continuation`); removing, the site, the pad's jmp
-// home and the run's original bytes. Internal; the pads are under the hook tables' lock.
+// (int3 first; PCs inside the run moved to `continuation`); removing, the pad's jmp home and
+// the run's original bytes. The pad's site keeps its call once unhooked: only a thread that
+// was already inside the pad can still reach it, and it is turned away as after any detach
+// (the cell names no ops; a direct slot's cleared or foreign tag returns untraced), then the
+// pad's jmp takes it home. The next hook writes the site anew, or finds it in place.
+// Internal; the pads are under the hook tables' lock.
 #pragma once
 
 #include <cstdint>

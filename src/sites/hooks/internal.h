@@ -232,7 +232,9 @@ struct Site {
   ObjectKey object_key;
   SiteCell* cell = nullptr;  // never freed: the literal slot points at it
   bool literal_written = false;
-  Mode mode = Mode::off;     // what the site holds: a nop, a call of the thunk or of `slot`
+  // What the site holds: a nop, a call of the thunk or of `slot` (a relocated function's pad
+  // site in mode off keeps its last call: detour.h).
+  Mode mode = Mode::off;
   DirectSlot slot;           // called in mode direct; kept in the others while slot_ops is attached
   Ops* slot_ops = nullptr;   // the ops `slot` names; 0 once its tag is cleared
   std::vector<Ops*> ops;

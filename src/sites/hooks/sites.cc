@@ -171,9 +171,9 @@ Status prepare_detour(Site& s, std::span<const std::uint8_t> code) {
 //
 // A relocated function leaving mode off gets a detour (sites/hooks/detour.h) and the batch
 // writes, besides its pad's site, the jmp over its run (every PC inside the run moved to the
-// copy) and the pad's jmp to the new copy. Returning to mode off, the
-// batch puts the run's original bytes back (a thread trapping at their head meanwhile resumes
-// in the copy) and turns the pad's jmp back to the run; the copy is retired.
+// copy) and the pad's jmp to the new copy. Returning to mode off, the batch puts the run's
+// original bytes back (a thread trapping at their head meanwhile resumes in the copy) and
+// turns the pad's jmp back to the run, leaving the pad's site as it was; the copy is retired.
 //
 // Trap probes are not the batch's: once it is done their int3s go in, or their bytes back
 // (trap_probes.h). Should that fail, the batch's sites have changed mode, the trap sites not.
@@ -298,8 +298,12 @@ Status apply_batch_modes(const std::vector<ModeChange>& changes, Retired& retire
     // signal round.
     const bool gcc_entry =
         !s.relocated && s.mode == Mode::off && sites::hooks::form_at(s.entry) == EntryForm::nop1x5;
-    Status st = gcc_entry ? batch.add_over_nops(reinterpret_cast<void*>(s.entry), insn)
-                          : batch.add(reinterpret_cast<void*>(s.entry), insn);
+    // A relocated function going off keeps its pad's site as it is (detour.h says why that is
+    // safe): a third fewer patches for a detach.
+    const bool pad_site_kept = s.relocated && c.mode == Mode::off;
+    Status st = pad_site_kept ? Status()
+                : gcc_entry   ? batch.add_over_nops(reinterpret_cast<void*>(s.entry), insn)
+                              : batch.add(reinterpret_cast<void*>(s.entry), insn);
     if (st.ok() && s.relocated && (s.mode == Mode::off) != (c.mode == Mode::off)) {
       const sites::hooks::Detour& d = *s.detour;
       auto* run = reinterpret_cast<void*>(d.plan->run_start);
