@@ -380,16 +380,16 @@ Status apply(const PatchBatch& batch, const PatchLock&) {
   sites.clear();
   sites.reserve(batch.size());
   std::size_t nop_runs = 0, displaced = 0;
-  // The patches in address order, sorted by (address, index) pairs rather than as sites (an
-  // attach's 30,000 sites of 60 bytes each took a detach's largest share of CPU to sort).
+  // The patches in address order, sorted as (address, index) pairs rather than as 60-byte
+  // sites: sorting the sites of a 20,000-patch batch was the largest share of its CPU time.
   auto& order = scratch_order();
   order.clear();
   order.reserve(batch.size());
   for (std::size_t i = 0; i < batch.size(); ++i)
     order.emplace_back(batch.patches()[i].address, static_cast<std::uint32_t>(i));
   std::sort(order.begin(), order.end());
-  for (const auto& [address, index] : order) {
-    const auto& p = batch.patches()[index];
+  for (const auto& by_address : order) {
+    const auto& p = batch.patches()[by_address.second];
     Site s{p.address, p.length, {}, {}, {}, false, p.displacing, p.first_move, p.move_count};
     std::memcpy(s.old_bytes, reinterpret_cast<const void*>(p.address), p.length);
     std::memcpy(s.new_bytes, p.bytes, p.length);

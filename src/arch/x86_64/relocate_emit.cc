@@ -60,6 +60,8 @@ class Emitter {
 
   // One pass; `previous` (the first pass) gives the literals' and the copies' addresses.
   Result<RelocatedCode> emit(const RelocatedCode* previous);
+  // After the first pass: whether a second one is needed (a literal or a copy's offset was guessed).
+  bool provisional() const noexcept { return provisional_; }
 
  private:
   std::uintptr_t here() const { return base_ + out_.size(); }
@@ -116,10 +118,6 @@ class Emitter {
   std::vector<std::uint8_t> out_;
   std::vector<std::uint64_t> literals_;
   bool provisional_ = false;  // an address this pass used is the first pass' guess
-
- public:
-  // After the first pass: whether a second one is needed (a literal or a copy's offset was guessed).
-  bool provisional() const noexcept { return provisional_; }
 };
 
 Status Emitter::jmp_to(std::uintptr_t target, std::size_t offset) {

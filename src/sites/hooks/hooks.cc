@@ -257,11 +257,11 @@ Status attach(Ops& ops, const Filter& filter) {
   }
   state.release();
   const ObjectKey* last_key = nullptr;
-  retired.targets.reserve(sites.size());
-  ops.state->sites = sites;
-  for (std::size_t i = 0; i < sites.size(); ++i) {
+  ops.state->sites = std::move(sites);
+  retired.targets.reserve(ops.state->sites.size());
+  for (std::size_t i = 0; i < ops.state->sites.size(); ++i) {
     const Candidate& c = (*selected)[i];
-    Site& s = *sites[i];
+    Site& s = *ops.state->sites[i];
     s.ops.push_back(&ops);
     retired.targets.push_back(s.cell->target.exchange(target_for(s.ops), std::memory_order_acq_rel));
     if (c.key == last_key) continue;  // the candidates of one object are adjacent

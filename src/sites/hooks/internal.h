@@ -226,7 +226,7 @@ struct Site {
   std::size_t size = 0;         // relocated: the symbol's size, the bytes the relocator decodes
   std::unique_ptr<sites::hooks::Detour> detour;  // relocated, while not off: the copy of its run
   // relocated: the relocator's plan of its original bytes, reused by every hook for as long as
-  // the run still holds them (prepare_detour).
+  // the run still holds them (sites.cc: read_functions_to_plan).
   std::shared_ptr<const arch::RelocationPlan> plan;
   std::string name, object;
   ObjectKey object_key;
