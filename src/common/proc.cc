@@ -65,8 +65,19 @@ TaskProbe probe_task(pid_t tid, Probe what) {
       p.gone = true;
       return p;
     }
-    if (const char* close = std::strrchr(buf, ')'); close && close[1] == ' ') p.state = close[2];
-    if (p.state == 'Z' || p.state == 'X') {
+    std::uint64_t flags = 0;
+    if (const char* close = std::strrchr(buf, ')'); close && close[1] == ' ') {
+      p.state = close[2];
+      // Fields after the state: ppid pgrp session tty_nr tpgid flags.
+      const char* f = close + 3;
+      for (int skip = 0; skip < 5 && f; ++skip) f = std::strchr(f + 1, ' ');
+      if (f) flags = std::strtoull(f + 1, nullptr, 10);
+    }
+    // PF_EXITING: set as do_exit begins, before the thread's tid word is cleared (which is what
+    // pthread_join waits for), and never cleared: the thread runs no more user code, so a joined
+    // thread reads as gone even while the kernel has yet to reap it.
+    constexpr std::uint64_t kPfExiting = 0x4;
+    if (p.state == 'Z' || p.state == 'X' || (flags & kPfExiting) != 0) {
       p.gone = true;
       return p;
     }

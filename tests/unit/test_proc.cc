@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <string>
 #include <thread>
 
 #include "common/proc.h"
@@ -97,6 +98,14 @@ TEST(Proc, ProbeOfASpinningThreadSaysRunning) {
 TEST(Proc, ProbeOfAnExitedThreadSaysGone) {
   pid_t tid = 0;
   std::thread([&] { tid = tramway::common::current_tid(); }).join();
+  // join returns once the kernel clears the thread's tid word, which may be before it is reaped:
+  // the probe must already say gone (the thread is exiting), whether or not /proc still lists it.
+  EXPECT_TRUE(tramway::common::probe_task(tid).gone);
+  EXPECT_TRUE(tramway::common::probe_task(tid, tramway::common::Probe::with_state).gone);
+  // Once reaped, its /proc entry goes too, and with it the name.
+  const std::string dir = "/proc/self/task/" + std::to_string(tid);
+  for (int i = 0; i < 10'000 && ::access(dir.c_str(), F_OK) == 0; ++i) ::usleep(1000);
+  ASSERT_NE(::access(dir.c_str(), F_OK), 0) << dir << " still listed 10 s after the join";
   EXPECT_TRUE(tramway::common::probe_task(tid).gone);
   EXPECT_EQ(tramway::common::thread_name(tid), "?");
 }
