@@ -85,6 +85,13 @@ struct Ops {
   // displaced instruction executed out of line. Every hit costs a signal (microseconds).
   // Read at attach.
   bool allow_trap = false;
+  // The callback promises to leave the vector, x87 and MMX registers alone on every path,
+  // what it calls included (code built with -mno-sse -mno-mmx that calls nothing else), and
+  // never to read EntryRegs::xmm: the stubs then skip saving xmm0-7 around it, as for a
+  // callback attach proves lean (about 1.5 ns a call); EntryRegs::xmm is left unset. A broken
+  // promise silently corrupts the hooked functions' floating-point arguments. Read at attach;
+  // ignored with save_extended_state.
+  bool promise_vector_free = false;
 
   // Managed by tramway; read with the functions below.
   struct State;
@@ -110,9 +117,9 @@ class Filter {
   std::vector<std::uintptr_t> entries_;
 };
 
-// Attaches `ops` to every patchable function the filter selects, enabled (a glob selects
-// patchable functions only). Fails (attaching nothing) when the filter selects nothing, names
-// a function that is not patchable (saying how it could be hooked: HookKind), `ops` is
+// Attaches `ops` to every function the filter selects that it can hook (can_hook: a glob
+// passes over the others). Fails (attaching nothing) when the filter selects nothing, names
+// a function it cannot hook (saying why: HookKind, Function::reason), `ops` is
 // attached already, or 4,096 ops are attached, and with "object unloaded" when a library of
 // the selected functions was unloaded before the attach could keep it loaded. The libraries
 // it writes into stay loaded until it returns: a dlclose meanwhile unloads them afterwards.
@@ -150,13 +157,13 @@ struct OpsCounters {
 };
 OpsCounters counters(const Ops& ops);
 
-// How a function can be hooked. Only `patchable` functions can be attached to today; the
-// others are listed so that a user sees what the hooks on any function (DESIGN.md) will reach.
+// How a function can be hooked: attach takes patchable and relocatable functions, and trap
+// ones for ops with Ops::allow_trap (can_hook); refused ones never.
 enum class HookKind {
   patchable,    // it has a patchable entry (-fpatchable-function-entry=13,8): attach hooks it,
                 // whatever its other properties (a patchable entry is always preferred)
   relocatable,  // no patchable entry, but the relocator (arch/x86_64/relocate.h) accepts its
-                // current bytes within its symbol's bounds: a relocated prologue would hook it
+                // current bytes within its symbol's bounds: attach hooks its relocated prologue
   trap,         // the relocator refuses it (Function::reason says why: e.g. shorter than the
                 // 5-byte jmp, a call early in the prologue) but its first instruction can run
                 // out of line: a trap probe hooks it, for ops with Ops::allow_trap

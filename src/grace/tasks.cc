@@ -148,6 +148,9 @@ std::vector<text::PcRange> take_retired() {
   pthread_mutex_lock(&g_retired_mu);
   std::vector<text::PcRange> out;
   out.swap(g_retired);
+  // As many as last time are likely to come: one allocation now rather than a doubling series
+  // of them (and their copies) under retire()'s lock, once per copy of a 10,000-function detach.
+  g_retired.reserve(out.size());
   pthread_mutex_unlock(&g_retired_mu);
   return out;
 }

@@ -284,11 +284,13 @@ Status PatchBatch::queue(void* address, std::span<const std::uint8_t> new_bytes,
     return Status::error("a patch must have 1 to " + std::to_string(kMaxPatchBytes) + " bytes, got " +
                          std::to_string(new_bytes.size()));
   }
-  if (auto e = emulation_of(a, new_bytes); !e.ok()) {
-    return Status::error("patch at " + common::hex_address(a) + ": " + e.status().message());
-  }
+  auto e = emulation_of(a, new_bytes);
+  if (!e.ok()) return Status::error("patch at " + common::hex_address(a) + ": " + e.status().message());
   Patch p{a, static_cast<std::uint8_t>(new_bytes.size()), {}, over_nops};
   std::memcpy(p.bytes, new_bytes.data(), new_bytes.size());
+  p.head_kind = e->kind;
+  p.head_length = e->length;
+  p.head_target = e->target;
   patches_.push_back(p);
   return {};
 }
@@ -387,7 +389,7 @@ Status apply(const PatchBatch& batch, const PatchLock&) {
   order.reserve(batch.size());
   for (std::size_t i = 0; i < batch.size(); ++i)
     order.emplace_back(batch.patches()[i].address, static_cast<std::uint32_t>(i));
-  std::sort(order.begin(), order.end());
+  if (!std::is_sorted(order.begin(), order.end())) std::sort(order.begin(), order.end());  // hooks queue in order
   for (const auto& by_address : order) {
     const auto& p = batch.patches()[by_address.second];
     Site s{p.address, p.length, {}, {}, {}, false, p.displacing, p.first_move, p.move_count};
@@ -405,7 +407,7 @@ Status apply(const PatchBatch& batch, const PatchLock&) {
     if (p.resume_at) {
       s.emulation = {arch::Emulation::kJmp, s.length, p.resume_at};
     } else {
-      s.emulation = emulation_of(s.address, {s.new_bytes, s.length}).value();
+      s.emulation = {static_cast<arch::Emulation::Kind>(p.head_kind), p.head_length, p.head_target};
     }
     sites.push_back(s);
   }

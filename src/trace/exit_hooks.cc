@@ -1,3 +1,6 @@
+// Built without SSE and MMX (CMakeLists.txt): the entry path runs with xmm0-7 unsaved
+// (trace/internal.h, now()).
+//
 // Exit hooks (function graph): a traced call's return address is swapped for the permanent
 // return stub (arch/x86_64/trace_return.S) and kept on the thread's shadow stack, so the
 // function's `ret` comes to tramway_trace_exit, which records the exit and answers where to
@@ -63,6 +66,24 @@ void close_dead_on_top(ThreadState* t, std::uint64_t time) noexcept {
 }
 
 }  // namespace
+
+void entry_callback(const hooks::Ops&, std::uintptr_t function, std::uintptr_t, hooks::EntryRegs& regs) {
+  on_entry(function, hooks::caller_return_slot(regs));
+}
+
+bool entry_callback_vector_free() noexcept {
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+  return false;
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer) || __has_feature(memory_sanitizer)
+  return false;
+#else
+  return g_use_tsc;
+#endif
+#else
+  return g_use_tsc;
+#endif
+}
 
 void on_entry(std::uintptr_t function, std::uintptr_t* slot) noexcept {
   ThreadState* t = current();

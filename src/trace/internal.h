@@ -14,6 +14,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "tramway/hooks.h"
 #include "tramway/trace/format.h"
 
 extern "C" void tramway_trace_return();  // arch/x86_64/trace_return.S
@@ -60,16 +61,25 @@ extern std::atomic<std::uint32_t> g_epoch;
 // Clock: raw TSC when it is invariant (constant_tsc and nonstop_tsc), else CLOCK_MONOTONIC ns.
 extern bool g_use_tsc;
 std::uint64_t monotonic_ns() noexcept;
-inline std::uint64_t now() noexcept { return g_use_tsc ? __rdtsc() : monotonic_ns(); }
+// The entry path (on_entry and what it inlines) runs between the hook stubs without xmm0-7
+// saved (hooks::Ops::promise_vector_free): exit_hooks.cc is built without SSE and MMX, and
+// the helpers below are always inlined into it, so that no copy of them built with vector
+// code elsewhere is what it calls. The promise holds only with the TSC clock (monotonic_ns
+// calls the C library) and without sanitizers (their runtime calls).
+#define TRAMWAY_TRACE_HOT inline __attribute__((always_inline))
+TRAMWAY_TRACE_HOT std::uint64_t now() noexcept { return g_use_tsc ? __rdtsc() : monotonic_ns(); }
 
 // The calling thread's state if it has one (initial-exec TLS: one load, no call).
 extern thread_local constinit ThreadState* t_state __attribute__((tls_model("initial-exec")));
-inline ThreadState* existing() noexcept { return t_state; }
+TRAMWAY_TRACE_HOT ThreadState* existing() noexcept { return t_state; }
 // Claims a state for the calling thread (async-signal-safe: mmap and atomics); null if
 // memory ran out.
 ThreadState* claim() noexcept;
+// claim(), with xmm0-7 as they were: for the entry path, which the stubs may not have saved
+// them around (claim calls the C library).
+ThreadState* claim_keeping_vectors() noexcept;
 // The calling thread's state, claimed on first use.
-inline ThreadState* current() noexcept { return t_state ? t_state : claim(); }
+TRAMWAY_TRACE_HOT ThreadState* current() noexcept { return t_state ? t_state : claim_keeping_vectors(); }
 // Every state, for the flusher.
 ThreadState* all_states() noexcept;
 // At its thread's exit (recorder.cc): writes what the state's ring holds to the recording, if
@@ -81,7 +91,7 @@ void retire(ThreadState* t) noexcept;
 void set_ring_events(std::size_t events) noexcept;
 
 // Whether the ring has room for `needed` more events.
-inline bool has_room(ThreadState* t, std::uint64_t needed) noexcept {
+TRAMWAY_TRACE_HOT bool has_room(ThreadState* t, std::uint64_t needed) noexcept {
   const std::uint64_t h = t->head.load(std::memory_order_relaxed);
   if (t->mask + 1 - (h - t->cached_tail) >= needed) return true;
   t->cached_tail = t->tail.load(std::memory_order_acquire);
@@ -89,7 +99,7 @@ inline bool has_room(ThreadState* t, std::uint64_t needed) noexcept {
 }
 
 // Appends one event to the calling thread's ring; false (and counted lost) if it is full.
-inline bool record(ThreadState* t, std::uint64_t time, std::uintptr_t function, format::EventKind kind) noexcept {
+TRAMWAY_TRACE_HOT bool record(ThreadState* t, std::uint64_t time, std::uintptr_t function, format::EventKind kind) noexcept {
   const std::uint64_t h = t->head.load(std::memory_order_relaxed);
   if (h - t->cached_tail > t->mask) {
     t->cached_tail = t->tail.load(std::memory_order_acquire);
@@ -106,7 +116,10 @@ inline bool record(ThreadState* t, std::uint64_t time, std::uintptr_t function, 
 }
 
 // Exit hooks (exit_hooks.cc).
-// The entry callback of every ops the recorder attaches.
+// The entry callback of every ops the recorder attaches, and whether it may be attached with
+// hooks::Ops::promise_vector_free (see now()).
+void entry_callback(const hooks::Ops&, std::uintptr_t function, std::uintptr_t caller, hooks::EntryRegs& regs);
+bool entry_callback_vector_free() noexcept;
 void on_entry(std::uintptr_t function, std::uintptr_t* return_slot) noexcept;
 // Before an unwinder walks this thread's stack: put every original return address back.
 void before_unwind() noexcept;

@@ -52,10 +52,6 @@ bool tsc_is_invariant() {
   return constant && nonstop;
 }
 
-void entry_callback(const hooks::Ops&, std::uintptr_t function, std::uintptr_t, hooks::EntryRegs& regs) {
-  detail::on_entry(function, hooks::caller_return_slot(regs));
-}
-
 struct Owner {
   std::unique_ptr<hooks::Ops> ops;
   std::set<std::uintptr_t> functions;
@@ -216,7 +212,8 @@ class Recording {
   Status hook(const std::set<std::uintptr_t>& functions) {
     if (functions.empty()) return {};
     Owner owner{std::make_unique<hooks::Ops>(), functions};
-    owner.ops->entry = entry_callback;
+    owner.ops->entry = detail::entry_callback;
+    owner.ops->promise_vector_free = detail::entry_callback_vector_free();
     owner.ops->direct = true;  // one recorder ops a function: each site gets its own slot
     owner.ops->allow_trap = allow_trap;
     if (Status s = hooks::attach(*owner.ops, hooks::Filter::addresses({functions.begin(), functions.end()})); !s.ok()) {

@@ -16,6 +16,27 @@ bool g_use_tsc = true;
 thread_local constinit ThreadState* t_state __attribute__((tls_model("initial-exec"))) = nullptr;
 std::atomic<std::uint32_t> g_epoch{0};
 
+ThreadState* claim_keeping_vectors() noexcept {
+  // Saved by hand: the compiler does not know that the caller expects them kept (they are
+  // call-clobbered), and emits nothing of its own that touches them before the save or after
+  // the restore in a function this small.
+  alignas(16) unsigned char saved[8 * 16];
+  asm volatile(
+      "movaps %%xmm0, 0(%0)\n\tmovaps %%xmm1, 16(%0)\n\tmovaps %%xmm2, 32(%0)\n\tmovaps %%xmm3, 48(%0)\n\t"
+      "movaps %%xmm4, 64(%0)\n\tmovaps %%xmm5, 80(%0)\n\tmovaps %%xmm6, 96(%0)\n\tmovaps %%xmm7, 112(%0)"
+      :
+      : "r"(saved)
+      : "memory");
+  ThreadState* t = claim();
+  asm volatile(
+      "movaps 0(%0), %%xmm0\n\tmovaps 16(%0), %%xmm1\n\tmovaps 32(%0), %%xmm2\n\tmovaps 48(%0), %%xmm3\n\t"
+      "movaps 64(%0), %%xmm4\n\tmovaps 80(%0), %%xmm5\n\tmovaps 96(%0), %%xmm6\n\tmovaps 112(%0), %%xmm7"
+      :
+      : "r"(saved)
+      : "memory", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7");
+  return t;
+}
+
 std::uint64_t monotonic_ns() noexcept {
   timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);

@@ -26,6 +26,10 @@ FX int outer(int x) { return middle(x) + middle(x + 1) + middle(x + 2); }
 FX double scale(double x, double y) { return x * y + 0.5; }
 FX Pair pair(long a, long b) { return Pair{a + b, a - b}; }
 FX long double extended(long double x) { return x * 2.5L; }
+FX double weigh8(double a, double b, double c, double d, double e, double f, double g, double h) {
+  return a + 2 * b + 4 * c + 8 * d + 16 * e + 32 * f + 64 * g + 128 * h;
+}
+FX int untraced_leaf(int x) { return x + 11; }
 FX int tail_callee(int x) { return leaf(x) * 7; }
 FX int tail_caller(int x) { return tail_callee(x + 1); }
 FX int recurse(int depth) {

@@ -14,6 +14,9 @@ int outer(int x);         // calls middle three times
 double scale(double x, double y);
 Pair pair(long a, long b);
 long double extended(long double x);
+// Every floating-point argument register, each weighted so that any one lost shows.
+double weigh8(double a, double b, double c, double d, double e, double f, double g, double h);
+int untraced_leaf(int x);  // hooked by a plain ops in the tests, never traced
 int tail_caller(int x);   // ends in a tail call to tail_callee
 int tail_callee(int x);
 int recurse(int depth);   // recursion to `depth`, returns depth

@@ -21,6 +21,7 @@
 
 #include "fixtures.h"
 #include "trace/report/report.h"
+#include "tramway/hooks.h"
 #include "tramway/trace.h"
 #include "tramway/trace/format.h"
 
@@ -148,6 +149,41 @@ TEST_F(Trace, ReturnValuesSurviveTheReturnStub) {
   Parsed p = stop_and_parse();
   EXPECT_EQ(p.count("trace_fx::pair(long, long)", EventKind::exit), 1u);
   EXPECT_EQ(p.count("trace_fx::extended(long double)", EventKind::exit), 1u);
+  expect_balanced(p);
+}
+
+// The tracer's entry path runs without xmm0-7 saved (hooks::Ops::promise_vector_free): the
+// arguments in them must reach the function on its fast path and on a thread's first traced
+// call, which claims the thread's trace state (mmap, the C library) on that path: the thread
+// has hooked calls behind it already (a plain ops on another function), so the stubs take
+// their inline path to the tracer at once.
+TEST_F(Trace, FloatingPointArgumentsSurviveTheEntryPath) {
+  attach("trace_fx::weigh8*");
+  tramway::hooks::Ops plain;
+  plain.entry = [](const tramway::hooks::Ops&, std::uintptr_t, std::uintptr_t, tramway::hooks::EntryRegs&) {};
+  ASSERT_TRUE(tramway::hooks::attach(plain, tramway::hooks::Filter::glob("trace_fx::untraced_leaf*")).ok());
+  constexpr double kWeighed = 1.5 + 2 * 2.25 + 4 * 3.125 + 8 * 4.0625 + 16 * 5.5 + 32 * 6.75 + 64 * 7.875 + 128 * 8.0;
+  auto calls = [] {
+    double sum = 0;
+    for (int i = 0; i < 3; ++i) {
+      volatile double a = 1.5, b = 2.25, c = 3.125, d = 4.0625, e = 5.5, f = 6.75, g = 7.875, h = 8.0;
+      sum += trace_fx::weigh8(a, b, c, d, e, f, g, h);
+    }
+    return sum;
+  };
+  double first_thread = 0;
+  int warmed = 0;
+  std::thread([&] {
+    for (int i = 0; i < 2; ++i) warmed += trace_fx::untraced_leaf(i);
+    first_thread = calls();
+  }).join();
+  EXPECT_EQ(warmed, 23);
+  EXPECT_EQ(first_thread, 3 * kWeighed);
+  EXPECT_EQ(calls(), 3 * kWeighed);
+  ASSERT_TRUE(tramway::hooks::detach(plain).ok());
+  Parsed p = stop_and_parse();
+  EXPECT_EQ(p.count("trace_fx::weigh8(double, double, double, double, double, double, double, double)", EventKind::exit),
+            6u);
   expect_balanced(p);
 }
 

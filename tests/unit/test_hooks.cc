@@ -195,6 +195,33 @@ TEST(Hooks, LeafCallbacksSkipVectorSavesOnlyWhenProvenSafe) {
   }
 }
 
+// Ops::promise_vector_free is taken at its word: a callback that breaks it (leaf_clobber zeroes
+// xmm0-7) reaches the function's body with its arguments gone, in both modes, once the thread's
+// first hooked call (which the dispatcher handles, saving everything) is behind it; with
+// save_extended_state the promise is ignored and the arguments arrive.
+TEST(Hooks, APromiseOfVectorFreedomSkipsTheSaves) {
+  for (const bool direct : {false, true}) {
+    for (const bool extended : {false, true}) {
+      std::uint64_t data[2] = {0, 0};
+      hooks::Ops ops;
+      ops.entry = leaf_clobber;
+      ops.data = data;
+      ops.direct = direct;
+      ops.promise_vector_free = true;
+      ops.save_extended_state = extended;
+      ASSERT_TRUE(hooks::attach(ops, hooks::Filter::names({"hook_fma"})).ok());
+      (void)p_fma(1.0, 1.0, 1.0);  // the thread's first hooked call, if it is
+      for (int i = 0; i < 100; ++i) {
+        const double a = 1.5 + i;
+        ASSERT_DOUBLE_EQ(p_fma(a, 2.0, 0.25), extended ? a * 2.0 + 0.25 : 0.0)
+            << "direct " << direct << ", extended " << extended << ", call " << i;
+      }
+      EXPECT_EQ(data[0], 101u);
+      ASSERT_TRUE(hooks::detach(ops).ok());
+    }
+  }
+}
+
 TEST(Hooks, SeveralOpsShareASite) {
   Seen a, b;
   hooks::Ops oa = make_ops(record, &a), ob = make_ops(record, &b);

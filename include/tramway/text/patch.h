@@ -94,6 +94,10 @@ class PatchBatch {
     std::uintptr_t resume_at = 0;  // add_resuming: where a thread trapped at the head goes
     bool displacing = false;       // queued by add_displacing
     std::uint32_t first_move = 0, move_count = 0;  // its moves in moves() (none for a one-instruction run)
+    // How a thread trapped at the head is carried on, decoded once when queued (arch::Emulation's
+    // kind, length and target; internal to text::apply).
+    std::uint8_t head_kind = 0, head_length = 0;
+    std::uintptr_t head_target = 0;
   };
   const std::vector<Patch>& patches() const noexcept { return patches_; }
   const std::vector<PcMove>& moves() const noexcept { return moves_; }

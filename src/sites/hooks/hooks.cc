@@ -156,8 +156,8 @@ Status attach(Ops& ops, const Filter& filter) {
   if (!ops.entry) return Status::error("hooks::attach: the ops has no entry callback");
   // The scan reads code (a system call a page): outside the lock. The stubs leave
   // EntryRegs::xmm unset for a lean callback, so it must not read them either.
-  bool vector_free = false;
-  if (!ops.save_extended_state) {
+  bool vector_free = ops.promise_vector_free && !ops.save_extended_state;
+  if (!ops.save_extended_state && !vector_free) {
     const arch::CallbackScan scan = arch::scan_callback(reinterpret_cast<std::uintptr_t>(ops.entry));
     vector_free = scan.vector_free && !scan.reads_regs;
   }
