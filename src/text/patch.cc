@@ -376,6 +376,32 @@ detail::PageWriter& scratch_writer() {
   return *w;
 }
 
+namespace {
+
+// Batches come as a few ascending groups (the hooks queue their sites, then their pads' jmps):
+// those are merged in linear time; anything else is sorted.
+void sort_by_address(std::vector<std::pair<std::uintptr_t, std::uint32_t>>& order) {
+  constexpr std::size_t kMaxGroups = 8;
+  std::size_t bounds[kMaxGroups + 1] = {0};
+  std::size_t groups = 1;
+  for (std::size_t i = 1; i < order.size(); ++i) {
+    if (order[i] < order[i - 1]) {
+      if (groups == kMaxGroups) {
+        std::sort(order.begin(), order.end());
+        return;
+      }
+      bounds[groups++] = i;
+    }
+  }
+  bounds[groups] = order.size();
+  for (std::size_t g = 1; g < groups; ++g) {
+    std::inplace_merge(order.begin(), order.begin() + static_cast<std::ptrdiff_t>(bounds[g]),
+                       order.begin() + static_cast<std::ptrdiff_t>(bounds[g + 1]));
+  }
+}
+
+}  // namespace
+
 Status apply(const PatchBatch& batch, const PatchLock&) {
   if (batch.empty()) return {};
   std::vector<Site>& sites = scratch_sites();
@@ -389,7 +415,7 @@ Status apply(const PatchBatch& batch, const PatchLock&) {
   order.reserve(batch.size());
   for (std::size_t i = 0; i < batch.size(); ++i)
     order.emplace_back(batch.patches()[i].address, static_cast<std::uint32_t>(i));
-  if (!std::is_sorted(order.begin(), order.end())) std::sort(order.begin(), order.end());  // hooks queue in order
+  sort_by_address(order);
   for (const auto& by_address : order) {
     const auto& p = batch.patches()[by_address.second];
     Site s{p.address, p.length, {}, {}, {}, false, p.displacing, p.first_move, p.move_count};

@@ -440,6 +440,46 @@ TEST(PatchApply, RejectsOverlappingPatchesAndChangesNothing) {
   EXPECT_EQ(read(blk->rx, 32), Bytes(32, 0xc3));
 }
 
+// apply merges a batch queued as a few ascending groups and sorts any other: either way every
+// patch lands, and patches of different groups that overlap are found.
+TEST(PatchApply, PatchesInAnyOrderLandAndOverlapsAcrossGroupsAreFound) {
+  auto blk = tramway::text::allocate_code(512);
+  ASSERT_TRUE(blk.ok());
+  std::memset(blk->rw, 0xc3, 512);
+  const auto at = [&](int offset) { return blk->rx + offset; };
+  const auto expect_jmps = [&](const std::vector<int>& offsets) {
+    for (int o : offsets) EXPECT_EQ(read(at(o), 5), jmp(at(o), at(500))) << "offset " << o;
+  };
+  PatchBatch two_groups;  // sites, then their pads: two ascending groups, interleaved
+  std::vector<int> first;
+  for (int o = 0; o < 240; o += 16) ASSERT_TRUE(two_groups.add(at(o), jmp(at(o), at(500))).ok());
+  for (int o = 8; o < 240; o += 16) ASSERT_TRUE(two_groups.add(at(o), jmp(at(o), at(500))).ok());
+  for (int o = 0; o < 240; o += 8) first.push_back(o);
+  ASSERT_TRUE(tramway::text::apply(two_groups).ok());
+  expect_jmps(first);
+
+  PatchBatch descending;  // one group a patch: sorted
+  std::vector<int> second;
+  for (int o = 488; o >= 248; o -= 8) {
+    ASSERT_TRUE(descending.add(at(o), jmp(at(o), at(500 - 256))).ok());
+    second.push_back(o);
+  }
+  ASSERT_TRUE(tramway::text::apply(descending).ok());
+  for (int o : second) EXPECT_EQ(read(at(o), 5), jmp(at(o), at(244))) << "offset " << o;
+
+  auto other = tramway::text::allocate_code(64);
+  ASSERT_TRUE(other.ok());
+  std::memset(other->rw, 0xc3, 64);
+  PatchBatch overlapping;  // 32, then 0 and 34: two groups, whose merge puts 34 after 32
+  ASSERT_TRUE(overlapping.add(other->rx + 32, jmp(other->rx + 32, other->rx + 60)).ok());
+  ASSERT_TRUE(overlapping.add(other->rx, jmp(other->rx, other->rx + 60)).ok());
+  ASSERT_TRUE(overlapping.add(other->rx + 34, jmp(other->rx + 34, other->rx + 60)).ok());
+  const auto s = tramway::text::apply(overlapping);
+  ASSERT_FALSE(s.ok());
+  EXPECT_NE(s.message().find("overlap"), std::string::npos) << s.message();
+  EXPECT_EQ(read(other->rx, 64), Bytes(64, 0xc3));
+}
+
 TEST(PatchApply, RejectsARangeTheCurrentInstructionDoesNotCover) {
   // GCC's patchable entry before normalisation: five 1-byte nops.
   auto blk = tramway::text::allocate_code(16);

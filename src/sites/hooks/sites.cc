@@ -265,7 +265,10 @@ Status apply_batch_modes(const std::vector<ModeChange>& changes, Retired& retire
     return st;
   };
   text::PatchBatch batch;
-  batch.reserve(changes.size());
+  batch.reserve(2 * changes.size());
+  // The entry pads' jmps, queued after the sites and runs: each group is in address order as
+  // the sites are, so text::apply merges two sorted halves instead of sorting them.
+  std::vector<std::pair<void*, arch::Insn5>> pad_jmps;
   for (std::size_t i = 0; i < changes.size(); ++i) {
     const ModeChange& c = changes[i];
     const Site& s = *c.site;
@@ -309,16 +312,19 @@ Status apply_batch_modes(const std::vector<ModeChange>& changes, Retired& retire
       auto* run = reinterpret_cast<void*>(d.plan->run_start);
       auto* pad_jmp = reinterpret_cast<void*>(s.entry + arch::kRel32InsnSize);
       if (c.mode != Mode::off) {
-        st = batch.add(pad_jmp, d.pad_jmp);
-        if (st.ok()) st = batch.add_displacing(run, d.jmp, d.moves());
+        pad_jmps.emplace_back(pad_jmp, d.pad_jmp);
+        st = batch.add_displacing(run, d.jmp, d.moves());
       } else if (const auto home = sites::hooks::pad_jmp_home(s.entry, d.plan->run_start)) {
         st = batch.add_resuming(run, std::span(d.plan->run_bytes).first(arch::kRel32InsnSize), d.copy);
-        if (st.ok()) st = batch.add(pad_jmp, *home);
+        pad_jmps.emplace_back(pad_jmp, *home);
       } else {
         st = Status::error("internal: the entry pad of " + common::hex_address(s.function) + " is out of rel32 reach");
       }
     }
     if (!st.ok()) return give_up(st);
+  }
+  for (const auto& [address, jmp] : pad_jmps) {
+    if (Status st = batch.add(address, jmp); !st.ok()) return give_up(st);
   }
   if (Status st = text::apply(batch); !st.ok()) return give_up(st);
   for (std::size_t i = 0; i < changes.size(); ++i) {
