@@ -20,6 +20,12 @@
 //   trace/relocated/ratio_to_uftrace_full    trace/relocated over uftrace/dynamic_full (target <= 1/3)
 //   trace/relocated/ratio_to_uftrace_record  trace/relocated over uftrace/record, uftrace's tracing
 //                                   of a patchable entry: the peer figure this run always has
+//   trace/floor                     ns a call of the relocated function between two TSC reads, hooked
+//                                   with a callback that only sends its return to a stub that jumps
+//                                   back: what any return-hooking tracer of it pays with this clock
+//   trace/relocated/above_floor     trace/relocated minus trace/floor: the tracer's own bookkeeping
+//                                   (events, shadow stack, finding the frame at the return)
+//   trace/floor/ratio_to_uftrace_record  trace/floor over uftrace/record: the best ratio possible here
 //
 // A traced run makes kCalls calls: its events are all recorded (none lost; checked), and every
 // kBurst calls the rings are flushed with timing paused, so the figure is what the calling
@@ -111,6 +117,41 @@ BENCH_NOINLINE void call_loop(State& state, const std::function<void()>* between
 }
 
 void bm_untraced(State& state) { call_loop<bench_trace_target>(state, nullptr); }
+
+// What any tracer of the relocated function that hooks returns pays at least with this clock:
+// its hook, whose callback swaps the return address for a stub that only jumps back (the
+// function's `ret` then mispredicts, as it does under every return-hooking tracer, uftrace's
+// too), and a timestamp on each side of the call. Nothing recorded, no shadow stack.
+extern "C" std::uintptr_t bench_floor_return_to;  // one thread: one frame at a time
+std::uintptr_t bench_floor_return_to = 0;
+extern "C" void bench_floor_return();
+asm(R"(
+	.text
+	.type	bench_floor_return, @function
+bench_floor_return:
+	jmp	*bench_floor_return_to(%rip)
+	.size	bench_floor_return, . - bench_floor_return
+)");
+
+void bm_floor(State& state) {
+  hooks::Ops ops;
+  ops.entry = [](const hooks::Ops&, std::uintptr_t, std::uintptr_t, hooks::EntryRegs& regs) {
+    std::uintptr_t* slot = hooks::caller_return_slot(regs);
+    bench_floor_return_to = *slot;
+    *slot = reinterpret_cast<std::uintptr_t>(&bench_floor_return);
+  };
+  ops.promise_vector_free = true;  // as the tracer's (the function takes no floating-point argument)
+  if (Status s = hooks::attach(ops, hooks::Filter::glob(kRelocatedGlob)); !s.ok()) {
+    return fail(state, "hooks::attach: " + s.message());
+  }
+  std::uint64_t i = 0;
+  for (auto _ : state) {
+    benchmark::DoNotOptimize(__rdtsc());
+    bench_trace_relocated_target(++i);
+    benchmark::DoNotOptimize(__rdtsc());
+  }
+  if (Status s = hooks::detach(ops); !s.ok()) fail(state, "hooks::detach: " + s.message());
+}
 
 // The end chunk (format.h: the last one of a file closed cleanly) holds the totals.
 bool read_end_chunk(const std::string& file, std::uint64_t& events, std::uint64_t& lost) {
@@ -224,6 +265,7 @@ std::string uftrace_full_unavailable() {
 int main(int argc, char** argv) {
   using tramway_bench::add;
   using tramway_bench::counter_figure;
+  using tramway_bench::difference_figure;
   using tramway_bench::Figure;
   using tramway_bench::ratio_figure;
   using tramway_bench::time_figure;
@@ -247,11 +289,14 @@ int main(int argc, char** argv) {
   add("trace/relocated", [](State& s) { bm_traced<bench_trace_relocated_target>(s, kRelocatedGlob); },
       {cpu_ns("trace/relocated")})
       ->Iterations(kCalls);
+  add("trace/floor", bm_floor,
+      {cpu_ns("trace/floor"), difference_figure("trace/relocated/above_floor", "trace/relocated", "trace/floor", "ns")});
   add("uftrace", [](State& s) { bm_uftrace(s, "bench_uftrace_child", "uftrace/record"); },
       {counter_figure("uftrace/record", "uftrace/record", "ns"),
        counter_figure("uftrace/bytes_per_event", "uftrace/record/bytes_per_event", "bytes"),
        ratio_figure("trace/traced/ratio_to_uftrace", "trace/traced", "uftrace/record"),
-       ratio_figure("trace/relocated/ratio_to_uftrace_record", "trace/relocated", "uftrace/record")})
+       ratio_figure("trace/relocated/ratio_to_uftrace_record", "trace/relocated", "uftrace/record"),
+       ratio_figure("trace/floor/ratio_to_uftrace_record", "trace/floor", "uftrace/record")})
       ->Iterations(1);
   if (std::string why = uftrace_full_unavailable(); !why.empty()) {
     std::fprintf(stderr, "uftrace/dynamic_full: skipped: %s\n", why.c_str());
