@@ -560,6 +560,20 @@ TEST_F(Cli, RecordCountsEveryCallAndReportAgrees) {
     }
     EXPECT_TRUE(found) << fn << " with " << calls << " calls not in:\n" << r.out();
   }
+
+  // The distribution columns, and a histogram per function a --histogram glob matches.
+  Proc h = run({kCli, "report", trace, "--sort", "p99", "--histogram", "cli_target::*", "--histogram", "nope*"});
+  ASSERT_EQ(code_, 0) << h.err();
+  EXPECT_TRUE(contains(lines_of(h.out()).at(2), "p50")) << h.out();
+  EXPECT_TRUE(contains(lines_of(h.out()).at(2), "stddev")) << h.out();
+  for (const auto& [fn, calls] : kCalls) {
+    EXPECT_TRUE(contains(h.out(), fn + ": " + std::to_string(calls) + (calls == 1 ? " call, min " : " calls, min ")))
+        << fn << " has no histogram in:\n" << h.out();
+  }
+  EXPECT_TRUE(contains(h.out(), "--histogram 'nope*': no function with completed calls matches it")) << h.out();
+  Proc bad = run({kCli, "report", trace, "--sort", "p42"});
+  EXPECT_NE(code_, 0);
+  EXPECT_TRUE(contains(bad.err(), "p42")) << bad.err();
 }
 
 // The same program built without patchable entries: its functions are traced through their

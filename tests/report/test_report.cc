@@ -170,8 +170,9 @@ TEST(Report, NestedDurationsAddUp) {
   EXPECT_EQ(p.duration_ns(), 100u);
 }
 
-TEST(Report, P99OfAKnownDistribution) {
-  // 1000 calls lasting 1..1000 ns, shuffled: nearest-rank p99 is 990, mean 500 (500.5 floored).
+TEST(Report, TheDistributionOfAKnownSetOfCalls) {
+  // 1000 calls lasting 1..1000 ns, shuffled: nearest-rank p50 500, p90 900, p99 990 (within the
+  // histogram's stated error), mean 500 (500.5 floored), stddev 289, min and max exact.
   std::vector<std::uint64_t> durations(1000);
   std::iota(durations.begin(), durations.end(), 1);
   std::shuffle(durations.begin(), durations.end(), std::mt19937(7));
@@ -187,16 +188,31 @@ TEST(Report, P99OfAKnownDistribution) {
   const Profile p = load(w.save("t.trace"));
   const auto rows = table_rows(p, nullptr, SortKey::total, 0);
   ASSERT_EQ(rows.size(), 1u);
+  const double err = tramway::trace::report::DurationHistogram::kMaxRelativeError;
   EXPECT_EQ(rows[0].calls, 1000u);
-  EXPECT_EQ(rows[0].p99_ns, 990u);
+  EXPECT_EQ(rows[0].min_ns, 1u);
+  EXPECT_NEAR(static_cast<double>(rows[0].p50_ns), 500, 500 * err);
+  EXPECT_NEAR(static_cast<double>(rows[0].p90_ns), 900, 900 * err);
+  EXPECT_NEAR(static_cast<double>(rows[0].p99_ns), 990, 990 * err);
+  EXPECT_EQ(rows[0].max_ns, 1000u);
   EXPECT_EQ(rows[0].mean_ns, 500u);
+  EXPECT_EQ(rows[0].stddev_ns, 289u);
   EXPECT_EQ(rows[0].total_ns, 500500u);
 
-  std::vector<std::uint64_t> hundred(100);
-  std::iota(hundred.begin(), hundred.end(), 1);
-  EXPECT_EQ(detail::percentile(hundred, 99), 99u);
-  std::vector<std::uint64_t> one{42};
-  EXPECT_EQ(detail::percentile(one, 99), 42u);
+  const std::string table = format_table(rows);
+  for (const char* head : {"calls", "total", "self", "min", "mean", "p50", "p90", "p99", "max", "stddev", "function"})
+    EXPECT_NE(table.substr(0, table.find('\n')).find(head), std::string::npos) << head << " in " << table;
+  EXPECT_NE(table.find("1.00 µs"), std::string::npos) << table;  // the max
+
+  // --histogram: 1..1000 ns over [1 ns, 2 ns) .. [512 ns, 1.02 µs), 2^k calls in each but the last
+  // (489: 512..1000); the bar of the fullest is the longest.
+  const std::string h = format_histograms(p, {"0x4011*", "nothing*"});  // no functions chunk: named by address
+  EXPECT_NE(h.find("0x401100: 1000 calls, min 1 ns"), std::string::npos) << h;
+  EXPECT_NE(h.find("[1 ns, 2 ns)"), std::string::npos) << h;
+  EXPECT_NE(h.find("[256 ns, 512 ns)"), std::string::npos) << h;
+  EXPECT_NE(h.find("489 |" + std::string(52, '@') + "|"), std::string::npos) << h;
+  EXPECT_NE(h.find("256 |"), std::string::npos) << h;
+  EXPECT_NE(h.find("--histogram 'nothing*': no function with completed calls matches it"), std::string::npos) << h;
 }
 
 TEST(Report, TruncatedFileReportsTheCompletePartAndWarns) {

@@ -317,11 +317,14 @@ int main_cli(int argc, char** argv) {
   std::string sort = "total";
   CLI::App* report_cmd = app.add_subcommand("report", "summarise a trace file; write Chrome JSON, folded stacks or an SVG flame graph");
   report_cmd->add_option("file", rep.input, "the trace file")->required();
-  report_cmd->add_option("--sort", sort, "calls, total, self, mean, p99 or name")
-      ->check(CLI::IsMember({"calls", "total", "self", "mean", "p99", "name"}))
+  report_cmd->add_option("--sort", sort, "calls, total, self, mean, p50, p90, p99, max or name")
+      ->check(CLI::IsMember({"calls", "total", "self", "mean", "p50", "p90", "p99", "max", "name"}))
       ->capture_default_str();
   report_cmd->add_option("--limit", rep.limit, "table rows (0: all)")->capture_default_str();
   report_cmd->add_flag("--per-thread", rep.per_thread, "one table per thread");
+  report_cmd->add_option("--histogram", rep.histograms,
+                         "print the log-scale latency histogram of each function matching GLOB (repeatable)")
+      ->type_name("GLOB");
   report_cmd->add_option("--chrome", rep.chrome, "write Chrome trace-event JSON (Perfetto) here");
   report_cmd->add_option("--folded", rep.folded, "write folded stacks here");
   report_cmd->add_option("--svg", rep.svg, "write an SVG flame graph here");
@@ -362,7 +365,10 @@ int main_cli(int argc, char** argv) {
     rep.sort = sort == "calls" ? SortKey::calls
                : sort == "self" ? SortKey::self
                : sort == "mean" ? SortKey::mean
+               : sort == "p50"  ? SortKey::p50
+               : sort == "p90"  ? SortKey::p90
                : sort == "p99"  ? SortKey::p99
+               : sort == "max"  ? SortKey::max
                : sort == "name" ? SortKey::name
                                 : SortKey::total;
     return report(rep);

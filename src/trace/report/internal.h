@@ -29,8 +29,6 @@ std::string json_escape(std::string_view s);
 // Text or attribute content for XML: & < > " ' escaped, control characters dropped.
 std::string xml_escape(std::string_view s);
 
-// Nearest-rank percentile (0 < pct <= 100) of `values`, which it reorders; 0 when empty.
-std::uint64_t percentile(std::vector<std::uint64_t>& values, unsigned pct);
 
 // "1234 (worker-3)" or "1234": how outputs name a thread.
 std::string thread_label(const ThreadProfile& thread);

@@ -183,7 +183,7 @@ struct ProfileBuilder::State {
     stats.calls++;
     stats.total_ns += duration;
     stats.self_ns += self;
-    stats.durations.push_back(duration);
+    stats.durations.add(duration);
     if (!t.stack.empty()) t.stack.back().children_ns += duration;
     if (how == CallEnd::unwound) t.profile.unwound++;
     if (how == CallEnd::open) t.profile.open_at_end++;

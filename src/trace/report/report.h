@@ -21,12 +21,13 @@
 #include <unordered_map>
 #include <vector>
 
+#include "trace/report/histogram.h"
 #include "tramway/status.h"
 #include "tramway/trace/format.h"
 
 namespace tramway::trace::report {
 
-enum class SortKey { calls, total, self, mean, p99, name };
+enum class SortKey { calls, total, self, mean, p50, p90, p99, max, name };
 
 // Outputs repeat a stack's frames (a folded line names every frame of its stack), so a deep
 // stack or a long name would make them grow faster than the file; these bounds keep every
@@ -49,6 +50,7 @@ struct Options {
   std::string folded;          // write folded stacks here, if not empty
   std::string svg;             // write an SVG flame graph here, if not empty
   std::uint32_t max_depth = kDefaultMaxDepth;  // stack depth the tree outputs render (BuildOptions)
+  std::vector<std::string> histograms;  // shell globs: print the latency histogram of each match
   bool progress = true;        // show progress on stderr for large files
 };
 
@@ -129,12 +131,12 @@ struct CallNode {
 };
 
 // Per function in one thread. A recursive function's nested calls count in `total_ns` again
-// (total is the sum of per-call durations, like mean and p99); `self_ns` never double-counts.
+// (total is the sum of per-call durations, like the distribution); `self_ns` never double-counts.
 struct FunctionStats {
   std::uint64_t calls = 0;
   std::uint64_t total_ns = 0;
   std::uint64_t self_ns = 0;
-  std::vector<std::uint64_t> durations;  // per call, for percentiles
+  DurationHistogram durations;  // per call, in bounded memory (histogram.h)
 };
 
 struct ThreadProfile {
@@ -205,8 +207,13 @@ struct Row {
   std::uint64_t calls = 0;
   std::uint64_t total_ns = 0;
   std::uint64_t self_ns = 0;
+  std::uint64_t min_ns = 0;
   std::uint64_t mean_ns = 0;
-  std::uint64_t p99_ns = 0;  // nearest rank: the smallest duration >= 99% of the calls
+  // Nearest rank (p99: the smallest duration at least 99% of the calls do not exceed), within
+  // DurationHistogram::kMaxRelativeError; min and max are exact.
+  std::uint64_t p50_ns = 0, p90_ns = 0, p99_ns = 0;
+  std::uint64_t max_ns = 0;
+  std::uint64_t stddev_ns = 0;  // population standard deviation
 };
 
 // Rows over all threads (thread == nullptr) or one, sorted by `sort` (descending, ties and
@@ -217,8 +224,13 @@ std::vector<Row> table_rows(const Profile& profile, const ThreadProfile* thread,
 // "812 ns", "12.3 µs", "4.56 ms", "1.20 s": three significant digits.
 std::string format_duration(std::uint64_t ns);
 
-// Aligned columns: calls, total, self, mean, p99, function.
+// Aligned columns: calls, total, self, min, mean, p50, p90, p99, max, stddev, function.
 std::string format_table(const std::vector<Row>& rows);
+
+// Log-scale latency histograms, one per function name matching one of `globs` (fnmatch, over
+// all threads), bpftrace-style: a line per power of two with its calls and a bar; a glob
+// matching no function says so.
+std::string format_histograms(const Profile& profile, const std::vector<std::string>& globs);
 
 // What `tramway report` prints: the header line, the table (or one per thread), footnotes.
 std::string format_report(const Profile& profile, const Options& options);

@@ -40,6 +40,7 @@ Status run(const Options& options, std::FILE* out) {
 
   const std::string report = format_report(*profile, options);
   std::fputs(report.c_str(), out);
+  if (!options.histograms.empty()) std::fputs(("\n" + format_histograms(*profile, options.histograms)).c_str(), out);
 
   std::string written;
   if (!options.chrome.empty()) {

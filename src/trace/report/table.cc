@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <array>
 #include <cstdio>
+#include <cmath>
 #include <map>
 
 #include "trace/report/internal.h"
@@ -14,7 +15,7 @@ namespace {
 
 struct Aggregate {
   std::uint64_t calls = 0, total_ns = 0, self_ns = 0;
-  std::vector<std::uint64_t> durations;
+  DurationHistogram durations;
 };
 
 void add(std::map<std::string, Aggregate>& by_name, const Profile& profile, const ThreadProfile& thread) {
@@ -23,7 +24,7 @@ void add(std::map<std::string, Aggregate>& by_name, const Profile& profile, cons
     a.calls += stats.calls;
     a.total_ns += stats.total_ns;
     a.self_ns += stats.self_ns;
-    a.durations.insert(a.durations.end(), stats.durations.begin(), stats.durations.end());
+    a.durations.merge(stats.durations);
   }
 }
 
@@ -33,7 +34,10 @@ std::uint64_t key_of(const Row& r, SortKey sort) {
     case SortKey::total: return r.total_ns;
     case SortKey::self: return r.self_ns;
     case SortKey::mean: return r.mean_ns;
+    case SortKey::p50: return r.p50_ns;
+    case SortKey::p90: return r.p90_ns;
     case SortKey::p99: return r.p99_ns;
+    case SortKey::max: return r.max_ns;
     case SortKey::name: return 0;
   }
   return 0;
@@ -91,7 +95,9 @@ std::vector<Row> table_rows(const Profile& profile, const ThreadProfile* thread,
   rows.reserve(by_name.size());
   for (auto& [name, a] : by_name) {
     if (a.calls == 0) continue;
-    rows.push_back({name, a.calls, a.total_ns, a.self_ns, a.total_ns / a.calls, detail::percentile(a.durations, 99)});
+    const DurationHistogram& d = a.durations;
+    rows.push_back({name, a.calls, a.total_ns, a.self_ns, d.min(), a.total_ns / a.calls, d.percentile(50),
+                    d.percentile(90), d.percentile(99), d.max(), static_cast<std::uint64_t>(std::llround(d.stddev()))});
   }
   // by_name is ordered by name, so a stable sort keeps ties in name order.
   if (sort != SortKey::name)
@@ -120,15 +126,17 @@ std::string format_duration(std::uint64_t ns) {
 }
 
 std::string format_table(const std::vector<Row>& rows) {
-  static constexpr const char* kHeads[] = {"calls", "total", "self", "mean", "p99"};
+  static constexpr const char* kHeads[] = {"calls", "total", "self", "min", "mean", "p50", "p90", "p99", "max", "stddev"};
   constexpr std::size_t kColumns = std::size(kHeads);
   std::vector<std::array<std::string, kColumns>> cells;
   std::array<std::size_t, kColumns> width{};
   for (std::size_t c = 0; c < kColumns; ++c) width[c] = detail::display_width(kHeads[c]);
   for (const Row& r : rows) {
     auto& row = cells.emplace_back();
-    row = {std::to_string(r.calls), format_duration(r.total_ns), format_duration(r.self_ns),
-           format_duration(r.mean_ns), format_duration(r.p99_ns)};
+    row = {std::to_string(r.calls),     format_duration(r.total_ns), format_duration(r.self_ns),
+           format_duration(r.min_ns),   format_duration(r.mean_ns),  format_duration(r.p50_ns),
+           format_duration(r.p90_ns),   format_duration(r.p99_ns),   format_duration(r.max_ns),
+           format_duration(r.stddev_ns)};
     for (std::size_t c = 0; c < kColumns; ++c) width[c] = std::max(width[c], detail::display_width(row[c]));
   }
   std::string out;
@@ -140,7 +148,9 @@ std::string format_table(const std::vector<Row>& rows) {
     out += name;
     out += '\n';
   };
-  line(std::array<std::string, kColumns>{kHeads[0], kHeads[1], kHeads[2], kHeads[3], kHeads[4]}, "function");
+  std::array<std::string, kColumns> heads;
+  std::copy(std::begin(kHeads), std::end(kHeads), heads.begin());
+  line(heads, "function");
   for (std::size_t i = 0; i < rows.size(); ++i) line(cells[i], detail::valid_utf8(rows[i].name));
   return out;
 }

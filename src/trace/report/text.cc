@@ -1,4 +1,4 @@
-// Shared helpers of the report outputs (internal.h): UTF-8, escaping, percentiles, and the
+// Shared helpers of the report outputs (internal.h): UTF-8, escaping, and the
 // calling-context tree merged by name.
 #include <algorithm>
 #include <cstdio>
@@ -120,17 +120,6 @@ std::string xml_escape(std::string_view raw) {
     }
   }
   return out;
-}
-
-std::uint64_t percentile(std::vector<std::uint64_t>& values, unsigned pct) {
-  if (values.empty()) return 0;
-  // Nearest rank: the ceil(pct/100 * n)-th smallest value.
-  const std::size_t n = values.size();
-  std::size_t rank = (n * pct + 99) / 100;
-  rank = std::clamp<std::size_t>(rank, 1, n);
-  auto nth = values.begin() + static_cast<std::ptrdiff_t>(rank - 1);
-  std::nth_element(values.begin(), nth, values.end());
-  return *nth;
 }
 
 std::string thread_label(const ThreadProfile& thread) {
