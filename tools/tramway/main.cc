@@ -325,7 +325,8 @@ int main_cli(int argc, char** argv) {
   report_cmd->add_option("--histogram", rep.histograms,
                          "print the log-scale latency histogram of each function matching GLOB (repeatable)")
       ->type_name("GLOB");
-  report_cmd->add_option("--chrome", rep.chrome, "write Chrome trace-event JSON (Perfetto) here");
+  report_cmd->add_option("--perfetto", rep.perfetto, "write a Perfetto protobuf trace (.pftrace) here");
+  report_cmd->add_option("--chrome", rep.chrome, "write Chrome trace-event JSON here (Perfetto UI reads it too)");
   report_cmd->add_option("--folded", rep.folded, "write folded stacks here");
   report_cmd->add_option("--svg", rep.svg, "write an SVG flame graph here");
   report_cmd->add_option("--max-depth", rep.max_depth,

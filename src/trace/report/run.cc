@@ -43,6 +43,11 @@ Status run(const Options& options, std::FILE* out) {
   if (!options.histograms.empty()) std::fputs(("\n" + format_histograms(*profile, options.histograms)).c_str(), out);
 
   std::string written;
+  if (!options.perfetto.empty()) {
+    Status st = write_file(options.perfetto, "Perfetto trace", [&](std::FILE* f) { return write_perfetto(*profile, f); });
+    if (!st.ok()) return st;
+    written += "wrote " + options.perfetto + " (Perfetto trace: open it in https://ui.perfetto.dev)\n";
+  }
   if (!options.chrome.empty()) {
     Status st = write_file(options.chrome, "Chrome trace", [&](std::FILE* f) { return write_chrome(*profile, f); });
     if (!st.ok()) return st;
