@@ -75,11 +75,11 @@ class Proto {
   std::string bytes;
 
   void varint(std::uint64_t v) {
-    while (v >= 0x80) {
-      bytes += static_cast<char>(v | 0x80);
-      v >>= 7;
-    }
-    bytes += static_cast<char>(v);
+    char tmp[10];
+    std::size_t n = 0;
+    for (; v >= 0x80; v >>= 7) tmp[n++] = static_cast<char>(v | 0x80);
+    tmp[n++] = static_cast<char>(v);
+    bytes.append(tmp, n);
   }
   void uint(std::uint32_t field, std::uint64_t v) {
     varint(std::uint64_t{field} << 3);
@@ -101,15 +101,11 @@ class Proto {
       bytes[start - 1] = static_cast<char>(length);
       return;
     }
-    std::string prefix;
-    for (std::uint64_t v = length; ; v >>= 7) {
-      if (v < 0x80) {
-        prefix += static_cast<char>(v);
-        break;
-      }
-      prefix += static_cast<char>(v | 0x80);
-    }
-    bytes.replace(start - 1, 1, prefix);
+    char prefix[10];
+    std::size_t n = 0;
+    for (std::uint64_t v = length; v >= 0x80; v >>= 7) prefix[n++] = static_cast<char>(v | 0x80);
+    prefix[n] = static_cast<char>(length >> (7 * n));
+    bytes.replace(start - 1, 1, prefix, n + 1);
   }
 };
 
@@ -122,7 +118,7 @@ struct Sequence {
 
 class PerfettoSink final : public TraceSink {
  public:
-  PerfettoSink(const Profile& profile, std::FILE* out) : profile_(profile), out_(out) {
+  PerfettoSink(const Profile& profile, std::FILE* out) : file_(out) {
     for (const FunctionInfo& f : profile.functions) names_.emplace(f.address, &f.name);
     for (const ThreadProfile& t : profile.threads) thread_names_.emplace(t.tid, &t.name);
     pid_ = static_cast<std::uint32_t>(profile.source.header.pid);
@@ -192,39 +188,34 @@ class PerfettoSink final : public TraceSink {
   }
 
  private:
-  const Profile& profile_;
-  std::FILE* out_;
+  std::FILE* file_;
   std::uint32_t pid_ = 0;
   std::unordered_map<std::uint64_t, const std::string*> names_;
   std::unordered_map<std::uint32_t, const std::string*> thread_names_;
   std::unordered_map<std::uint32_t, Sequence> sequences_;
   std::uint32_t next_sequence_ = 2;
-  Proto packet_;
-  std::string out_buffer_;
+  Proto buffer_;  // packets are written straight into the output buffer
+  std::size_t packet_start_ = 0;
   Status status_;
 
   std::uint64_t process_uuid() const { return std::uint64_t{1} << 63 | pid_; }
   std::uint64_t thread_uuid(std::uint32_t tid) const { return std::uint64_t{pid_} << 32 | tid | 1ull << 62; }
 
+  // A packet is Trace.packet (field 1), its length patched in by finish_packet.
   Proto& packet() {
-    packet_.bytes.clear();
-    return packet_;
+    packet_start_ = buffer_.begin(kTracePacket);
+    return buffer_;
   }
   void finish_packet() {
-    // Trace.packet: field 1, length-delimited.
-    Proto framed;
-    framed.varint(std::uint64_t{kTracePacket} << 3 | 2);
-    framed.varint(packet_.bytes.size());
-    out_buffer_ += framed.bytes;
-    out_buffer_ += packet_.bytes;
-    if (out_buffer_.size() >= (1u << 20)) flush();
+    buffer_.end(packet_start_);
+    if (buffer_.bytes.size() >= (1u << 20)) flush();
   }
   void flush() {
-    if (!status_.ok() || out_buffer_.empty()) return;
-    if (std::fwrite(out_buffer_.data(), 1, out_buffer_.size(), out_) != out_buffer_.size()) {
+    if (status_.ok() && !buffer_.bytes.empty() &&
+        std::fwrite(buffer_.bytes.data(), 1, buffer_.bytes.size(), file_) != buffer_.bytes.size()) {
       status_ = Status::error(std::string("writing the Perfetto trace: ") + std::strerror(errno), errno);
     }
-    out_buffer_.clear();
+    buffer_.bytes.clear();
   }
 
   Sequence& sequence(std::uint32_t tid) {
