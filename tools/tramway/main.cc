@@ -326,6 +326,7 @@ int main_cli(int argc, char** argv) {
                          "print the log-scale latency histogram of each function matching GLOB (repeatable)")
       ->type_name("GLOB");
   report_cmd->add_option("--perfetto", rep.perfetto, "write a Perfetto protobuf trace (.pftrace) here");
+  report_cmd->add_option("--pprof", rep.pprof, "write a gzipped pprof profile (calls and wall time per stack) here");
   report_cmd->add_option("--chrome", rep.chrome, "write Chrome trace-event JSON here (Perfetto UI reads it too)");
   report_cmd->add_option("--folded", rep.folded, "write folded stacks here");
   report_cmd->add_option("--svg", rep.svg, "write an SVG flame graph here");

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "trace/report/internal.h"
+#include "trace/report/protobuf_wire.h"
 
 namespace tramway::trace::report {
 namespace {
@@ -68,47 +69,6 @@ enum : std::uint64_t { kSliceBegin = 1, kSliceEnd = 2, kInstant = 3 };
 enum : std::uint64_t { kStateCleared = 1, kNeedsState = 2 };
 constexpr std::uint64_t kIncrementalClock = 64, kBoottime = 6;
 
-// Protobuf wire format into a growing buffer. A nested message is written after a one-byte
-// length placeholder and its length patched in (moved when it needs more bytes).
-class Proto {
- public:
-  std::string bytes;
-
-  void varint(std::uint64_t v) {
-    char tmp[10];
-    std::size_t n = 0;
-    for (; v >= 0x80; v >>= 7) tmp[n++] = static_cast<char>(v | 0x80);
-    tmp[n++] = static_cast<char>(v);
-    bytes.append(tmp, n);
-  }
-  void uint(std::uint32_t field, std::uint64_t v) {
-    varint(std::uint64_t{field} << 3);
-    varint(v);
-  }
-  void string(std::uint32_t field, std::string_view s) {
-    varint(std::uint64_t{field} << 3 | 2);
-    varint(s.size());
-    bytes.append(s);
-  }
-  std::size_t begin(std::uint32_t field) {
-    varint(std::uint64_t{field} << 3 | 2);
-    bytes += '\0';
-    return bytes.size();
-  }
-  void end(std::size_t start) {
-    const std::size_t length = bytes.size() - start;
-    if (length < 0x80) {
-      bytes[start - 1] = static_cast<char>(length);
-      return;
-    }
-    char prefix[10];
-    std::size_t n = 0;
-    for (std::uint64_t v = length; v >= 0x80; v >>= 7) prefix[n++] = static_cast<char>(v | 0x80);
-    prefix[n] = static_cast<char>(length >> (7 * n));
-    bytes.replace(start - 1, 1, prefix, n + 1);
-  }
-};
-
 struct Sequence {
   std::uint32_t id = 0;
   std::uint64_t last_ns = 0;  // the sequence's previous timestamp (clock 64 is incremental)
@@ -122,7 +82,7 @@ class PerfettoSink final : public TraceSink {
     for (const FunctionInfo& f : profile.functions) names_.emplace(f.address, &f.name);
     for (const ThreadProfile& t : profile.threads) thread_names_.emplace(t.tid, &t.name);
     pid_ = static_cast<std::uint32_t>(profile.source.header.pid);
-    Proto& p = packet();
+    detail::ProtoWriter& p = packet();
     p.uint(kSequenceId, 1);  // the process track, on a sequence of its own
     const std::size_t d = p.begin(kTrackDescriptor);
     p.uint(kDescriptorUuid, process_uuid());
@@ -163,7 +123,7 @@ class PerfettoSink final : public TraceSink {
 
   void lost(std::uint32_t tid, std::uint64_t count) override {
     Sequence& s = sequence(tid);
-    Proto& p = event_packet(s, s.last_ns);
+    detail::ProtoWriter& p = event_packet(s, s.last_ns);
     const std::size_t te = p.begin(kTrackEvent);
     p.uint(kEventType, kInstant);
     p.string(kEventName, "lost events");
@@ -194,7 +154,7 @@ class PerfettoSink final : public TraceSink {
   std::unordered_map<std::uint32_t, const std::string*> thread_names_;
   std::unordered_map<std::uint32_t, Sequence> sequences_;
   std::uint32_t next_sequence_ = 2;
-  Proto buffer_;  // packets are written straight into the output buffer
+  detail::ProtoWriter buffer_;  // packets are written straight into the output buffer
   std::size_t packet_start_ = 0;
   Status status_;
 
@@ -202,7 +162,7 @@ class PerfettoSink final : public TraceSink {
   std::uint64_t thread_uuid(std::uint32_t tid) const { return std::uint64_t{pid_} << 32 | tid | 1ull << 62; }
 
   // A packet is Trace.packet (field 1), its length patched in by finish_packet.
-  Proto& packet() {
+  detail::ProtoWriter& packet() {
     packet_start_ = buffer_.begin(kTracePacket);
     return buffer_;
   }
@@ -223,7 +183,7 @@ class PerfettoSink final : public TraceSink {
     Sequence& s = it->second;
     if (!fresh) return s;
     s.id = next_sequence_++;
-    Proto& p = packet();
+    detail::ProtoWriter& p = packet();
     p.uint(kSequenceId, s.id);
     p.uint(kSequenceFlags, kStateCleared);
     const std::size_t snap = p.begin(kClockSnapshot);
@@ -243,7 +203,7 @@ class PerfettoSink final : public TraceSink {
     p.end(defaults);
     finish_packet();
 
-    Proto& d = packet();
+    detail::ProtoWriter& d = packet();
     d.uint(kSequenceId, s.id);
     const std::size_t td = d.begin(kTrackDescriptor);
     d.uint(kDescriptorUuid, thread_uuid(tid));
@@ -260,8 +220,8 @@ class PerfettoSink final : public TraceSink {
     return s;
   }
 
-  Proto& event_packet(Sequence& s, std::uint64_t time_ns) {
-    Proto& p = packet();
+  detail::ProtoWriter& event_packet(Sequence& s, std::uint64_t time_ns) {
+    detail::ProtoWriter& p = packet();
     const std::uint64_t t = std::max(time_ns, s.last_ns);  // in order per thread; never negative
     p.uint(kTimestamp, t - s.last_ns);
     s.last_ns = t;
@@ -272,7 +232,7 @@ class PerfettoSink final : public TraceSink {
 
   void slice_begin(Sequence& s, std::uint64_t time_ns, std::uint64_t function) {
     auto [it, fresh] = s.iids.try_emplace(function, s.iids.size() + 1);
-    Proto& p = event_packet(s, time_ns);
+    detail::ProtoWriter& p = event_packet(s, time_ns);
     if (fresh) {
       const std::size_t interned = p.begin(kInternedData);
       const std::size_t en = p.begin(kInternedEventNames);
@@ -290,7 +250,7 @@ class PerfettoSink final : public TraceSink {
   }
 
   void slice_end(Sequence& s, std::uint64_t time_ns) {
-    Proto& p = event_packet(s, time_ns);
+    detail::ProtoWriter& p = event_packet(s, time_ns);
     const std::size_t te = p.begin(kTrackEvent);
     p.uint(kEventType, kSliceEnd);
     p.end(te);

@@ -1,5 +1,5 @@
-// trace/report — reading trace files and turning them into tables, Perfetto traces, Chrome
-// JSON, folded stacks and SVG flame graphs. Used by `tramway report`.
+// trace/report — reading trace files and turning them into tables, Perfetto traces, pprof
+// profiles, Chrome JSON, folded stacks and SVG flame graphs. Used by `tramway report`.
 //
 // Guarantees: nothing throws; a damaged or cut-short file is reported up to its last complete
 // chunk with a warning saying how much was ignored; lost events, frames left open at the end
@@ -47,6 +47,7 @@ struct Options {
   std::size_t limit = 30;      // table rows; 0 = all
   bool per_thread = false;     // one table per thread
   std::string perfetto;        // write a Perfetto protobuf trace (.pftrace) here, if not empty
+  std::string pprof;           // write a gzipped pprof profile here, if not empty
   std::string chrome;          // write Chrome trace-event JSON here, if not empty
   std::string folded;          // write folded stacks here, if not empty
   std::string svg;             // write an SVG flame graph here, if not empty
@@ -240,6 +241,11 @@ std::string format_report(const Profile& profile, const Options& options);
 // names, incremental timestamps, lost events as instants), for https://ui.perfetto.dev. Reads
 // profile.source.path again and writes as it reads: memory does not grow with the events.
 Status write_perfetto(const Profile& profile, std::FILE* out);
+
+// pprof's profile.proto, gzipped: a sample a distinct stack of each thread (labelled with the
+// thread), its values the stack's calls and self wall time (ns; the default), so `go tool pprof
+// -top` shows self and inclusive time per function.
+Status write_pprof(const Profile& profile, std::FILE* out);
 
 // Chrome trace-event JSON, "X" events (needs BuildOptions::keep_calls). Loads in Perfetto UI
 // and chrome://tracing.

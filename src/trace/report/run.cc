@@ -48,6 +48,11 @@ Status run(const Options& options, std::FILE* out) {
     if (!st.ok()) return st;
     written += "wrote " + options.perfetto + " (Perfetto trace: open it in https://ui.perfetto.dev)\n";
   }
+  if (!options.pprof.empty()) {
+    Status st = write_file(options.pprof, "pprof profile", [&](std::FILE* f) { return write_pprof(*profile, f); });
+    if (!st.ok()) return st;
+    written += "wrote " + options.pprof + " (pprof profile: go tool pprof -top " + options.pprof + ", or -http=:8080)\n";
+  }
   if (!options.chrome.empty()) {
     Status st = write_file(options.chrome, "Chrome trace", [&](std::FILE* f) { return write_chrome(*profile, f); });
     if (!st.ok()) return st;
