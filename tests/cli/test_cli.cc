@@ -574,6 +574,21 @@ TEST_F(Cli, RecordCountsEveryCallAndReportAgrees) {
   Proc bad = run({kCli, "report", trace, "--sort", "p42"});
   EXPECT_NE(code_, 0);
   EXPECT_TRUE(contains(bad.err(), "p42")) << bad.err();
+
+  // Report-time filters: a window that ends before anything starts keeps no call.
+  Proc none = run({kCli, "report", trace, "--until", "1ns"});
+  ASSERT_EQ(code_, 0) << none.err();
+  EXPECT_TRUE(contains(none.out(), "filtered: only calls starting from 0 ns to 1 ns")) << none.out();
+  EXPECT_TRUE(contains(none.out(), "(no completed calls)")) << none.out();
+  Proc all = run({kCli, "report", trace, "--since", "0s", "-t", "0ns", "--limit", "0"});
+  ASSERT_EQ(code_, 0) << all.err();
+  EXPECT_TRUE(contains(all.out(), "cli_target::leaf(int)")) << all.out();
+  Proc bad_duration = run({kCli, "report", trace, "--min-duration", "10 parsecs"});
+  EXPECT_EQ(code_, 2);
+  EXPECT_TRUE(contains(bad_duration.err(), "--min-duration: '10 parsecs' is not a duration")) << bad_duration.err();
+  Proc backwards = run({kCli, "report", trace, "--since", "2s", "--until", "1s"});
+  EXPECT_EQ(code_, 2);
+  EXPECT_TRUE(contains(backwards.err(), "--until must come after --since")) << backwards.err();
 }
 
 // The same program built without patchable entries: its functions are traced through their

@@ -22,6 +22,7 @@
 #include <cstdio>
 #include <cstring>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "agent/control.h"
@@ -322,6 +323,14 @@ int main_cli(int argc, char** argv) {
       ->capture_default_str();
   report_cmd->add_option("--limit", rep.limit, "table rows (0: all)")->capture_default_str();
   report_cmd->add_flag("--per-thread", rep.per_thread, "one table per thread");
+  std::string since, until, min_duration;
+  report_cmd->add_option("--since", since, "only calls that start this long after the recording began (e.g. 1.5s)")
+      ->type_name("DURATION");
+  report_cmd->add_option("--until", until, "only calls that start before this; calls still running then end there")
+      ->type_name("DURATION");
+  report_cmd->add_option("-t,--min-duration", min_duration, "only calls that last at least this long (e.g. 10us)")
+      ->type_name("DURATION");
+  report_cmd->add_option("--tid", rep.filter.tids, "only this thread (repeatable)");
   report_cmd->add_option("--histogram", rep.histograms,
                          "print the log-scale latency histogram of each function matching GLOB (repeatable)")
       ->type_name("GLOB");
@@ -373,6 +382,17 @@ int main_cli(int argc, char** argv) {
                : sort == "max"  ? SortKey::max
                : sort == "name" ? SortKey::name
                                 : SortKey::total;
+    for (const auto& [text, field, flag] : {std::tuple{&since, &rep.filter.since_ns, "--since"},
+                                            std::tuple{&until, &rep.filter.until_ns, "--until"},
+                                            std::tuple{&min_duration, &rep.filter.min_duration_ns, "--min-duration"}}) {
+      if (text->empty()) continue;
+      auto ns = trace::report::parse_duration(*text);
+      if (!ns.ok()) return fail(std::string(flag) + ": " + ns.status().message(), 2);
+      *field = *ns;
+    }
+    if (rep.filter.until_ns <= rep.filter.since_ns) {
+      return fail("--until must come after --since (" + until + " is not after " + (since.empty() ? "0" : since) + ")", 2);
+    }
     return report(rep);
   }
   return 2;

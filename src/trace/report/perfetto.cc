@@ -19,6 +19,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "trace/report/call_filter.h"
 #include "trace/report/internal.h"
 #include "trace/report/protobuf_wire.h"
 
@@ -270,7 +271,13 @@ Status write_perfetto(const Profile& profile, std::FILE* out) {
   PerfettoSink sink(profile, out);
   ReadOptions read;
   read.diagnostics = nullptr;  // the table's pass has reported the file's damage already
-  if (auto summary = read_trace(profile.source.path, sink, read); !summary.ok()) return summary.status();
+  if (profile.filter.active()) {
+    CallFilterSink filter(profile.filter, sink);  // the calls the profile kept, and only those
+    if (auto summary = read_trace(profile.source.path, filter, read); !summary.ok()) return summary.status();
+    filter.finish();
+  } else if (auto summary = read_trace(profile.source.path, sink, read); !summary.ok()) {
+    return summary.status();
+  }
   return sink.finish();
 }
 

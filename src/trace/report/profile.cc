@@ -16,6 +16,7 @@
 #include <unordered_map>
 
 #include "common/format.h"
+#include "trace/report/call_filter.h"
 #include "trace/report/report.h"
 
 namespace tramway::trace::report {
@@ -291,9 +292,17 @@ Profile ProfileBuilder::finish(ReadSummary source) {
 
 Result<Profile> load_profile(const std::string& path, const ReadOptions& read, const BuildOptions& build) {
   ProfileBuilder builder(build);
-  Result<ReadSummary> summary = read_trace(path, builder, read);
+  Result<ReadSummary> summary = [&] {
+    if (!build.filter.active()) return read_trace(path, builder, read);
+    CallFilterSink filter(build.filter, builder);
+    Result<ReadSummary> s = read_trace(path, filter, read);
+    filter.finish();
+    return s;
+  }();
   if (!summary.ok()) return summary.status();
-  return builder.finish(std::move(*summary));
+  Profile p = builder.finish(std::move(*summary));
+  p.filter = build.filter;
+  return p;
 }
 
 }  // namespace tramway::trace::report

@@ -41,8 +41,21 @@ inline constexpr std::uint64_t folded_budget(std::uint64_t trace_file_bytes) {
   return trace_file_bytes > (std::uint64_t{1} << 20) ? 64 * trace_file_bytes : std::uint64_t{64} << 20;
 }
 
+// Which calls a report covers (call_filter.h); times are ns since the recording began.
+struct CallFilter {
+  std::uint64_t since_ns = 0;
+  std::uint64_t until_ns = ~std::uint64_t{0};
+  std::uint64_t min_duration_ns = 0;
+  std::vector<std::uint32_t> tids;  // empty: every thread
+  bool active() const noexcept { return since_ns != 0 || until_ns != ~std::uint64_t{0} || min_duration_ns != 0 || !tids.empty(); }
+};
+// "250ns", "10us" (or "10µs"), "1.5ms", "2s", a plain number of seconds: ns, or an error that
+// says what is accepted.
+Result<std::uint64_t> parse_duration(std::string_view text);
+
 struct Options {
   std::string input;           // the trace file
+  CallFilter filter{};         // --since, --until, --min-duration, --tid
   SortKey sort = SortKey::total;
   std::size_t limit = 30;      // table rows; 0 = all
   bool per_thread = false;     // one table per thread
@@ -164,12 +177,14 @@ struct Profile {
   std::uint64_t lost = 0;
   std::uint64_t unknown_kind_events = 0;   // ignored: written by a newer tramway?
   std::uint64_t begin_ns = 0, end_ns = 0;  // first and last timestamp over all threads
+  CallFilter filter{};                     // what load_profile kept (BuildOptions::filter)
 
   std::uint64_t duration_ns() const { return end_ns - begin_ns; }
 };
 
 struct BuildOptions {
   bool keep_calls = false;  // record every frame in ThreadProfile::calls (memory ~ calls)
+  CallFilter filter{};      // only the calls it keeps (the Profile remembers it for re-reads)
   // Frames deeper than this (0: no bound) become one node of the calling-context tree per
   // stack, a pseudo-function named "[truncated: frames deeper than N]" whose calls are the
   // frames it stands for; the table's per-function figures and the Chrome output keep them all.

@@ -35,6 +35,7 @@ Status run(const Options& options, std::FILE* out) {
   BuildOptions build;
   build.keep_calls = !options.chrome.empty();
   build.max_depth = options.max_depth;
+  build.filter = options.filter;
   Result<Profile> profile = load_profile(options.input, read, build);
   if (!profile.ok()) return profile.status();
 

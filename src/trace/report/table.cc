@@ -163,6 +163,19 @@ std::string format_report(const Profile& profile, const Options& options) {
   out += ", " + plural(profile.threads.size(), "thread", "threads");
   out += ", " + plural(profile.events, "event", "events") + " over " + format_duration(profile.duration_ns());
   out += ", " + lost_text(profile.lost) + "\n";
+  if (const CallFilter& f = profile.filter; f.active()) {
+    std::string what = "only calls";
+    if (f.since_ns != 0 || f.until_ns != ~std::uint64_t{0}) {
+      what += " starting from " + format_duration(f.since_ns) + " to " +
+              (f.until_ns == ~std::uint64_t{0} ? std::string("the end") : format_duration(f.until_ns));
+    }
+    if (f.min_duration_ns != 0) what += " lasting at least " + format_duration(f.min_duration_ns);
+    if (!f.tids.empty()) {
+      what += f.tids.size() == 1 ? " of thread" : " of threads";
+      for (std::size_t i = 0; i < f.tids.size(); ++i) what += (i ? ", " : " ") + std::to_string(f.tids[i]);
+    }
+    out += "filtered: " + what + "\n";
+  }
 
   if (options.per_thread) {
     for (const ThreadProfile& t : profile.threads) {
