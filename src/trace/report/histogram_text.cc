@@ -11,14 +11,27 @@ namespace {
 
 constexpr std::size_t kBarWidth = 52;
 
+// Appended piecewise: GCC 12 -O3 warns (-Wrestrict, wrongly) on "literal" + string.
 std::string bounds_text(std::uint64_t lower) {
-  return "[" + format_duration(lower) + ", " + format_duration(lower * 2) + ")";
+  std::string s = "[";
+  s += format_duration(lower);
+  s += ", ";
+  s += format_duration(lower * 2);
+  s += ')';
+  return s;
 }
 
 void append_histogram(std::string& out, const std::string& name, const DurationHistogram& d) {
-  out += detail::valid_utf8(name) + ": " + std::to_string(d.count()) + (d.count() == 1 ? " call" : " calls");
-  out += ", min " + format_duration(d.min()) + ", p50 " + format_duration(d.percentile(50)) + ", p99 " +
-         format_duration(d.percentile(99)) + ", max " + format_duration(d.max()) + "\n";
+  out += detail::valid_utf8(name);
+  out += ": ";
+  out += std::to_string(d.count());
+  out += d.count() == 1 ? " call" : " calls";
+  for (const auto& [label, ns] : {std::pair{", min ", d.min()}, std::pair{", p50 ", d.percentile(50)},
+                                  std::pair{", p99 ", d.percentile(99)}, std::pair{", max ", d.max()}}) {
+    out += label;
+    out += format_duration(ns);
+  }
+  out += '\n';
   const auto buckets = d.log2_buckets();
   std::uint64_t most = 1;
   std::size_t label_width = 0, count_width = 0;
@@ -55,7 +68,9 @@ std::string format_histograms(const Profile& profile, const std::vector<std::str
     }
     if (!matched) {
       if (!out.empty()) out += '\n';
-      out += "--histogram '" + glob + "': no function with completed calls matches it (the table lists them)\n";
+      out += "--histogram '";
+      out += glob;
+      out += "': no function with completed calls matches it (the table lists them)\n";
     }
   }
   return out;

@@ -41,7 +41,10 @@ Status run(const Options& options, std::FILE* out) {
 
   const std::string report = format_report(*profile, options);
   std::fputs(report.c_str(), out);
-  if (!options.histograms.empty()) std::fputs(("\n" + format_histograms(*profile, options.histograms)).c_str(), out);
+  if (!options.histograms.empty()) {
+    std::fputc('\n', out);
+    std::fputs(format_histograms(*profile, options.histograms).c_str(), out);
+  }
 
   std::string written;
   if (!options.perfetto.empty()) {
