@@ -146,11 +146,11 @@ void observe(text::RangeWatch& w, std::vector<pid_t> pending, std::int64_t start
 
 std::vector<text::PcRange> take_retired() {
   pthread_mutex_lock(&g_retired_mu);
-  std::vector<text::PcRange> out;
-  out.swap(g_retired);
-  // As many as last time are likely to come: one allocation now rather than a doubling series
-  // of them (and their copies) under retire()'s lock, once per copy of a 10,000-function detach.
-  g_retired.reserve(out.size());
+  // Copied out, so that the list keeps its capacity: retire() then never reallocates under its
+  // lock (a doubling series of copies, once per copy of a 10,000-function detach), and this
+  // allocates once a grace period.
+  std::vector<text::PcRange> out(g_retired.begin(), g_retired.end());
+  g_retired.clear();
   pthread_mutex_unlock(&g_retired_mu);
   return out;
 }

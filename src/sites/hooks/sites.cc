@@ -266,6 +266,7 @@ Status apply_batch_modes(const std::vector<ModeChange>& changes, Retired& retire
   };
   text::PatchBatch batch;
   batch.reserve(2 * changes.size());
+  retired.copies.reserve(retired.copies.size() + changes.size());  // a detach retires one a function
   // The entry pads' jmps, queued after the sites and runs: each group is in address order as
   // the sites are, so text::apply merges two sorted halves instead of sorting them.
   std::vector<std::pair<void*, arch::Insn5>> pad_jmps;
