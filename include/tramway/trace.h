@@ -26,6 +26,9 @@ struct RecordOptions {
   std::size_t ring_events = 1u << 18;     // per-thread ring capacity, in events (power of two)
   unsigned flush_interval_ms = 10;        // how often the flusher drains the rings
   bool allow_trap = false;                // also trace functions only a trap probe can hook (a signal a call)
+  std::vector<std::string> exclude{};     // globs: functions matching one are never traced by attach
+  std::uint32_t max_depth = 0;            // calls nested deeper than this many traced calls are not
+                                          // recorded (0: no limit but the shadow stack's, 512)
 };
 
 // Opens `options.output` and starts recording (no function is traced until attach).

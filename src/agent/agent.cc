@@ -22,6 +22,8 @@
 //                           `tramway: ...` and _exit(2)s before main.
 //   TRAMWAY_CONTROL=1       serve the control socket (control_io.h); failure: _exit(2).
 //   TRAMWAY_TRAP=1          recordings also trace functions only a trap probe can hook
+//   TRAMWAY_EXCLUDE         one glob per line: recordings never trace the functions matching one
+//   TRAMWAY_MAX_DEPTH=N     recordings leave calls nested deeper than N traced calls untraced
 //   TRAMWAY_DURATION=S      stop recording S seconds after start; the program runs on untraced
 //                           (`tramway record --duration` also ends the program, from outside).
 // At exit (an atexit handler registered by the constructor, which glibc runs when it finalises
@@ -184,6 +186,8 @@ struct State {
   std::string output;  // the recording's file, as the agent started it
   std::size_t peak_functions = 0;
   bool allow_trap = false;  // TRAMWAY_TRAP=1: recordings may trace trap probes
+  std::vector<std::string> exclude;  // TRAMWAY_EXCLUDE: globs recordings never trace
+  std::uint32_t max_depth = 0;       // TRAMWAY_MAX_DEPTH: recordings' depth limit (0: none)
   control::Server* server = nullptr;
   pid_t pid = 0;
 };
@@ -201,6 +205,8 @@ Status start_recording(const std::string& file) {
   trace::RecordOptions o;
   o.output = file;
   o.allow_trap = st.allow_trap;
+  o.exclude = st.exclude;
+  o.max_depth = st.max_depth;
   if (Status s = trace::start(o); !s.ok()) return Status::error("cannot record to " + file + ": " + s.message());
   st.output = file;
   st.peak_functions = 0;
@@ -375,11 +381,22 @@ void init() {
   const std::optional<std::string> control = take_env("TRAMWAY_CONTROL");
   const std::optional<std::string> duration = take_env("TRAMWAY_DURATION");
   const std::optional<std::string> trap = take_env("TRAMWAY_TRAP");
+  const std::optional<std::string> exclude = take_env("TRAMWAY_EXCLUDE");
+  const std::optional<std::string> max_depth = take_env("TRAMWAY_MAX_DEPTH");
   const std::optional<std::string> preload = take_env("TRAMWAY_PRELOAD");
   remove_from_preload(preload.value_or(""));
   State& st = state();
   st.pid = getpid();
   st.allow_trap = trap == "1";
+  st.exclude = split(exclude.value_or(""), "\n");
+  if (max_depth) {
+    char* end = nullptr;
+    const unsigned long d = std::strtoul(max_depth->c_str(), &end, 10);
+    if (end == max_depth->c_str() || *end != '\0' || d == 0 || d > 512) {
+      die(2, "TRAMWAY_MAX_DEPTH='" + *max_depth + "' is not a depth from 1 to 512");
+    }
+    st.max_depth = static_cast<std::uint32_t>(d);
+  }
 
   if (list) list_mode(*list, list_all == "1");
 

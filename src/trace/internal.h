@@ -57,6 +57,8 @@ struct ThreadState {
 
 // Bumped by every start(): entries of an earlier recording close without events.
 extern std::atomic<std::uint32_t> g_epoch;
+// RecordOptions::max_depth, or kShadowDepth: deeper calls are neither recorded nor hooked.
+extern std::atomic<std::uint32_t> g_depth_limit;
 
 // Clock: raw TSC when it is invariant (constant_tsc and nonstop_tsc), else CLOCK_MONOTONIC ns.
 extern bool g_use_tsc;

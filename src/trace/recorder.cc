@@ -6,11 +6,13 @@
 // matching functions not traced yet with a new ops; detach(glob) detaches the ops that cover
 // its functions and re-attaches the ones other globs still want.
 #include <fcntl.h>
+#include <fnmatch.h>
 #include <pthread.h>
 #include <signal.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <condition_variable>
 #include <cstring>
@@ -76,6 +78,7 @@ class Recording {
   std::size_t threads = 0;
   unsigned flush_interval_ms = 50;
   bool allow_trap = false;  // RecordOptions::allow_trap
+  std::vector<std::string> exclude;  // RecordOptions::exclude
   std::thread flusher;
   std::condition_variable wake;
   bool stopping = false;
@@ -317,6 +320,10 @@ Status start(const RecordOptions& options) {
   r.flush_interval_ms = options.flush_interval_ms ? options.flush_interval_ms : 50;
   r.allow_trap = options.allow_trap;
   detail::set_ring_events(options.ring_events);
+  r.exclude = options.exclude;
+  detail::g_depth_limit.store(options.max_depth == 0 ? static_cast<std::uint32_t>(detail::kShadowDepth)
+                                                     : std::min<std::uint32_t>(options.max_depth, detail::kShadowDepth),
+                              std::memory_order_relaxed);
 
   // Calibrate the TSC against CLOCK_MONOTONIC over 20 ms (a few ppm: a few µs a second).
   detail::g_use_tsc = tsc_is_invariant();
@@ -378,10 +385,20 @@ Result<std::size_t> attach(const std::string& glob, Scope scope) {
     const std::string self = n > 0 ? std::string(exe, static_cast<std::size_t>(n)) : std::string();
     std::erase_if(*all, [&](const hooks::Function& f) { return f.object != self; });
   }
+  std::size_t excluded = 0;
   for (hooks::Function& f : *all) {
     if (!hooks::can_hook(f.kind, r.allow_trap)) continue;
+    if (std::any_of(r.exclude.begin(), r.exclude.end(),
+                    [&](const std::string& x) { return ::fnmatch(x.c_str(), f.name.c_str(), 0) == 0; })) {
+      ++excluded;
+      continue;
+    }
     matched.insert(f.entry);
     hookable.push_back(std::move(f));
+  }
+  if (matched.empty() && excluded > 0) {
+    return Status::error("'" + glob + "' matches " + std::to_string(excluded) +
+                         " function(s), all of them excluded (RecordOptions::exclude, -x)");
   }
   if (matched.empty()) {
     const auto traps = std::count_if(all->begin(), all->end(), [](const hooks::Function& f) { return f.kind == hooks::HookKind::trap; });

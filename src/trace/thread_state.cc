@@ -15,6 +15,7 @@ namespace tramway::trace::detail {
 bool g_use_tsc = true;
 thread_local constinit ThreadState* t_state __attribute__((tls_model("initial-exec"))) = nullptr;
 std::atomic<std::uint32_t> g_epoch{0};
+std::atomic<std::uint32_t> g_depth_limit{kShadowDepth};
 
 ThreadState* claim_keeping_vectors() noexcept {
   // Saved by hand: the compiler does not know that the caller expects them kept (they are

@@ -591,6 +591,36 @@ TEST_F(Cli, RecordCountsEveryCallAndReportAgrees) {
   EXPECT_TRUE(contains(backwards.err(), "--until must come after --since")) << backwards.err();
 }
 
+// record -x leaves the functions it matches untraced; -D 2 the calls nested deeper than two
+// traced calls (workload, then alpha/beta/gamma: their calls of leaf are the third level).
+TEST_F(Cli, RecordExcludesGlobsAndLimitsTheDepth) {
+  const std::string excluded = dir_ + "/excluded.trace";
+  Proc p = run({kCli, "record", "-f", "cli_target::*", "-x", "cli_target::beta*", "-x", "cli_target::gamma*", "-o",
+                excluded, "--", kTarget});
+  ASSERT_EQ(code_, 0) << p.err();
+  EXPECT_EQ(p.out(), untraced({}));
+  TraceCounts tc = read_trace(excluded);
+  ASSERT_EQ(tc.error, "");
+  for (const auto& [fn, calls] : kCalls) {
+    const bool gone = fn.starts_with("cli_target::beta") || fn.starts_with("cli_target::gamma");
+    EXPECT_EQ(tc.entries.count(fn) ? tc.entries.at(fn) : 0u, gone ? 0u : calls) << fn;
+  }
+  const std::string shallow = dir_ + "/shallow.trace";
+  p = run({kCli, "record", "-f", "cli_target::*", "-D", "2", "-o", shallow, "--", kTarget});
+  ASSERT_EQ(code_, 0) << p.err();
+  tc = read_trace(shallow);
+  ASSERT_EQ(tc.error, "");
+  EXPECT_EQ(tc.entries.count("cli_target::leaf(int)"), 0u) << "leaf is called at depth 3 only";
+  EXPECT_EQ(tc.entries.at("cli_target::alpha(int)"), kCalls.at("cli_target::alpha(int)"));
+  EXPECT_EQ(tc.entries.at("cli_target::workload()"), 1u);
+  EXPECT_EQ(tc.exits, tc.entries);
+  p = run({kCli, "record", "-f", "cli_target::beta*", "-x", "cli_target::*", "-o", shallow, "--", kTarget});
+  EXPECT_NE(code_, 0);
+  EXPECT_TRUE(contains(p.err(), "all of them excluded")) << p.err();
+  p = run({kCli, "record", "-D", "0", "--", kTarget});
+  EXPECT_NE(code_, 0);
+}
+
 // The same program built without patchable entries: its functions are traced through their
 // relocated prologues, with the same counts, exits and output.
 TEST_F(Cli, RecordTracesAProgramWithoutPatchableEntriesThroughRelocatedPrologues) {

@@ -94,6 +94,8 @@ int list_program(const std::string& program, const std::string& glob, bool all) 
 
 struct RecordArgs {
   std::vector<std::string> filters;
+  std::vector<std::string> excludes;
+  std::uint32_t max_depth = 0;
   std::string output = "tramway.trace";
   double duration = 0;
   bool trap = false;
@@ -165,6 +167,10 @@ int record(const RecordArgs& a, const std::vector<std::string>& command) {
   }
   l.env.emplace_back("TRAMWAY_OUTPUT", output);
   l.env.emplace_back("TRAMWAY_FILTERS", filters);
+  std::string excludes;
+  for (const std::string& x : a.excludes) excludes += (excludes.empty() ? "" : "\n") + x;
+  if (!excludes.empty()) l.env.emplace_back("TRAMWAY_EXCLUDE", excludes);
+  if (a.max_depth > 0) l.env.emplace_back("TRAMWAY_MAX_DEPTH", std::to_string(a.max_depth));
   if (a.duration > 0) l.env.emplace_back("TRAMWAY_CONTROL", "1");
   if (a.trap) l.env.emplace_back("TRAMWAY_TRAP", "1");
   Result<Supervisor> s = Supervisor::start(l);
@@ -289,6 +295,10 @@ int main_cli(int argc, char** argv) {
   record_cmd->add_option("-f,--filter", rec.filters, "trace the functions matching this glob (repeatable; default: every function of the program itself, "
                          "not of its libraries)")
       ->allow_extra_args(false);
+  record_cmd->add_option("-x,--exclude", rec.excludes, "never trace the functions matching this glob (repeatable)")
+      ->allow_extra_args(false);
+  record_cmd->add_option("-D,--depth", rec.max_depth, "trace calls nested at most N traced calls deep")
+      ->check(CLI::Range(1, 512));
   record_cmd->add_option("-o,--output", rec.output, "the trace file")->capture_default_str();
   record_cmd->add_option("--duration", rec.duration, "record for S seconds (from when the agent is up), then end the program")->check(CLI::PositiveNumber);
   record_cmd->add_flag("--trap", rec.trap,
