@@ -120,13 +120,13 @@ void on_entry(std::uintptr_t function, std::uintptr_t* slot) noexcept {
       break;
     }
   }
-  if (t->depth >= g_depth_limit.load(std::memory_order_relaxed)) {  // deeper than asked (-D): not traced
-    leave_busy(t);
-    return;
-  }
   if (t->depth == kShadowDepth) {  // bounded: count it, trace neither end of this call
     ++t->overflow;
     t->lost.fetch_add(2, std::memory_order_relaxed);
+    leave_busy(t);
+    return;
+  }
+  if (t->depth >= g_depth_limit.load(std::memory_order_relaxed)) {  // deeper than asked (-D): not traced
     leave_busy(t);
     return;
   }
