@@ -414,6 +414,16 @@ __attribute__((constructor(101))) void install_at_load() {
   if (Status s = detail::ensure_router(); !s.ok()) std::fprintf(stderr, "tramway: %s\n", s.message().c_str());
 }
 
+}  // namespace
+
+bool detail::waiting_for_cpu(char state, const common::SignalSets& sets, int fixup_signal) noexcept {
+  if (state != 'R' || !sets.known || fixup_signal <= 0) return false;
+  const std::uint64_t bit = std::uint64_t{1} << (fixup_signal - 1);
+  return (sets.pending & bit) != 0 && (sets.blocked & bit) == 0;
+}
+
+namespace {
+
 // "thread 42 (worker, state R, running, fix-up signal pending and blocked)": enough to tell a
 // stopped thread from one that masks the signal or one that ran the handler without answering.
 std::string describe_holdout(pid_t tid, std::uint64_t gen) {
@@ -624,11 +634,22 @@ Result<MoveReport> move_pcs_from(std::span<const PcMove> moves, std::chrono::mil
       return answered(tid, gen, &anonymous) || ::syscall(SYS_tgkill, pid, tid, 0) != 0;
     });
     if (waiting.empty()) break;
-    if (common::monotonic_ns() - start_ns >= static_cast<std::int64_t>(timeout.count()) * 1'000'000) {
+    const std::int64_t waited_ns = common::monotonic_ns() - start_ns;
+    if (waited_ns >= static_cast<std::int64_t>(timeout.count()) * 1'000'000) {
       // Last chance: a thread that cannot run our handler (stopped, traced, signal blocked
       // by a raw system call) may still be provably outside.
       std::erase_if(waiting, [&](pid_t tid) { return outside(tid); });
       if (waiting.empty()) break;
+      const int sig = g_fixup_signal.load(std::memory_order_relaxed);
+      const bool only_starved = waited_ns < detail::kFixupRunnableLimitNs &&
+                                std::all_of(waiting.begin(), waiting.end(), [&](pid_t tid) {
+                                  return detail::waiting_for_cpu(common::probe_task(tid).state, common::signal_sets(tid), sig);
+                                });
+      if (only_starved) {  // they will answer once they get a CPU
+        const timespec pause{0, 1'000'000};
+        nanosleep(&pause, nullptr);
+        continue;
+      }
       std::string who;
       for (pid_t tid : waiting) who += (who.empty() ? "" : "; ") + describe_holdout(tid, gen);
       return Status::error("PC fix-up for " + ranges_text(moves) + ": no answer within " +

@@ -27,6 +27,7 @@
 
 #include "arch/x86_64/emulate.h"
 #include "common/proc.h"
+#include "text/internal.h"
 #include "tramway/text/code_memory.h"
 
 namespace {
@@ -740,3 +741,23 @@ TEST(MovePcsBatch, ThreadThatCannotAnswerIsNamedInTheError) {
 }
 
 }  // namespace
+
+// move_pcs waits past its timeout only for threads that are merely waiting for a CPU: runnable,
+// the fix-up signal pending and not blocked. Stopped, sleeping, masking or not yet signalled
+// threads fail the batch at the timeout as before.
+TEST(SignalRouter, AFixUpWaitsOnOnlyForThreadsThatAreWaitingForACpu) {
+  using tramway::common::SignalSets;
+  using tramway::text::detail::waiting_for_cpu;
+  constexpr int kSig = 40;
+  const std::uint64_t bit = std::uint64_t{1} << (kSig - 1);
+  const SignalSets pending{true, bit, 0, 0};
+  EXPECT_TRUE(waiting_for_cpu('R', pending, kSig));
+  EXPECT_FALSE(waiting_for_cpu('t', pending, kSig));  // stopped by a tracer
+  EXPECT_FALSE(waiting_for_cpu('T', pending, kSig));  // stopped
+  EXPECT_FALSE(waiting_for_cpu('S', pending, kSig));  // asleep: it would have been woken
+  EXPECT_FALSE(waiting_for_cpu('R', SignalSets{true, bit, 0, bit}, kSig));  // it blocks the signal
+  EXPECT_FALSE(waiting_for_cpu('R', SignalSets{true, 0, 0, 0}, kSig));      // nothing pending: it ran the handler
+  EXPECT_FALSE(waiting_for_cpu('R', SignalSets{true, bit << 1, 0, 0}, kSig));  // another signal
+  EXPECT_FALSE(waiting_for_cpu('R', SignalSets{false, bit, 0, 0}, kSig));      // sets unreadable
+  EXPECT_FALSE(waiting_for_cpu('R', pending, 0));
+}
