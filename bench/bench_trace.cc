@@ -20,12 +20,18 @@
 //   trace/relocated/ratio_to_uftrace_full    trace/relocated over uftrace/dynamic_full (target <= 1/3)
 //   trace/relocated/ratio_to_uftrace_record  trace/relocated over uftrace/record, uftrace's tracing
 //                                   of a patchable entry: the peer figure this run always has
-//   trace/floor                     ns a call of the relocated function between two TSC reads, hooked
-//                                   with a callback that only sends its return to a stub that jumps
-//                                   back: what any return-hooking tracer of it pays with this clock
-//   trace/relocated/above_floor     trace/relocated minus trace/floor: the tracer's own bookkeeping
-//                                   (events, shadow stack, finding the frame at the return)
-//   trace/floor/ratio_to_uftrace_record  trace/floor over uftrace/record: the best ratio possible here
+//   trace/floor                     ns a call of the patchable function through a minimal hand-written
+//                                   tracer of the same shape: an entry stub that reads the TSC, stores
+//                                   an event and swaps the return address, a return stub that reads the
+//                                   TSC, stores an event and jumps back (no shadow stack, one thread)
+//   trace/traced/over_floor         trace/traced over trace/floor
+//   trace/floor/ratio_to_uftrace_record  trace/floor over uftrace/record: the ratio no tracer of this
+//                                   shape beats with this clock
+//   trace/relocated/floor           the same floor with tramway's relocated hook as the entry: the
+//                                   relocated function between two TSC reads, its callback only
+//                                   sending its return to a stub that jumps back
+//   trace/relocated/above_floor     trace/relocated minus trace/relocated/floor: the tracer's own
+//                                   bookkeeping (events, shadow stack, finding the frame at the return)
 //
 // A traced run makes kCalls calls: its events are all recorded (none lost; checked), and every
 // kBurst calls the rings are flushed with timing paused, so the figure is what the calling
@@ -133,7 +139,62 @@ bench_floor_return:
 	.size	bench_floor_return, . - bench_floor_return
 )");
 
-void bm_floor(State& state) {
+// The minimal tracer under trace/floor: events into a ring of 4,096, the one open frame's
+// return address in a global (the benchmark's thread calls one function, unnested).
+extern "C" {
+struct FloorEvent {
+  std::uint64_t time, function;
+};
+alignas(64) FloorEvent bench_floor_ring[4096];
+std::uint64_t bench_floor_head = 0;
+std::uintptr_t bench_floor_caller = 0;
+void bench_floor_call(std::uint64_t x);  // calls bench_trace_target(x) through the stubs
+}
+asm(R"(
+	.text
+	.type	bench_floor_call, @function
+bench_floor_call:
+	rdtsc
+	shlq	$32, %rdx
+	orq	%rdx, %rax
+	movq	bench_floor_head(%rip), %rcx
+	leaq	1(%rcx), %rdx
+	movq	%rdx, bench_floor_head(%rip)
+	andq	$4095, %rcx
+	shlq	$4, %rcx
+	leaq	bench_floor_ring(%rip), %rdx
+	movq	%rax, (%rdx,%rcx)
+	leaq	bench_trace_target(%rip), %rax
+	movq	%rax, 8(%rdx,%rcx)
+	movq	(%rsp), %rax
+	movq	%rax, bench_floor_caller(%rip)
+	leaq	bench_floor_exit(%rip), %rax
+	movq	%rax, (%rsp)
+	jmp	bench_trace_target
+	.size	bench_floor_call, . - bench_floor_call
+	.type	bench_floor_exit, @function
+bench_floor_exit:
+	movq	%rax, %r11
+	rdtsc
+	shlq	$32, %rdx
+	orq	%rdx, %rax
+	movq	bench_floor_head(%rip), %rcx
+	leaq	1(%rcx), %rdx
+	movq	%rdx, bench_floor_head(%rip)
+	andq	$4095, %rcx
+	shlq	$4, %rcx
+	leaq	bench_floor_ring(%rip), %rdx
+	movq	%rax, (%rdx,%rcx)
+	leaq	bench_trace_target(%rip), %rax
+	movq	%rax, 8(%rdx,%rcx)
+	movq	%r11, %rax
+	jmp	*bench_floor_caller(%rip)
+	.size	bench_floor_exit, . - bench_floor_exit
+)");
+
+void bm_floor(State& state) { call_loop<bench_floor_call>(state, nullptr); }
+
+void bm_relocated_floor(State& state) {
   hooks::Ops ops;
   ops.entry = [](const hooks::Ops&, std::uintptr_t, std::uintptr_t, hooks::EntryRegs& regs) {
     std::uintptr_t* slot = hooks::caller_return_slot(regs);
@@ -289,8 +350,10 @@ int main(int argc, char** argv) {
   add("trace/relocated", [](State& s) { bm_traced<bench_trace_relocated_target>(s, kRelocatedGlob); },
       {cpu_ns("trace/relocated")})
       ->Iterations(kCalls);
-  add("trace/floor", bm_floor,
-      {cpu_ns("trace/floor"), difference_figure("trace/relocated/above_floor", "trace/relocated", "trace/floor", "ns")});
+  add("trace/floor", bm_floor, {cpu_ns("trace/floor"), ratio_figure("trace/traced/over_floor", "trace/traced", "trace/floor")});
+  add("trace/relocated/floor", bm_relocated_floor,
+      {cpu_ns("trace/relocated/floor"),
+       difference_figure("trace/relocated/above_floor", "trace/relocated", "trace/relocated/floor", "ns")});
   add("uftrace", [](State& s) { bm_uftrace(s, "bench_uftrace_child", "uftrace/record"); },
       {counter_figure("uftrace/record", "uftrace/record", "ns"),
        counter_figure("uftrace/bytes_per_event", "uftrace/record/bytes_per_event", "bytes"),
