@@ -637,8 +637,8 @@ Result<MoveReport> move_pcs_from(std::span<const PcMove> moves, std::chrono::mil
     const std::int64_t waited_ns = common::monotonic_ns() - start_ns;
     if (waited_ns >= static_cast<std::int64_t>(timeout.count()) * 1'000'000) {
       // Last chance: a thread that cannot run our handler (stopped, traced, signal blocked
-      // by a raw system call) may still be provably outside.
-      std::erase_if(waiting, [&](pid_t tid) { return outside(tid); });
+      // by a raw system call) may still be provably outside, or exiting (it runs no more code).
+      std::erase_if(waiting, [&](pid_t tid) { return outside(tid) || common::probe_task(tid).gone; });
       if (waiting.empty()) break;
       const int sig = g_fixup_signal.load(std::memory_order_relaxed);
       const bool only_starved = waited_ns < detail::kFixupRunnableLimitNs &&
