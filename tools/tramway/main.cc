@@ -341,6 +341,9 @@ int main_cli(int argc, char** argv) {
   report_cmd->add_option("-t,--min-duration", min_duration, "only calls that last at least this long (e.g. 10us)")
       ->type_name("DURATION");
   report_cmd->add_option("--tid", rep.filter.tids, "only this thread (repeatable)");
+  report_cmd->add_flag("--calls", rep.calls, "print the call log of every thread (indented, with durations)");
+  report_cmd->add_option("--diff", rep.diff, "print per-function changes from this trace to the FILE given here")
+      ->type_name("FILE");
   report_cmd->add_option("--histogram", rep.histograms,
                          "print the log-scale latency histogram of each function matching GLOB (repeatable)")
       ->type_name("GLOB");

@@ -123,6 +123,17 @@ void CallFilterSink::finish() {
   }
 }
 
+Status read_again(const Profile& profile, TraceSink& sink) {
+  ReadOptions read;
+  read.diagnostics = nullptr;
+  if (!profile.filter.active()) return read_trace(profile.source.path, sink, read).status();
+  CallFilterSink filter(profile.filter, sink);
+  Result<ReadSummary> summary = read_trace(profile.source.path, filter, read);
+  if (!summary.ok()) return summary.status();
+  filter.finish();
+  return {};
+}
+
 Result<std::uint64_t> parse_duration(std::string_view text) {
   const std::string s(text);
   char* end = nullptr;

@@ -33,4 +33,8 @@ class CallFilterSink final : public TraceSink {
   std::unique_ptr<State> state_;
 };
 
+// Reads the profile's trace file again into `sink`, through the filter the profile was built
+// with (the streaming outputs: Perfetto, the call log). Damage was reported by the first read.
+Status read_again(const Profile& profile, TraceSink& sink);
+
 }  // namespace tramway::trace::report

@@ -269,15 +269,7 @@ class PerfettoSink final : public TraceSink {
 
 Status write_perfetto(const Profile& profile, std::FILE* out) {
   PerfettoSink sink(profile, out);
-  ReadOptions read;
-  read.diagnostics = nullptr;  // the table's pass has reported the file's damage already
-  if (profile.filter.active()) {
-    CallFilterSink filter(profile.filter, sink);  // the calls the profile kept, and only those
-    if (auto summary = read_trace(profile.source.path, filter, read); !summary.ok()) return summary.status();
-    filter.finish();
-  } else if (auto summary = read_trace(profile.source.path, sink, read); !summary.ok()) {
-    return summary.status();
-  }
+  if (Status s = read_again(profile, sink); !s.ok()) return s;  // the calls the profile kept
   return sink.finish();
 }
 

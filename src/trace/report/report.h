@@ -66,6 +66,8 @@ struct Options {
   std::string svg;             // write an SVG flame graph here, if not empty
   std::uint32_t max_depth = kDefaultMaxDepth;  // stack depth the tree outputs render (BuildOptions)
   std::vector<std::string> histograms;  // shell globs: print the latency histogram of each match
+  bool calls = false;                   // print the call log after the table
+  std::string diff;                     // another trace: print per-function deltas to it instead
   bool progress = true;        // show progress on stderr for large files
 };
 
@@ -256,6 +258,14 @@ std::string format_report(const Profile& profile, const Options& options);
 // names, incremental timestamps, lost events as instants), for https://ui.perfetto.dev. Reads
 // profile.source.path again and writes as it reads: memory does not grow with the events.
 Status write_perfetto(const Profile& profile, std::FILE* out);
+
+// The indented call log of every thread, uftrace-replay style (a line a call, with its
+// duration; a call with callees opens a brace), streamed as the trace file is read again.
+Status write_call_log(const Profile& profile, std::FILE* out);
+
+// Per-function deltas from `before` to `after` (calls, total, self, p99), by name, the largest
+// change of total time first: what `report A --diff B` prints.
+std::string format_diff(const Profile& before, const Profile& after, std::size_t limit);
 
 // pprof's profile.proto, gzipped: a sample a distinct stack of each thread (labelled with the
 // thread), its values the stack's calls and self wall time (ns; the default), so `go tool pprof

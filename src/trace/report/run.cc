@@ -38,12 +38,22 @@ Status run(const Options& options, std::FILE* out) {
   build.filter = options.filter;
   Result<Profile> profile = load_profile(options.input, read, build);
   if (!profile.ok()) return profile.status();
+  if (!options.diff.empty()) {
+    Result<Profile> after = load_profile(options.diff, read, build);
+    if (!after.ok()) return after.status();
+    std::fputs(format_diff(*profile, *after, options.limit).c_str(), out);
+    return std::fflush(out) == 0 ? Status() : Status::error("cannot print the report", errno);
+  }
 
   const std::string report = format_report(*profile, options);
   std::fputs(report.c_str(), out);
   if (!options.histograms.empty()) {
     std::fputc('\n', out);
     std::fputs(format_histograms(*profile, options.histograms).c_str(), out);
+  }
+  if (options.calls) {
+    std::fputc('\n', out);
+    if (Status st = write_call_log(*profile, out); !st.ok()) return st;
   }
 
   std::string written;
