@@ -37,7 +37,10 @@ class CallLogSink final : public TraceSink {
   void thread_name(std::uint32_t, std::string_view) override {}
   void lost(std::uint32_t tid, std::uint64_t count) override {
     Thread& t = thread(tid);
-    line(t, std::string(), t.open.size(), "[" + std::to_string(count) + " events lost here]");
+    std::string text = "[";  // piecewise: GCC 12 -O3 warns (-Wrestrict, wrongly) on "literal" + string
+    text += std::to_string(count);
+    text += " events lost here]";
+    line(t, std::string(), t.open.size(), text);
   }
 
   void events(std::uint32_t tid, std::span<const Event> events) override {
@@ -126,14 +129,19 @@ class CallLogSink final : public TraceSink {
   }
   void open_brace_of_top(Thread& t) {
     if (t.open.empty() || t.open.back().braced) return;
-    line(t, std::string(), t.open.size() - 1, name(t.open.back().address) + " {");
+    std::string text = name(t.open.back().address);
+    text += " {";
+    line(t, std::string(), t.open.size() - 1, text);
     t.open.back().braced = true;
   }
   void close_top(Thread& t, std::uint64_t time, const char* how) {
     const Frame f = t.open.back();
     t.open.pop_back();
     const std::string duration = format_duration(time > f.start_ns ? time - f.start_ns : 0);
-    line(t, duration, t.open.size(), (f.braced ? "} " : "") + name(f.address) + how);
+    std::string text = f.braced ? "} " : "";
+    text += name(f.address);
+    text += how;
+    line(t, duration, t.open.size(), text);
   }
   void flush() {
     if (status_.ok() && !buffer_.empty() && std::fwrite(buffer_.data(), 1, buffer_.size(), out_) != buffer_.size()) {

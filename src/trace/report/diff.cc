@@ -15,7 +15,11 @@ std::string signed_duration(std::int64_t delta) {
   return s;
 }
 
-std::string signed_count(std::int64_t delta) { return (delta > 0 ? "+" : "") + std::to_string(delta); }
+std::string signed_count(std::int64_t delta) {
+  std::string s = delta > 0 ? "+" : "";  // piecewise: GCC 12 -O3 -Wrestrict (a false positive)
+  s += std::to_string(delta);
+  return s;
+}
 
 std::string percent(std::uint64_t before, std::uint64_t after) {
   if (before == 0) return after == 0 ? "" : "new";
@@ -27,7 +31,10 @@ std::string percent(std::uint64_t before, std::uint64_t after) {
 
 std::string pad_left(const std::string& s, std::size_t width) {
   const std::size_t w = detail::display_width(s);
-  return w >= width ? s : std::string(width - w, ' ') + s;
+  if (w >= width) return s;
+  std::string out(width - w, ' ');
+  out += s;
+  return out;
 }
 
 }  // namespace
