@@ -270,6 +270,7 @@ int main_cli(int argc, char** argv) {
 
   CLI::App app{"tramway: trace the functions of a program (patchable entries, -fpatchable-function-entry=13,8, "
                "or relocated prologues)", "tramway"};
+  app.set_version_flag("--version", "tramway " TRAMWAY_VERSION);
   app.require_subcommand(1);
   app.footer(
       "Examples:\n"
@@ -326,7 +327,7 @@ int main_cli(int argc, char** argv) {
 
   trace::report::Options rep;
   std::string sort = "total";
-  CLI::App* report_cmd = app.add_subcommand("report", "summarise a trace file; write Chrome JSON, folded stacks or an SVG flame graph");
+  CLI::App* report_cmd = app.add_subcommand("report", "summarise a trace file; write Perfetto, pprof, Chrome JSON, folded stacks or an SVG flame graph");
   report_cmd->add_option("file", rep.input, "the trace file")->required();
   report_cmd->add_option("--sort", sort, "calls, total, self, mean, p50, p90, p99, max or name")
       ->check(CLI::IsMember({"calls", "total", "self", "mean", "p50", "p90", "p99", "max", "name"}))
