@@ -29,6 +29,8 @@ struct RecordOptions {
   std::vector<std::string> exclude{};     // globs: functions matching one are never traced by attach
   std::uint32_t max_depth = 0;            // calls nested deeper than this many traced calls are not
                                           // recorded (0: no limit but the shadow stack's, 512)
+  std::uint64_t min_duration_ns = 0;      // only calls at least this long are written (their callers
+                                          // are then too); the others cost their events, not the file
 };
 
 // Opens `options.output` and starts recording (no function is traced until attach).
@@ -53,6 +55,7 @@ struct Stats {
   std::uint64_t events = 0;        // written to the file so far
   std::uint64_t lost = 0;          // could not be recorded (full rings)
   std::size_t threads = 0;         // threads that recorded something
+  std::uint64_t calls_filtered = 0;  // calls not written, shorter than RecordOptions::min_duration_ns
 };
 Stats stats();
 

@@ -24,6 +24,7 @@
 //   TRAMWAY_TRAP=1          recordings also trace functions only a trap probe can hook
 //   TRAMWAY_EXCLUDE         one glob per line: recordings never trace the functions matching one
 //   TRAMWAY_MAX_DEPTH=N     recordings leave calls nested deeper than N traced calls untraced
+//   TRAMWAY_MIN_DURATION_NS=N  recordings write only the calls that last at least N ns
 //   TRAMWAY_DURATION=S      stop recording S seconds after start; the program runs on untraced
 //                           (`tramway record --duration` also ends the program, from outside).
 // At exit (an atexit handler registered by the constructor, which glibc runs when it finalises
@@ -188,6 +189,7 @@ struct State {
   bool allow_trap = false;  // TRAMWAY_TRAP=1: recordings may trace trap probes
   std::vector<std::string> exclude;  // TRAMWAY_EXCLUDE: globs recordings never trace
   std::uint32_t max_depth = 0;       // TRAMWAY_MAX_DEPTH: recordings' depth limit (0: none)
+  std::uint64_t min_duration_ns = 0; // TRAMWAY_MIN_DURATION_NS: recordings write only calls this long
   control::Server* server = nullptr;
   pid_t pid = 0;
 };
@@ -207,6 +209,7 @@ Status start_recording(const std::string& file) {
   o.allow_trap = st.allow_trap;
   o.exclude = st.exclude;
   o.max_depth = st.max_depth;
+  o.min_duration_ns = st.min_duration_ns;
   if (Status s = trace::start(o); !s.ok()) return Status::error("cannot record to " + file + ": " + s.message());
   st.output = file;
   st.peak_functions = 0;
@@ -234,9 +237,11 @@ Result<std::string> stop_recording() {
   const trace::Stats after = trace::stats();
   const std::string file = before.output.empty() ? st.output : before.output;
   if (!stopped.ok()) return Status::error("stopping the recording to " + file + " failed: " + stopped.message());
+  std::string filtered;
+  if (after.calls_filtered > 0) filtered = "; " + std::to_string(after.calls_filtered) + " shorter calls not written";
   return "recorded " + std::to_string(std::max(before.events, after.events)) + " events (" +
          std::to_string(std::max(before.lost, after.lost)) + " lost) of " + std::to_string(st.peak_functions) +
-         " functions in " + std::to_string(std::max(before.threads, after.threads)) + " threads to " + file;
+         " functions in " + std::to_string(std::max(before.threads, after.threads)) + " threads to " + file + filtered;
 }
 
 void print_stop() {
@@ -383,6 +388,7 @@ void init() {
   const std::optional<std::string> trap = take_env("TRAMWAY_TRAP");
   const std::optional<std::string> exclude = take_env("TRAMWAY_EXCLUDE");
   const std::optional<std::string> max_depth = take_env("TRAMWAY_MAX_DEPTH");
+  const std::optional<std::string> min_duration = take_env("TRAMWAY_MIN_DURATION_NS");
   const std::optional<std::string> preload = take_env("TRAMWAY_PRELOAD");
   remove_from_preload(preload.value_or(""));
   State& st = state();
@@ -396,6 +402,14 @@ void init() {
       die(2, "TRAMWAY_MAX_DEPTH='" + *max_depth + "' is not a depth from 1 to 512");
     }
     st.max_depth = static_cast<std::uint32_t>(d);
+  }
+  if (min_duration) {
+    char* end = nullptr;
+    const unsigned long long ns = std::strtoull(min_duration->c_str(), &end, 10);
+    if (end == min_duration->c_str() || *end != '\0') {
+      die(2, "TRAMWAY_MIN_DURATION_NS='" + *min_duration + "' is not a number of nanoseconds");
+    }
+    st.min_duration_ns = ns;
   }
 
   if (list) list_mode(*list, list_all == "1");

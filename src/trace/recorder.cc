@@ -23,6 +23,7 @@
 #include <set>
 #include <string>
 #include <thread>
+#include <unordered_map>
 #include <vector>
 
 #include "common/fork_hooks.h"
@@ -31,6 +32,7 @@
 #include "tramway/hooks.h"
 #include "tramway/trace.h"
 #include "trace/internal.h"
+#include "trace/thread_call_filter.h"
 
 namespace tramway::trace {
 namespace {
@@ -79,6 +81,10 @@ class Recording {
   unsigned flush_interval_ms = 50;
   bool allow_trap = false;  // RecordOptions::allow_trap
   std::vector<std::string> exclude;  // RecordOptions::exclude
+  std::uint64_t min_duration_ns = 0;  // RecordOptions::min_duration_ns: events pass a filter a thread
+  std::unordered_map<std::uint32_t, detail::ThreadCallFilter> filters;  // by tid (the flusher's)
+  std::vector<fmt::Event> kept;  // the flusher's scratch
+  std::uint64_t calls_dropped = 0;
   std::thread flusher;
   std::condition_variable wake;
   bool stopping = false;
@@ -146,6 +152,10 @@ class Recording {
       payload += name;
       write_chunk(fmt::ChunkType::thread, payload);
     }
+    if (min_duration_ns != 0) {
+      drain_filtered(t, head, tail, life);
+      tail = head;
+    }
     while (tail != head) {
       // One chunk: header, tid, count, events converted to ns straight into the buffer.
       const std::uint64_t n = std::min<std::uint64_t>(head - tail, 1u << 16);
@@ -177,6 +187,49 @@ class Recording {
       t->lost_reported = lost_now;
     }
     if (life == detail::Life::exited) release(t);
+  }
+
+  // record -t: the ring's events through the thread's filter, the calls kept written.
+  void drain_filtered(ThreadState* t, std::uint64_t head, std::uint64_t tail, detail::Life life) {
+    detail::ThreadCallFilter& f =
+        filters.try_emplace(t->tid, detail::CallWindow{0, ~std::uint64_t{0}, min_duration_ns}).first->second;
+    kept.clear();
+    for (; tail != head; ++tail) {
+      const fmt::Event& e = t->ring[tail & t->mask];
+      f.add(fmt::Event{to_ns(e.time_ns), e.word}, kept);
+    }
+    t->tail.store(tail, std::memory_order_release);
+    if (life == detail::Life::exited) {  // its frames were closed at its exit; the tid may come back
+      f.finish(kept);
+      calls_dropped += f.dropped();
+      filters.erase(t->tid);
+    }
+    write_events(t->tid, kept);
+  }
+  // At the end of the recording: the calls still open that are kept.
+  void finish_filters() {
+    for (auto& [tid, f] : filters) {
+      kept.clear();
+      f.finish(kept);
+      calls_dropped += f.dropped();
+      write_events(tid, kept);
+    }
+    filters.clear();
+  }
+  void write_events(std::uint32_t tid, const std::vector<fmt::Event>& all) {
+    for (std::size_t at = 0; at < all.size();) {
+      const std::size_t n = std::min<std::size_t>(all.size() - at, 1u << 16);
+      const std::uint32_t count = static_cast<std::uint32_t>(n);
+      const fmt::ChunkHeader ch{fmt::ChunkType::events, static_cast<std::uint32_t>(8 + n * sizeof(fmt::Event))};
+      buffer.resize(sizeof ch + ch.size);
+      std::memcpy(buffer.data(), &ch, sizeof ch);
+      std::memcpy(buffer.data() + sizeof ch, &tid, 4);
+      std::memcpy(buffer.data() + sizeof ch + 4, &count, 4);
+      std::memcpy(buffer.data() + sizeof ch + 8, all.data() + at, n * sizeof(fmt::Event));
+      events += n;
+      write_bytes(buffer.data(), buffer.size());
+      at += n;
+    }
   }
 
   // The next thread starts at the ring's first page: continuing from the previous thread's
@@ -321,6 +374,9 @@ Status start(const RecordOptions& options) {
   r.allow_trap = options.allow_trap;
   detail::set_ring_events(options.ring_events);
   r.exclude = options.exclude;
+  r.min_duration_ns = options.min_duration_ns;
+  r.filters.clear();
+  r.calls_dropped = 0;
   detail::g_depth_limit.store(options.max_depth == 0 ? static_cast<std::uint32_t>(detail::kShadowDepth)
                                                      : std::min<std::uint32_t>(options.max_depth, detail::kShadowDepth),
                               std::memory_order_relaxed);
@@ -466,6 +522,7 @@ Stats stats() {
   s.events = r.events;
   s.lost = r.lost;
   s.threads = r.threads;
+  s.calls_filtered = r.calls_dropped;
   return s;
 }
 
@@ -497,6 +554,7 @@ Status stop() {
   r.flusher.join();
   lock.lock();
   r.flush_locked();
+  r.finish_filters();
   std::string end;
   Recording::put(end, r.events);
   Recording::put(end, r.lost);

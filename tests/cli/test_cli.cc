@@ -619,6 +619,21 @@ TEST_F(Cli, RecordExcludesGlobsAndLimitsTheDepth) {
   EXPECT_TRUE(contains(p.err(), "all of them excluded")) << p.err();
   p = run({kCli, "record", "-D", "0", "--", kTarget});
   EXPECT_NE(code_, 0);
+
+  // -t: a threshold no call reaches writes none of them, and says how many it left out.
+  const std::string none = dir_ + "/none.trace";
+  p = run({kCli, "record", "-f", "cli_target::*", "-t", "1000s", "-o", none, "--", kTarget});
+  ASSERT_EQ(code_, 0) << p.err();
+  EXPECT_EQ(p.out(), untraced({}));
+  tc = read_trace(none);
+  ASSERT_EQ(tc.error, "");
+  EXPECT_TRUE(tc.entries.empty());
+  std::uint64_t all = 0;
+  for (const auto& [fn, calls] : kCalls) all += calls;
+  EXPECT_TRUE(contains(p.err(), "; " + std::to_string(all) + " shorter calls not written")) << p.err();
+  p = run({kCli, "record", "-f", "cli_target::*", "-t", "soon", "--", kTarget});
+  EXPECT_EQ(code_, 2);
+  EXPECT_TRUE(contains(p.err(), "-t: 'soon' is not a duration")) << p.err();
 }
 
 // The same program built without patchable entries: its functions are traced through their

@@ -96,6 +96,7 @@ struct RecordArgs {
   std::vector<std::string> filters;
   std::vector<std::string> excludes;
   std::uint32_t max_depth = 0;
+  std::string min_duration;  // -t, parsed by trace::report::parse_duration
   std::string output = "tramway.trace";
   double duration = 0;
   bool trap = false;
@@ -171,6 +172,11 @@ int record(const RecordArgs& a, const std::vector<std::string>& command) {
   for (const std::string& x : a.excludes) excludes += (excludes.empty() ? "" : "\n") + x;
   if (!excludes.empty()) l.env.emplace_back("TRAMWAY_EXCLUDE", excludes);
   if (a.max_depth > 0) l.env.emplace_back("TRAMWAY_MAX_DEPTH", std::to_string(a.max_depth));
+  if (!a.min_duration.empty()) {
+    auto ns = trace::report::parse_duration(a.min_duration);
+    if (!ns.ok()) return fail("-t: " + ns.status().message(), 2);
+    if (*ns > 0) l.env.emplace_back("TRAMWAY_MIN_DURATION_NS", std::to_string(*ns));
+  }
   if (a.duration > 0) l.env.emplace_back("TRAMWAY_CONTROL", "1");
   if (a.trap) l.env.emplace_back("TRAMWAY_TRAP", "1");
   Result<Supervisor> s = Supervisor::start(l);
@@ -300,6 +306,9 @@ int main_cli(int argc, char** argv) {
       ->allow_extra_args(false);
   record_cmd->add_option("-D,--depth", rec.max_depth, "trace calls nested at most N traced calls deep")
       ->check(CLI::Range(1, 512));
+  record_cmd->add_option("-t,--min-duration", rec.min_duration,
+                         "write only the calls that last at least this long (e.g. 10us), and their callers")
+      ->type_name("DURATION");
   record_cmd->add_option("-o,--output", rec.output, "the trace file")->capture_default_str();
   record_cmd->add_option("--duration", rec.duration, "record for S seconds (from when the agent is up), then end the program")->check(CLI::PositiveNumber);
   record_cmd->add_flag("--trap", rec.trap,

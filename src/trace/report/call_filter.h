@@ -1,10 +1,8 @@
 // trace/report/call_filter.h — which calls a report covers: a time window, a minimum duration,
-// a set of threads. A sink between the reader and the profile builder (or the Perfetto
-// writer) that forwards only the calls kept, whole: a call is kept when it starts inside the
-// window and lasts at least the minimum (the parent of a kept call is kept too, since it lasts
-// longer, unless it started before the window). A call still open at the window's end is
-// closed there. Memory is each thread's open frames: the entry of a call is held until its
-// exit says whether it is kept, or one of its callees is.
+// a set of threads. A sink between the reader and the profile builder (or the streaming
+// outputs) that forwards only the calls kept, whole, each thread's through a ThreadCallFilter
+// (trace/thread_call_filter.h says which calls those are); the threads not selected are left
+// out. Memory is each thread's open frames.
 #pragma once
 
 #include <cstdint>
