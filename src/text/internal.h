@@ -67,9 +67,10 @@ void set_probe_handler(ProbeHandler handler) noexcept;
 // --- signal_router.cc ------------------------------------------------------------------------
 Status ensure_router() noexcept;
 // Whether a thread that has not answered a PC fix-up within the batch's timeout is only waiting
-// for a CPU: runnable (state R) with the fix-up signal pending and not blocked. It runs the
-// handler once scheduled, and on a loaded machine a niced thread can wait longer than the
-// timeout for that, so move_pcs waits on for such threads, up to kFixupRunnableLimit.
+// for a CPU: runnable (state R) with the fix-up signal pending and not blocked (it takes it
+// when it runs), or delivered and blocked (it is inside the handler). On a loaded machine a
+// niced thread can wait longer than the timeout for a CPU, so move_pcs waits on for such
+// threads, up to kFixupRunnableLimitNs.
 bool waiting_for_cpu(char state, const common::SignalSets& sets, int fixup_signal) noexcept;
 inline constexpr std::int64_t kFixupRunnableLimitNs = 20'000'000'000;
 // Removes SIGTRAP, the fix-up signal and glibc's internal signals from a mask the program sets.

@@ -419,7 +419,11 @@ __attribute__((constructor(101))) void install_at_load() {
 bool detail::waiting_for_cpu(char state, const common::SignalSets& sets, int fixup_signal) noexcept {
   if (state != 'R' || !sets.known || fixup_signal <= 0) return false;
   const std::uint64_t bit = std::uint64_t{1} << (fixup_signal - 1);
-  return (sets.pending & bit) != 0 && (sets.blocked & bit) == 0;
+  const bool pending = (sets.pending & bit) != 0, blocked = (sets.blocked & bit) != 0;
+  // Pending and deliverable: it takes the signal when it runs. Delivered and blocked: it is in
+  // the handler (the program cannot block the signal: the router strips it from its masks, and
+  // one it blocks by a raw system call stays pending) and answers when it runs.
+  return pending != blocked;
 }
 
 namespace {

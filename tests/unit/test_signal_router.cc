@@ -743,8 +743,9 @@ TEST(MovePcsBatch, ThreadThatCannotAnswerIsNamedInTheError) {
 }  // namespace
 
 // move_pcs waits past its timeout only for threads that are merely waiting for a CPU: runnable,
-// the fix-up signal pending and not blocked. Stopped, sleeping, masking or not yet signalled
-// threads fail the batch at the timeout as before.
+// and the fix-up signal pending and not blocked, or delivered and blocked (inside the handler).
+// Stopped, sleeping, masking threads, or ones that ran the handler without answering, fail the
+// batch at the timeout as before.
 TEST(SignalRouter, AFixUpWaitsOnOnlyForThreadsThatAreWaitingForACpu) {
   using tramway::common::SignalSets;
   using tramway::text::detail::waiting_for_cpu;
@@ -756,7 +757,9 @@ TEST(SignalRouter, AFixUpWaitsOnOnlyForThreadsThatAreWaitingForACpu) {
   EXPECT_FALSE(waiting_for_cpu('T', pending, kSig));  // stopped
   EXPECT_FALSE(waiting_for_cpu('S', pending, kSig));  // asleep: it would have been woken
   EXPECT_FALSE(waiting_for_cpu('R', SignalSets{true, bit, 0, bit}, kSig));  // it blocks the signal
-  EXPECT_FALSE(waiting_for_cpu('R', SignalSets{true, 0, 0, 0}, kSig));      // nothing pending: it ran the handler
+  EXPECT_TRUE(waiting_for_cpu('R', SignalSets{true, 0, 0, bit}, kSig));     // delivered: inside the handler
+  EXPECT_FALSE(waiting_for_cpu('S', SignalSets{true, 0, 0, bit}, kSig));    // ... asleep in it
+  EXPECT_FALSE(waiting_for_cpu('R', SignalSets{true, 0, 0, 0}, kSig));      // ran the handler, no answer
   EXPECT_FALSE(waiting_for_cpu('R', SignalSets{true, bit << 1, 0, 0}, kSig));  // another signal
   EXPECT_FALSE(waiting_for_cpu('R', SignalSets{false, bit, 0, 0}, kSig));      // sets unreadable
   EXPECT_FALSE(waiting_for_cpu('R', pending, 0));
