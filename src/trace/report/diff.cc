@@ -1,6 +1,5 @@
 // `tramway report A --diff B`: per-function deltas between two recordings, by name.
 #include <algorithm>
-#include <array>
 #include <cstdlib>
 #include <map>
 
@@ -29,14 +28,6 @@ std::string percent(std::uint64_t before, std::uint64_t after) {
   return buf;
 }
 
-std::string pad_left(const std::string& s, std::size_t width) {
-  const std::size_t w = detail::display_width(s);
-  if (w >= width) return s;
-  std::string out(width - w, ' ');
-  out += s;
-  return out;
-}
-
 }  // namespace
 
 std::string format_diff(const Profile& before, const Profile& after, std::size_t limit) {
@@ -58,50 +49,29 @@ std::string format_diff(const Profile& before, const Profile& after, std::size_t
   });
   const std::size_t shown = limit == 0 ? lines.size() : std::min(limit, lines.size());
 
-  static constexpr const char* kHeads[] = {"calls", "Δcalls", "total", "Δtotal", "", "self", "Δself", "p99", "Δp99"};
-  constexpr std::size_t kColumns = std::size(kHeads);
-  std::vector<std::array<std::string, kColumns>> cells;
-  std::array<std::size_t, kColumns> width{};
-  for (std::size_t c = 0; c < kColumns; ++c) width[c] = detail::display_width(kHeads[c]);
+  std::vector<std::vector<std::string>> cells;
+  std::vector<std::string> names;
   for (std::size_t i = 0; i < shown; ++i) {
     const Row& a = *lines[i].a;
     const Row& b = *lines[i].b;
-    auto& row = cells.emplace_back();
-    row = {std::to_string(b.calls),
-           signed_count(static_cast<std::int64_t>(b.calls) - static_cast<std::int64_t>(a.calls)),
-           format_duration(b.total_ns),
-           signed_duration(lines[i].total_delta),
-           percent(a.total_ns, b.total_ns),
-           format_duration(b.self_ns),
-           signed_duration(static_cast<std::int64_t>(b.self_ns) - static_cast<std::int64_t>(a.self_ns)),
-           format_duration(b.p99_ns),
-           signed_duration(static_cast<std::int64_t>(b.p99_ns) - static_cast<std::int64_t>(a.p99_ns))};
-    for (std::size_t c = 0; c < kColumns; ++c) width[c] = std::max(width[c], detail::display_width(row[c]));
+    cells.push_back({std::to_string(b.calls),
+                     signed_count(static_cast<std::int64_t>(b.calls) - static_cast<std::int64_t>(a.calls)),
+                     format_duration(b.total_ns),
+                     signed_duration(lines[i].total_delta),
+                     percent(a.total_ns, b.total_ns),
+                     format_duration(b.self_ns),
+                     signed_duration(static_cast<std::int64_t>(b.self_ns) - static_cast<std::int64_t>(a.self_ns)),
+                     format_duration(b.p99_ns),
+                     signed_duration(static_cast<std::int64_t>(b.p99_ns) - static_cast<std::int64_t>(a.p99_ns))});
+    names.push_back(lines[i].name);
   }
   std::string out = "before: ";
   out += before.source.path;
   out += "\nafter:  ";
   out += after.source.path;
   out += "\n(figures of the second, then their change from the first; a function in one only counts 0 in the other)\n\n";
-  const auto put = [&](const std::array<std::string, kColumns>& fields, const std::string& name) {
-    for (std::size_t c = 0; c < kColumns; ++c) {
-      out += pad_left(fields[c], width[c]);
-      out += "  ";
-    }
-    out += name;
-    out += '\n';
-  };
-  std::array<std::string, kColumns> heads;
-  std::copy(std::begin(kHeads), std::end(kHeads), heads.begin());
-  put(heads, "function");
-  for (std::size_t i = 0; i < shown; ++i) put(cells[i], detail::valid_utf8(lines[i].name));
-  if (shown < lines.size()) {
-    out += '(';
-    out += std::to_string(shown);
-    out += " of ";
-    out += std::to_string(lines.size());
-    out += " functions shown; a limit of 0 shows all)\n";
-  }
+  out += detail::aligned_table({"calls", "Δcalls", "total", "Δtotal", "", "self", "Δself", "p99", "Δp99"}, cells, names);
+  out += detail::shown_note(shown, lines.size());
   return out;
 }
 

@@ -30,6 +30,14 @@ std::string json_escape(std::string_view s);
 std::string xml_escape(std::string_view s);
 
 
+// The text tables (the report's, the diff's): a header line, then a line a row, each cell
+// right-aligned to its column's widest (display width), two spaces apart, the function's name
+// last, unaligned. Every row has as many cells as `heads`.
+std::string aligned_table(const std::vector<std::string>& heads, const std::vector<std::vector<std::string>>& rows,
+                          const std::vector<std::string>& names);
+// "(N of M functions shown; a limit of 0 shows all)\n" when rows were cut, else "".
+std::string shown_note(std::size_t shown, std::size_t total);
+
 // "1234 (worker-3)" or "1234": how outputs name a thread.
 std::string thread_label(const ThreadProfile& thread);
 

@@ -3,7 +3,6 @@
 #include <time.h>
 
 #include <algorithm>
-#include <array>
 #include <cstdio>
 #include <cmath>
 #include <map>
@@ -51,11 +50,6 @@ std::string lost_text(std::uint64_t lost) {
   return lost == 0 ? "no events lost" : plural(lost, "event", "events") + " lost (rings full)";
 }
 
-std::string pad_left(const std::string& s, std::size_t width) {
-  const std::size_t w = detail::display_width(s);
-  return w >= width ? s : std::string(width - w, ' ') + s;
-}
-
 std::string recorded_at(std::uint64_t realtime_ns) {
   if (realtime_ns == 0) return {};
   const time_t seconds = static_cast<time_t>(realtime_ns / 1'000'000'000);
@@ -73,13 +67,7 @@ void append_table(std::string& out, const Profile& profile, const ThreadProfile*
   }
   const std::size_t shown = options.limit == 0 ? all.size() : std::min(options.limit, all.size());
   out += format_table(std::vector<Row>(all.begin(), all.begin() + static_cast<std::ptrdiff_t>(shown)));
-  if (shown < all.size()) {  // appended piecewise: GCC 12 -O3 warns (-Wrestrict, wrongly) on "(" + string
-    out += '(';
-    out += std::to_string(shown);
-    out += " of ";
-    out += std::to_string(all.size());
-    out += " functions shown; a limit of 0 shows all)\n";
-  }
+  out += detail::shown_note(shown, all.size());
 }
 
 }  // namespace
@@ -126,33 +114,17 @@ std::string format_duration(std::uint64_t ns) {
 }
 
 std::string format_table(const std::vector<Row>& rows) {
-  static constexpr const char* kHeads[] = {"calls", "total", "self", "min", "mean", "p50", "p90", "p99", "max", "stddev"};
-  constexpr std::size_t kColumns = std::size(kHeads);
-  std::vector<std::array<std::string, kColumns>> cells;
-  std::array<std::size_t, kColumns> width{};
-  for (std::size_t c = 0; c < kColumns; ++c) width[c] = detail::display_width(kHeads[c]);
+  std::vector<std::vector<std::string>> cells;
+  std::vector<std::string> names;
   for (const Row& r : rows) {
-    auto& row = cells.emplace_back();
-    row = {std::to_string(r.calls),     format_duration(r.total_ns), format_duration(r.self_ns),
-           format_duration(r.min_ns),   format_duration(r.mean_ns),  format_duration(r.p50_ns),
-           format_duration(r.p90_ns),   format_duration(r.p99_ns),   format_duration(r.max_ns),
-           format_duration(r.stddev_ns)};
-    for (std::size_t c = 0; c < kColumns; ++c) width[c] = std::max(width[c], detail::display_width(row[c]));
+    cells.push_back({std::to_string(r.calls), format_duration(r.total_ns), format_duration(r.self_ns),
+                     format_duration(r.min_ns), format_duration(r.mean_ns), format_duration(r.p50_ns),
+                     format_duration(r.p90_ns), format_duration(r.p99_ns), format_duration(r.max_ns),
+                     format_duration(r.stddev_ns)});
+    names.push_back(r.name);
   }
-  std::string out;
-  const auto line = [&](const auto& fields, const std::string& name) {
-    for (std::size_t c = 0; c < kColumns; ++c) {
-      out += pad_left(fields[c], width[c]);
-      out += "  ";
-    }
-    out += name;
-    out += '\n';
-  };
-  std::array<std::string, kColumns> heads;
-  std::copy(std::begin(kHeads), std::end(kHeads), heads.begin());
-  line(heads, "function");
-  for (std::size_t i = 0; i < rows.size(); ++i) line(cells[i], detail::valid_utf8(rows[i].name));
-  return out;
+  return detail::aligned_table({"calls", "total", "self", "min", "mean", "p50", "p90", "p99", "max", "stddev"}, cells,
+                               names);
 }
 
 std::string format_report(const Profile& profile, const Options& options) {

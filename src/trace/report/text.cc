@@ -122,6 +122,39 @@ std::string xml_escape(std::string_view raw) {
   return out;
 }
 
+std::string aligned_table(const std::vector<std::string>& heads, const std::vector<std::vector<std::string>>& rows,
+                          const std::vector<std::string>& names) {
+  std::vector<std::size_t> width(heads.size());
+  for (std::size_t c = 0; c < heads.size(); ++c) width[c] = display_width(heads[c]);
+  for (const auto& row : rows)
+    for (std::size_t c = 0; c < heads.size(); ++c) width[c] = std::max(width[c], display_width(row[c]));
+  // Appended piecewise: GCC 12 -O3 warns (-Wrestrict, wrongly) on "literal" + string.
+  std::string out;
+  const auto line = [&](const std::vector<std::string>& fields, std::string_view name) {
+    for (std::size_t c = 0; c < heads.size(); ++c) {
+      const std::size_t w = display_width(fields[c]);
+      if (w < width[c]) out.append(width[c] - w, ' ');
+      out += fields[c];
+      out += "  ";
+    }
+    out += name;
+    out += '\n';
+  };
+  line(heads, "function");
+  for (std::size_t i = 0; i < rows.size(); ++i) line(rows[i], valid_utf8(names[i]));
+  return out;
+}
+
+std::string shown_note(std::size_t shown, std::size_t total) {
+  if (shown >= total) return {};
+  std::string out = "(";
+  out += std::to_string(shown);
+  out += " of ";
+  out += std::to_string(total);
+  out += " functions shown; a limit of 0 shows all)\n";
+  return out;
+}
+
 std::string thread_label(const ThreadProfile& thread) {
   std::string s = std::to_string(thread.tid);
   if (!thread.name.empty()) s += " (" + thread.name + ")";
