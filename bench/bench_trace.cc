@@ -151,9 +151,8 @@ std::uintptr_t bench_floor_caller = 0;
 void bench_floor_call(std::uint64_t x);  // calls bench_trace_target(x) through the stubs
 }
 asm(R"(
-	.text
-	.type	bench_floor_call, @function
-bench_floor_call:
+	/* One event: the TSC and the function into the ring's next slot (clobbers rax, rcx, rdx). */
+	.macro FLOOR_EVENT
 	rdtsc
 	shlq	$32, %rdx
 	orq	%rdx, %rax
@@ -166,6 +165,11 @@ bench_floor_call:
 	movq	%rax, (%rdx,%rcx)
 	leaq	bench_trace_target(%rip), %rax
 	movq	%rax, 8(%rdx,%rcx)
+	.endm
+	.text
+	.type	bench_floor_call, @function
+bench_floor_call:
+	FLOOR_EVENT
 	movq	(%rsp), %rax
 	movq	%rax, bench_floor_caller(%rip)
 	leaq	bench_floor_exit(%rip), %rax
@@ -175,18 +179,7 @@ bench_floor_call:
 	.type	bench_floor_exit, @function
 bench_floor_exit:
 	movq	%rax, %r11
-	rdtsc
-	shlq	$32, %rdx
-	orq	%rdx, %rax
-	movq	bench_floor_head(%rip), %rcx
-	leaq	1(%rcx), %rdx
-	movq	%rdx, bench_floor_head(%rip)
-	andq	$4095, %rcx
-	shlq	$4, %rcx
-	leaq	bench_floor_ring(%rip), %rdx
-	movq	%rax, (%rdx,%rcx)
-	leaq	bench_trace_target(%rip), %rax
-	movq	%rax, 8(%rdx,%rcx)
+	FLOOR_EVENT
 	movq	%r11, %rax
 	jmp	*bench_floor_caller(%rip)
 	.size	bench_floor_exit, . - bench_floor_exit
