@@ -43,6 +43,7 @@
 #include <algorithm>
 #include <array>
 #include <cerrno>
+#include <chrono>
 #include <climits>
 #include <cmath>
 #include <cstdio>
@@ -56,7 +57,10 @@
 
 #include "agent/control.h"
 #include "agent/control_io.h"
+#include "agent/eject.h"
+#include "common/eject.h"
 #include "tramway/hooks.h"
+#include "tramway/text/signal_router.h"
 #include "tramway/trace.h"
 
 namespace tramway::agent {
@@ -91,23 +95,29 @@ std::string real_path(const std::string& p) {
 }
 
 // Removes this library and the entries the command added (`added`, colon-separated) from
-// LD_PRELOAD, so that programs this one executes do not load the agent.
-void remove_from_preload(const std::string& added) {
+// LD_PRELOAD, so that programs this one executes do not load the agent. True if this library
+// was there (preloaded, not loaded later by dlopen).
+bool remove_from_preload(const std::string& added) {
   const char* cur = std::getenv("LD_PRELOAD");
-  if (!cur) return;
+  if (!cur) return false;
   Dl_info info{};
   std::string self;
   if (dladdr(reinterpret_cast<void*>(&remove_from_preload), &info) && info.dli_fname) self = real_path(info.dli_fname);
   const std::vector<std::string> ours = split(added, ":");
   std::string kept;
+  bool found = false;
   for (const std::string& e : split(cur, ": ")) {
     if (std::find(ours.begin(), ours.end(), e) != ours.end()) continue;
-    if (!self.empty() && real_path(e) == self) continue;
+    if (!self.empty() && real_path(e) == self) {
+      found = true;
+      continue;
+    }
     if (!kept.empty()) kept += ':';
     kept += e;
   }
   if (kept.empty()) unsetenv("LD_PRELOAD");
   else setenv("LD_PRELOAD", kept.c_str(), 1);
+  return found;
 }
 
 [[noreturn]] void die(int code, const std::string& message) {
@@ -192,6 +202,9 @@ struct State {
   std::uint64_t min_duration_ns = 0; // TRAMWAY_MIN_DURATION_NS: recordings write only calls this long
   control::Server* server = nullptr;
   pid_t pid = 0;
+  bool preloaded = false;   // loaded at start (LD_PRELOAD): it cannot be unloaded
+  bool injected = false;    // started by tramway_agent_injected (inject/injector.h)
+  bool exit_handler = false;
 };
 State& state() {
   static State* s = new State;
@@ -271,6 +284,29 @@ control::Reply status_reply() {
   return control::Reply::success(s.recording ? "recording" : "idle", std::move(lines));
 }
 
+void stop_timer();
+
+// Stops the recording, puts the process back (agent/eject.h) and ends the server after the reply.
+control::Reply eject_reply() {
+  State& st = state();
+  stop_timer();
+  std::string recorded;
+  if (trace::stats().recording) {
+    Result<std::string> r = stop_recording();
+    if (!r.ok()) return control::Reply::failure("cannot eject: " + r.status().message());
+    recorded = *r + "; ";
+  }
+  const bool unloading = st.injected && !st.preloaded;
+  Result<std::string> released = release_process(unloading, std::chrono::seconds(10));
+  if (!released.ok()) return control::Reply::failure(released.status().message());
+  control::Reply reply = control::Reply::success(
+      "ejected: " + recorded + *released +
+      (unloading ? "" : "; the agent stays loaded, idle (it was preloaded at start; the loader never unloads those)"),
+      {unloading ? "unload yes" : "unload no"});
+  reply.last = true;
+  return reply;
+}
+
 control::Reply handle(const control::Request& req) {
   using control::Reply;
   switch (req.verb) {
@@ -305,6 +341,8 @@ control::Reply handle(const control::Request& req) {
       if (Status st = start_recording(req.arg); !st.ok()) return Reply::failure(st.message());
       return Reply::success("recording to " + req.arg);
     }
+    case control::Verb::eject:
+      return eject_reply();
   }
   return Reply::failure("unhandled request");
 }
@@ -343,6 +381,13 @@ struct Timer {
 
 Timer g_timer;  // trivially destructible
 
+void stop_timer() {
+  if (!g_timer.running) return;
+  const char byte = 1;
+  if (write(g_timer.wake[1], &byte, 1) == 1) pthread_join(g_timer.thread, nullptr);
+  g_timer.running = false;
+}
+
 // The thread inherits the mask: block every signal so that none meant for the program lands here.
 int start_thread_blocking_signals(pthread_t* thread, void* (*fn)(void*), void* arg) {
   sigset_t all, old;
@@ -357,16 +402,20 @@ void at_exit() noexcept {
   State& st = state();
   if (getpid() != st.pid) return;  // a fork()ed child: the recording and the socket are the parent's
   try {
-    if (g_timer.running) {
-      const char byte = 1;
-      if (write(g_timer.wake[1], &byte, 1) == 1) pthread_join(g_timer.thread, nullptr);
-      g_timer.running = false;
-    }
+    stop_timer();
     if (st.server) st.server->stop();
     print_stop();
   } catch (...) {
   }
   std::fflush(stderr);
+}
+
+// Once: at exit, or at dlclose after an eject (glibc runs a library's atexit handlers then).
+void register_exit_handler() {
+  State& st = state();
+  if (st.exit_handler) return;
+  st.exit_handler = true;
+  std::atexit([] { at_exit(); });
 }
 
 [[noreturn]] void fail_start(const char* output, const std::string& message) {
@@ -390,8 +439,8 @@ void init() {
   const std::optional<std::string> max_depth = take_env("TRAMWAY_MAX_DEPTH");
   const std::optional<std::string> min_duration = take_env("TRAMWAY_MIN_DURATION_NS");
   const std::optional<std::string> preload = take_env("TRAMWAY_PRELOAD");
-  remove_from_preload(preload.value_or(""));
   State& st = state();
+  st.preloaded = remove_from_preload(preload.value_or("")) || preload.has_value();
   st.pid = getpid();
   st.allow_trap = trap == "1";
   st.exclude = split(exclude.value_or(""), "\n");
@@ -454,7 +503,7 @@ void init() {
   }
 
   // Run when this library is finalised, before the libraries it depends on (libtramway_trace).
-  if (output || st.server || duration_ms > 0) std::atexit([] { at_exit(); });
+  if (output || st.server || duration_ms > 0) register_exit_handler();
 }
 
 __attribute__((constructor)) void agent_constructor() noexcept {
@@ -467,3 +516,37 @@ __attribute__((constructor)) void agent_constructor() noexcept {
 
 }  // namespace
 }  // namespace tramway::agent
+
+// Called by the injector (inject/injector.h) in a process that loaded the agent with dlopen:
+// takes the signals (again, after an eject) and serves the control socket. Returns null, or
+// why it could not.
+extern "C" __attribute__((visibility("default"))) const char* tramway_agent_injected() noexcept {
+  using namespace tramway;
+  static char error[512];
+  try {
+    agent::State& st = agent::state();
+    std::lock_guard lock(st.mu);
+    if (Status s = text::detail::take_signals_again(); !s.ok()) {
+      std::snprintf(error, sizeof error, "%s", s.message().c_str());
+      return error;
+    }
+    st.injected = true;
+    if (st.server && !control::find_socket(getpid()).ok()) {  // ended by an eject: a new one
+      st.server->stop();
+      delete st.server;
+      st.server = nullptr;
+    }
+    if (!st.server) {
+      Result<std::unique_ptr<control::Server>> s = control::Server::start(&agent::handle_safely);
+      if (!s.ok()) {
+        std::snprintf(error, sizeof error, "control socket: %s", s.status().message().c_str());
+        return error;
+      }
+      st.server = s->release();
+    }
+    agent::register_exit_handler();
+    return nullptr;
+  } catch (...) {
+    return "the agent ran out of memory while starting";
+  }
+}

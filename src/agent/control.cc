@@ -14,7 +14,7 @@
 namespace tramway::control {
 namespace {
 
-constexpr std::string_view kRequests = "attach GLOB, detach GLOB, status, stop, list [GLOB], list-all [GLOB], start FILE";
+constexpr std::string_view kRequests = "attach GLOB, detach GLOB, status, stop, list [GLOB], list-all [GLOB], start FILE, eject";
 
 std::string_view trim(std::string_view s) {
   while (!s.empty() && s.front() == ' ') s.remove_prefix(1);
@@ -48,6 +48,7 @@ const char* verb_name(Verb verb) {
     case Verb::list: return "list";
     case Verb::list_all: return "list-all";
     case Verb::start: return "start";
+    case Verb::eject: return "eject";
   }
   return "?";
 }
@@ -78,6 +79,7 @@ Result<Request> parse_request(std::string_view line) {
   else if (word == "list") r.verb = Verb::list;
   else if (word == "list-all") r.verb = Verb::list_all;
   else if (word == "start") r.verb = Verb::start;
+  else if (word == "eject") r.verb = Verb::eject;
   else {
     std::string shown(word.substr(0, 64));
     return Status::error("unknown request '" + shown + "' (requests: " + std::string(kRequests) + ")");
@@ -89,6 +91,7 @@ Result<Request> parse_request(std::string_view line) {
       break;
     case Verb::status:
     case Verb::stop:
+    case Verb::eject:
       if (!arg.empty()) return Status::error(std::string(word) + " takes no argument");
       break;
     case Verb::list:

@@ -6,7 +6,8 @@
 //   request   one line of at most kMaxRequest bytes (without the '\n'; one trailing '\r' is
 //             dropped), printable: `attach GLOB` | `detach GLOB` | `status` | `stop` |
 //             `list [GLOB]` | `list-all [GLOB]` (every kind: `tramway list --all`) |
-//             `start FILE` (FILE absolute).
+//             `start FILE` (FILE absolute) | `eject` (the agent puts the process back as it was
+//             and its server ends after the reply: see agent/eject.h).
 //   reply     one per request. Its first line is `error: MESSAGE`, `ok`, `ok TEXT`, or
 //             `ok +N[ TEXT]`: then exactly N more lines follow (the payload of `list`,
 //             `list-all` and `status`). Messages never contain a newline.
@@ -31,7 +32,7 @@ namespace tramway::control {
 
 inline constexpr std::size_t kMaxRequest = 4096;  // bytes in a request line, without '\n'
 
-enum class Verb { attach, detach, status, stop, list, start, list_all };
+enum class Verb { attach, detach, status, stop, list, start, list_all, eject };
 
 struct Request {
   Verb verb = Verb::status;
@@ -48,6 +49,7 @@ struct Reply {
   bool ok = false;
   std::string text;                 // after "ok " or "error: "
   std::vector<std::string> lines;   // payload (ok replies only)
+  bool last = false;                // not on the wire: the server ends once this reply is written (eject)
 
   static Reply success(std::string text = {}, std::vector<std::string> lines = {});
   static Reply failure(std::string message);

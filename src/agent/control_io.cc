@@ -11,10 +11,13 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <cstring>
 #include <sstream>
+
+#include "common/own_stack.h"
 
 namespace tramway::control {
 namespace {
@@ -76,8 +79,10 @@ struct Server::Impl {
   std::string path;
   int listen_fd = -1;
   int wake[2] = {-1, -1};
-  pthread_t thread{};
+  common::OwnStackThread thread;
   bool running = false;
+  std::atomic<bool> ended{false};  // the loop ended by itself, after a reply marked `last`
+  bool last_sent = false;          // the server thread's
   pid_t owner = 0;
   uid_t uid = 0;
   std::vector<Client> clients;
@@ -109,7 +114,7 @@ struct Server::Impl {
       c.fd = fd;
       ucred cred{};
       socklen_t len = sizeof cred;
-      if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0 || cred.uid != uid) {
+      if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0 || (cred.uid != uid && cred.uid != 0)) {
         reply_and_close(c, permission_denied_message(uid));
       } else if (clients.size() >= opt.max_clients) {
         reply_and_close(c, "too many connections (" + std::to_string(opt.max_clients) + "); try again later");
@@ -140,7 +145,12 @@ struct Server::Impl {
       const LineBuffer::Next next = c.buf.next(line);
       if (next == LineBuffer::Next::need_more) break;
       if (next == LineBuffer::Next::line) {
-        reply(c, handle(line));
+        const Reply r = handle(line);
+        reply(c, r);
+        if (r.last) {
+          last_sent = true;
+          return;  // nothing more is read: the server ends
+        }
       } else if (next == LineBuffer::Next::too_long) {
         reply(c, Reply::failure("request longer than " + std::to_string(kMaxRequest) + " bytes"));
       } else {
@@ -183,6 +193,14 @@ struct Server::Impl {
       for (std::size_t i = 0; i < clients.size(); ++i) {
         if (fds[i + 2].revents) read_from(clients[i]);
       }
+      if (last_sent) {
+        // The agent is leaving (eject): every connection is closed and the socket removed now,
+        // by this thread, which then ends; stop() only joins it.
+        unlink(path.c_str());
+        close_fds();
+        ended.store(true, std::memory_order_release);
+        return;
+      }
       if (fds[1].revents & POLLIN) accept_all();
       const auto now = Clock::now();
       for (Client& c : clients) {
@@ -220,9 +238,9 @@ void Server::stop() {
   }
   if (s.running) {
     const char byte = 1;
-    while (write(s.wake[1], &byte, 1) < 0 && errno == EINTR) {
+    while (!s.ended.load(std::memory_order_acquire) && write(s.wake[1], &byte, 1) < 0 && errno == EINTR) {
     }
-    pthread_join(s.thread, nullptr);
+    s.thread.join();
     s.running = false;
   }
   if (s.listen_fd >= 0) unlink(s.path.c_str());
@@ -302,19 +320,17 @@ Result<std::unique_ptr<Server>> Server::start(Handler handler, ServerOptions opt
     return s;
   }
 
-  // The thread inherits our signal mask: block everything so that no signal meant for the
-  // program is delivered here (tramway keeps its own SIGTRAP and fix-up signal open).
-  sigset_t all, old;
+  // Block everything so that no signal meant for the program is delivered here (tramway's
+  // pthread_sigmask keeps its own SIGTRAP and fix-up signal open).
+  sigset_t all;
   sigfillset(&all);
-  pthread_sigmask(SIG_SETMASK, &all, &old);
-  const int err = pthread_create(&impl->thread, nullptr, &Impl::main, impl.get());
-  pthread_sigmask(SIG_SETMASK, &old, nullptr);
+  const int err = impl->thread.start(&Impl::main, impl.get(), &all);
   if (err != 0) {
     unlink(impl->path.c_str());
     impl->close_fds();
     return Status::error(std::string("cannot start the control thread: ") + std::strerror(err), err);
   }
-  pthread_setname_np(impl->thread, "tramway-ctl");
+  pthread_setname_np(impl->thread.handle(), "tramway-ctl");
   impl->running = true;
   return std::unique_ptr<Server>(new Server(std::move(impl)));
 }
@@ -358,8 +374,8 @@ std::string no_agent_in(pid_t pid) {
            (comm == "tramway" ? "the tramway command supervising" : "the parent of") + " process " + c +
            ", which has the agent; use that pid (e.g. `tramway live " + c + " status`)";
   }
-  return who + " is running but has no tramway agent loaded (start the program with `tramway run -- PROG` or "
-               "`tramway record`, and use the pid that `tramway run` prints)";
+  return who + " is running but has no tramway agent loaded (`tramway live " + std::to_string(pid) +
+         " attach GLOB` loads one into it; or start the program with `tramway run -- PROG` or `tramway record`)";
 }
 
 }  // namespace

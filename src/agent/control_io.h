@@ -4,7 +4,9 @@
 // Server guarantees: the socket is PID.sock in the first usable directory of socket_dirs()
 // (created 0700; an existing one must be ours and closed to group and others, else start()
 // refuses), mode 0600, served by one thread that blocks every signal. Every connection's peer
-// uid (SO_PEERCRED) must equal our effective uid, else it gets an `error:` reply and is closed.
+// uid (SO_PEERCRED) must equal our effective uid or be root's (who may ptrace the process
+// anyway), else it gets an `error:` reply and is closed. A reply marked `last` (eject) is the
+// server's last: it then closes every connection, removes the socket and its thread ends.
 // A bad request gets an `error:` reply; an over-long, truncated or too slow one also closes its
 // connection; no request can stop the server. Connections are multiplexed with poll(), so a
 // stuck client delays others at most while a reply to it is written (write_timeout_ms). Requests

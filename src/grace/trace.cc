@@ -37,9 +37,11 @@
 #include <cstdio>
 #include <cstdlib>
 
+#include "common/eject.h"
 #include "common/fork_hooks.h"
 #include "common/format.h"
 #include "common/membarrier.h"
+#include "common/own_stack.h"
 #include "common/proc.h"
 #include "grace/internal.h"
 #include "tramway/grace.h"
@@ -295,6 +297,8 @@ struct Callbacks {
   bool in_progress = false;
   std::uint64_t queued = 0, done = 0;
   bool thread_running = false;
+  bool stop = false;  // eject: the thread ends once the queue is empty
+  common::OwnStackThread thread;
 };
 Callbacks& callbacks() {
   static auto* c = new Callbacks;
@@ -306,7 +310,11 @@ void* callback_thread(void*) {
   Callbacks& c = callbacks();
   for (;;) {
     pthread_mutex_lock(&c.mu);
-    while (c.queue.empty()) pthread_cond_wait(&c.queued_cv, &c.mu);
+    while (c.queue.empty() && !c.stop) pthread_cond_wait(&c.queued_cv, &c.mu);
+    if (c.queue.empty()) {  // stopping
+      pthread_mutex_unlock(&c.mu);
+      return nullptr;
+    }
     c.running.assign(std::make_move_iterator(c.queue.begin()), std::make_move_iterator(c.queue.end()));
     c.queue.clear();
     c.next_to_run = 0;
@@ -346,12 +354,8 @@ void* callback_thread(void*) {
 // Starts the callback thread if it is not running (first use, or in a fork()ed child). Under c.mu.
 Status start_callback_thread_locked(Callbacks& c) {
   if (c.thread_running) return {};
-  pthread_attr_t attr;
-  pthread_attr_init(&attr);
-  pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-  pthread_t t;
-  const int e = pthread_create(&t, &attr, callback_thread, nullptr);
-  pthread_attr_destroy(&attr);
+  // Joinable, on a stack of its own: eject ends it and leaves no stack mapped.
+  const int e = c.thread.start(callback_thread, nullptr, nullptr);
   if (e != 0) return Status::error(std::string("starting the grace-period callback thread failed: ") + std::strerror(e), e);
   c.thread_running = true;
   return {};
@@ -394,6 +398,7 @@ void leaves_after_fork_in_child() {
   // thread's state is not in the child), and counted as done so that barrier() returns.
   Callbacks& c = callbacks();
   c.thread_running = false;
+  c.thread.forget_after_fork();
   for (std::size_t i = c.running.size(); i-- > c.next_to_run;) c.queue.push_front(std::move(c.running[i]));
   if (c.in_progress) ++c.done;
   c.running.clear();
@@ -415,7 +420,14 @@ __attribute__((constructor)) void register_grace_fork_hooks() {
       {common::LockRank::grace_leaves, leaves_before_fork, leaves_after_fork_in_parent, leaves_after_fork_in_child});
 }
 
-void init_once() { pthread_key_create(&g_exit_key, unregister_thread); }
+bool g_exit_key_made = false;
+void init_once() { g_exit_key_made = pthread_key_create(&g_exit_key, unregister_thread) == 0; }
+
+// Unloaded after an eject: a thread that exits later must not run unregister_thread, which is
+// gone. Its marker stays allocated (its robust mutex is on the thread's robust list).
+__attribute__((destructor)) void forget_exit_key_at_unload() {
+  if (common::ejecting() && g_exit_key_made) pthread_key_delete(g_exit_key);
+}
 
 }  // namespace
 
@@ -564,6 +576,23 @@ Status call(Flavor flavor, std::function<void()> fn) {
   pthread_cond_signal(&c.queued_cv);
   pthread_mutex_unlock(&c.mu);
   return {};
+}
+
+void detail::stop_callback_thread() {
+  Callbacks& c = callbacks();
+  pthread_mutex_lock(&c.mu);
+  if (!c.thread_running) {
+    pthread_mutex_unlock(&c.mu);
+    return;
+  }
+  c.stop = true;
+  pthread_cond_broadcast(&c.queued_cv);
+  pthread_mutex_unlock(&c.mu);
+  c.thread.join();
+  pthread_mutex_lock(&c.mu);
+  c.thread_running = false;
+  c.stop = false;
+  pthread_mutex_unlock(&c.mu);
 }
 
 Status barrier() {

@@ -3,6 +3,7 @@
 // hole closest to the target and maps there with MAP_FIXED_NOREPLACE.
 #include "tramway/text/code_memory.h"
 
+#include "common/eject.h"
 #include "common/format.h"
 #include "text/internal.h"
 
@@ -43,8 +44,20 @@ struct State {
   std::vector<int> child_fds;  // during fork(): each arena's copy for the child, -1 where none
 };
 State& state() {
-  static State* s = new State;  // leaked on purpose: used until the last thread exits
+  static State* s = new State;  // leaked on purpose: used until the last thread exits (or eject)
   return *s;
+}
+
+// Unloaded after an eject (common/eject.h): every hook is detached and no thread runs in the
+// arenas (the agent watched them), so they go with the library.
+__attribute__((destructor)) void unmap_arenas_at_unload() {
+  if (!common::ejecting()) return;
+  for (Arena* a : state().arenas) {
+    munmap(a->rx, a->size);
+    munmap(a->rw, a->size);
+    close(a->fd);
+  }
+  state().arenas.clear();
 }
 
 bool in_reach(std::uintptr_t near, std::uintptr_t begin, std::size_t size) {

@@ -35,6 +35,7 @@
 #include "text/internal.h"
 #include "text/all_blocked.h"
 #include "text/thread_slots.h"
+#include "common/eject.h"
 
 extern "C" int __sigaction(int, const struct sigaction*, struct sigaction*) noexcept;
 
@@ -78,7 +79,9 @@ class UserLock {
 };
 
 std::atomic<int> g_fixup_signal{0};
-std::atomic<int> g_router_state{0};  // 0 not installed, 1 installing, 2 ready, 3 failed
+// 0 not installed, 1 installing, 2 ready, 3 failed, 4 given back (eject: installed again only
+// by take_signals_again)
+std::atomic<int> g_router_state{0};
 
 bool is_function(std::uintptr_t h) noexcept {
   return h != reinterpret_cast<std::uintptr_t>(SIG_DFL) && h != reinterpret_cast<std::uintptr_t>(SIG_IGN) &&
@@ -325,6 +328,8 @@ bool is_ours(std::uintptr_t h) {
          h == reinterpret_cast<std::uintptr_t>(&fixup_handler);
 }
 
+struct sigaction g_fixup_original {};  // the fix-up signal's disposition before install
+
 Status install() {
   if (const unsigned long m = getauxval(AT_MINSIGSTKSZ); m > g_kernel_frame) g_kernel_frame = static_cast<std::size_t>(m);
   g_fixup_signal.store(choose_fixup_signal(), std::memory_order_relaxed);
@@ -362,6 +367,7 @@ Status install() {
   if (__sigaction(SIGTRAP, &trap, nullptr) != 0) {
     return Status::error(std::string("installing the SIGTRAP router failed: ") + std::strerror(errno), errno);
   }
+  __sigaction(g_fixup_signal.load(), nullptr, &g_fixup_original);
   struct sigaction fix {};
   fix.sa_sigaction = fixup_handler;
   fix.sa_flags = SA_SIGINFO | SA_RESTART;
@@ -473,19 +479,53 @@ std::uintptr_t router_handler_for(int sig) noexcept {
 
 Status ensure_router() noexcept {
   int state = g_router_state.load(std::memory_order_acquire);
-  if (state == 2) return {};
+  if (state == 2 || state == 4) return {};
   if (state == 0 && g_router_state.compare_exchange_strong(state, 1)) {
     Status s = install();
     g_router_state.store(s.ok() ? 2 : 3, std::memory_order_release);
     return s;
   }
   while ((state = g_router_state.load(std::memory_order_acquire)) == 1) sched_yield();
-  if (state == 2) return {};
+  if (state == 2 || state == 4) return {};  // 4: the fix-up handler serves eject's last watch
   return Status::error("the signal router could not be installed (see the first error printed by tramway)");
 }
 }  // namespace detail
 
 Status install_signal_router() { return detail::ensure_router(); }
+
+Status detail::give_back_signals() {
+  int expected = 2;
+  if (!g_router_state.compare_exchange_strong(expected, 4)) return {};
+  const int fixup = g_fixup_signal.load(std::memory_order_relaxed);
+  std::string failed;
+  UserLock lock;
+  for (int sig = 1; sig < NSIG; ++sig) {
+    if (sig == SIGKILL || sig == SIGSTOP || sig == fixup || (sig >= kGlibcInternalFirst && sig <= kGlibcInternalLast)) continue;
+    struct sigaction cur {};
+    if (__sigaction(sig, nullptr, &cur) != 0 || !is_ours(reinterpret_cast<std::uintptr_t>(cur.sa_handler))) continue;
+    if (__sigaction(sig, &g_user[sig].full, nullptr) != 0) failed += (failed.empty() ? "" : ", ") + std::to_string(sig);
+  }
+  if (!failed.empty()) return Status::error("could not give back the handlers of signals " + failed);
+  return {};
+}
+
+Status detail::release_fixup_signal() {
+  const int fixup = g_fixup_signal.load(std::memory_order_relaxed);
+  // Ignored first: that discards a fix-up signal still pending for some thread, which the
+  // original disposition (the default: terminate) would act on.
+  struct sigaction ignore {};
+  ignore.sa_handler = SIG_IGN;
+  if (__sigaction(fixup, &ignore, nullptr) != 0 || __sigaction(fixup, &g_fixup_original, nullptr) != 0) {
+    return Status::error(std::string("could not give back signal ") + std::to_string(fixup) + ": " + std::strerror(errno), errno);
+  }
+  return {};
+}
+
+Status detail::take_signals_again() {
+  int expected = 4;
+  if (g_router_state.compare_exchange_strong(expected, 0)) g_fixup_signal.store(0, std::memory_order_relaxed);
+  return ensure_router();
+}
 
 int fixup_signal() noexcept {
   (void)detail::ensure_router();

@@ -7,6 +7,7 @@
 #include <cerrno>
 
 #include "arch/x86_64/emulate.h"
+#include "common/eject.h"
 #include "text/all_blocked.h"
 #include "common/proc.h"
 
@@ -137,7 +138,12 @@ std::uint32_t prune_dead_frames(ThreadSlot* s, std::uintptr_t sp, const stack_t*
 
 std::uintptr_t current_sp() noexcept { return reinterpret_cast<std::uintptr_t>(__builtin_frame_address(0)); }
 
+// Handlers of the router (wrapper, trap, fix-up) running now: eject waits for none (common/eject.h).
+std::atomic<int> g_handlers_in_flight{0};
+int handlers_in_flight() noexcept { return g_handlers_in_flight.load(std::memory_order_acquire); }
+
 FrameGuard::FrameGuard(ucontext_t* uc, bool trap) noexcept : slot_(self_slot()) {
+  g_handlers_in_flight.fetch_add(1, std::memory_order_acq_rel);
   if (!slot_) return;
   const std::uint32_t d = prune_dead_frames(slot_, arch::context_sp(uc), &uc->uc_stack);
   if (d >= kMaxNest) {
@@ -159,6 +165,9 @@ void FrameGuard::untrap() noexcept {
 }
 
 FrameGuard::~FrameGuard() {
+  struct Leave {
+    ~Leave() { g_handlers_in_flight.fetch_sub(1, std::memory_order_acq_rel); }
+  } leave;  // last: eject waits for this count to be 0
   if (index_ < 0) return;
   sigset_t all;
   sigfillset(&all);

@@ -17,6 +17,7 @@
 
 #include "common/format.h"
 #include "text/internal.h"
+#include "common/eject.h"
 #include "tramway/text/code_memory.h"
 #include "tramway/text/patch.h"
 
@@ -44,6 +45,13 @@ Result<int> mem_fd() {
     return expected;
   }
   return fd;
+}
+
+// Unloaded after an eject (common/eject.h): no batch runs any more.
+__attribute__((destructor)) void close_mem_fd_at_unload() {
+  if (!common::ejecting()) return;
+  const int fd = g_mem_fd.exchange(-1);
+  if (fd >= 0) ::close(fd);
 }
 
 }  // namespace

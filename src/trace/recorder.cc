@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "common/fork_hooks.h"
+#include "common/own_stack.h"
 #include "tramway/grace.h"
 #include "common/loader_gate.h"
 #include "tramway/hooks.h"
@@ -85,7 +86,7 @@ class Recording {
   std::unordered_map<std::uint32_t, detail::ThreadCallFilter> filters;  // by tid (the flusher's)
   std::vector<fmt::Event> kept;  // the flusher's scratch
   std::uint64_t calls_dropped = 0;
-  std::thread flusher;
+  common::OwnStackThread flusher;  // its own stack: eject leaves none of glibc's cached
   std::condition_variable wake;
   bool stopping = false;
   std::vector<char> buffer;  // the flusher's: one events chunk
@@ -307,7 +308,7 @@ void forget_in_child() {
     r.fd = -1;
     r.active = false;
     r.globs.clear();
-    new (&r.flusher) std::thread();  // the parent's flusher does not exist here
+    r.flusher.forget_after_fork();  // the parent's flusher does not exist here
     new (&r.wake) std::condition_variable();  // nor does its wait on this
   }
   r.mutex.unlock();
@@ -416,11 +417,15 @@ Status start(const RecordOptions& options) {
   r.active = true;
   r.stopping = false;
   // The flusher must not take the program's signals.
-  sigset_t all, old;
+  sigset_t all;
   sigfillset(&all);
-  pthread_sigmask(SIG_SETMASK, &all, &old);
-  r.flusher = std::thread([&r] { r.flusher_loop(); });
-  pthread_sigmask(SIG_SETMASK, &old, nullptr);
+  if (const int e = r.flusher.start([](void* p) -> void* { static_cast<Recording*>(p)->flusher_loop(); return nullptr; }, &r, &all);
+      e != 0) {
+    r.active = false;
+    ::close(fd);
+    r.fd = -1;
+    return Status::error(std::string("cannot start the trace flusher thread: ") + std::strerror(e), e);
+  }
   return {};
 }
 

@@ -8,6 +8,7 @@
 
 #include <new>
 
+#include "common/eject.h"
 #include "trace/internal.h"
 
 namespace tramway::trace::detail {
@@ -61,11 +62,26 @@ void on_thread_exit(void* arg) {
   retire(t);
 }
 
-void make_exit_key() { (void)pthread_key_create(&g_exit_key, on_thread_exit); }
+bool g_exit_key_made = false;
+void make_exit_key() { g_exit_key_made = pthread_key_create(&g_exit_key, on_thread_exit) == 0; }
+
+std::size_t state_bytes(const ThreadState* t) { return sizeof(ThreadState) + (t->mask + 1) * sizeof(format::Event); }
+
+// Unloaded after an eject (common/eject.h): no thread is inside a traced call any more and no
+// hook runs, so the states are unread; a thread that exits later must not run on_thread_exit.
+__attribute__((destructor)) void unmap_states_at_unload() {
+  if (!common::ejecting()) return;
+  if (g_exit_key_made) pthread_key_delete(g_exit_key);
+  for (ThreadState* t = g_states.exchange(nullptr); t;) {
+    ThreadState* next = t->next;
+    ::munmap(t, state_bytes(t));
+    t = next;
+  }
+}
 
 ThreadState* make_state() noexcept {
   std::size_t events = g_ring_events.load(std::memory_order_relaxed);
-  const std::size_t bytes = sizeof(ThreadState) + events * sizeof(format::Event);
+  const std::size_t bytes = sizeof(ThreadState) + events * sizeof(format::Event);  // state_bytes
   void* mem = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (mem == MAP_FAILED) return nullptr;
   auto* t = new (mem) ThreadState;
@@ -120,6 +136,20 @@ ThreadState* all_states() noexcept { return g_states.load(std::memory_order_acqu
 void set_ring_events(std::size_t events) noexcept {
   pthread_once(&g_exit_key_once, make_exit_key);
   g_ring_events.store(events, std::memory_order_relaxed);
+}
+
+std::vector<std::pair<pid_t, std::uintptr_t>> threads_in_traced_calls() {
+  std::vector<std::pair<pid_t, std::uintptr_t>> out;
+  for (ThreadState* t = g_states.load(std::memory_order_acquire); t; t = t->next) {
+    if (t->life.load(std::memory_order_acquire) != Life::live) continue;
+    // The owner's field: a racy read, but once every hook is detached a depth only falls.
+    const std::uint32_t depth = std::atomic_ref<std::uint32_t>(t->depth).load(std::memory_order_relaxed);
+    if (depth == 0 || depth > kShadowDepth) continue;
+    const pid_t tid = static_cast<pid_t>(t->tid);
+    if (::syscall(SYS_tgkill, ::getpid(), tid, 0) != 0) continue;  // gone without its exit handler
+    out.emplace_back(tid, t->stack[0].function);
+  }
+  return out;
 }
 
 }  // namespace tramway::trace::detail

@@ -152,6 +152,20 @@ TEST_F(Trace, ReturnValuesSurviveTheReturnStub) {
   expect_balanced(p);
 }
 
+extern "C" std::uint64_t tramway_ipa_caller(std::uint64_t x);
+
+// GCC's -fipa-ra lets a caller keep values in call-clobbered registers across a call to a
+// function it has seen leave them alone (ipa_ra_fixture.S does by hand what GCC did to the
+// injector's test program: a loop bound in %r8 came back as the return address). The return
+// stub must put every one of them back.
+TEST_F(Trace, IpaRaCallersKeepTheirRegistersAcrossATracedLeaf) {
+  attach("tramway_ipa_leaf");
+  for (std::uint64_t i = 0; i < 1000; ++i) ASSERT_EQ(tramway_ipa_caller(i), i + 0x1000) << "call " << i;
+  Parsed p = stop_and_parse();
+  EXPECT_EQ(p.count("tramway_ipa_leaf", EventKind::exit), 1000u);
+  expect_balanced(p);
+}
+
 // The tracer's entry path runs without xmm0-7 saved (hooks::Ops::promise_vector_free): the
 // arguments in them must reach the function on its fast path and on a thread's first traced
 // call, which claims the thread's trace state (mmap, the C library) on that path: the thread

@@ -4,13 +4,15 @@
 //   tramway list [--all] PROG [GLOB] | list [--all] PID [GLOB]
 //   tramway record [-f GLOB]... [-o FILE] [--duration S] [--trap] -- PROG ARGS...
 //   tramway run -- PROG ARGS...
-//   tramway live PID attach GLOB [-o FILE] | detach GLOB | status | stop
+//   tramway record -p PID -f GLOB... [-o FILE] [--duration S]
+//   tramway live PID attach GLOB [-o FILE] | detach GLOB | status | stop | eject
 //   tramway report FILE [--sort KEY] [--limit N] [--per-thread] [--chrome F] [--folded F] [--svg F]
 //                  [--max-depth N]
 //
 // Programs run with libtramway_agent.so preloaded (src/agent/agent.cc), configured through
 // TRAMWAY_* variables; `live` and `list PID` talk to the agent's control socket
-// (src/agent/control.h). Exit status: the program's for list PROG/record/run (128 + signal if
+// (src/agent/control.h); a process started without tramway gets the agent injected first
+// (attach.h, src/inject/injector.h). Exit status: the program's for list PROG/record/run (128 + signal if
 // it was killed); 0 or 1 for live and report (1 = an `error:` reply or a failure); 126/127 when
 // the program cannot be executed or found.
 #include <sys/stat.h>
@@ -27,6 +29,7 @@
 
 #include "agent/control.h"
 #include "agent/control_io.h"
+#include "attach.h"
 #include "launch.h"
 #include "trace/report/report.h"
 
@@ -64,11 +67,11 @@ Result<Prepared> prepare(const std::string& program) {
 
 // ---- list ----
 
-int list_process(pid_t pid, const std::string& glob, bool all) {
-  Result<control::Connection> c = control::Connection::open(pid);
-  if (!c.ok()) return fail(c.status().message());
+int list_process(pid_t pid, const std::string& glob, bool all, const AttachOptions& attach) {
+  Result<Attached> a = connect_or_inject(pid, attach);
+  if (!a.ok()) return fail(a.status().message());
   control::Request req{all ? control::Verb::list_all : control::Verb::list, glob};
-  Result<control::Reply> r = c->call(req);
+  Result<control::Reply> r = a->connection.call(req);
   if (!r.ok()) return fail(r.status().message());
   if (!r->ok) return fail(r->text);
   for (const std::string& l : r->lines) std::printf("%s\n", l.c_str());
@@ -234,8 +237,16 @@ int print_reply(const Result<control::Reply>& r) {
   return r->ok ? 0 : 1;
 }
 
-int live(pid_t pid, control::Verb verb, const std::string& arg, const std::string& output) {
-  Result<control::Connection> c = control::Connection::open(pid, 120000);
+int live(pid_t pid, control::Verb verb, const std::string& arg, const std::string& output, const AttachOptions& attach) {
+  // Only attach loads an agent into a process without one: the other requests have nothing to do there.
+  Result<control::Connection> c = Status::error("");
+  if (verb == control::Verb::attach) {
+    Result<Attached> a = connect_or_inject(pid, attach);
+    if (!a.ok()) return fail(a.status().message());
+    c = std::move(a->connection);
+  } else {
+    c = control::Connection::open(pid, 120000);
+  }
   if (!c.ok()) return fail(c.status().message());
   std::string started;  // the file of a recording this command started
   if (verb == control::Verb::attach) {
@@ -291,6 +302,8 @@ int main_cli(int argc, char** argv) {
       "list", "list the functions tramway can hook in a program (PROG) or in a running agent (PID)");
   list->add_option("target", list_target, "a program to start (it exits before its main), or the PID of a program started by `tramway run`/`record`")->required();
   list->add_option("glob", list_glob, "shell glob on function names (default: all)");
+  AttachOptions attach_opts;
+  list->add_flag("--allow-seccomp", attach_opts.allow_seccomp, "load the agent into PID even though it runs under a seccomp filter");
   list->add_flag("--all", list_all,
                  "every function, also those that cannot be hooked, with how each can be (patchable, relocatable, "
                  "trap, or refused and why), then a count of each kind per object");
@@ -315,6 +328,12 @@ int main_cli(int argc, char** argv) {
                        "also trace functions whose prologue cannot be relocated, through trap probes (an int3: "
                        "a signal a call)");
   record_cmd->add_option("command", rec_command, "-- PROG ARGS...");
+  pid_t record_pid = 0;
+  record_cmd->add_option("-p,--pid", record_pid,
+                         "record a running process instead (loading the agent into it if it has none, and taking it "
+                         "out again at the end); needs -f")
+      ->check(CLI::PositiveNumber);
+  record_cmd->add_flag("--allow-seccomp", attach_opts.allow_seccomp, "with -p: load the agent even under a seccomp filter");
 
   std::vector<std::string> run_command;
   CLI::App* run_cmd = app.add_subcommand("run", "run a program with the agent idle, to be traced later with `tramway live`");
@@ -331,8 +350,12 @@ int main_cli(int argc, char** argv) {
   std::string live_detach_glob;
   CLI::App* live_detach = live_cmd->add_subcommand("detach", "stop tracing the functions of an earlier attach GLOB");
   live_detach->add_option("glob", live_detach_glob, "the glob given to attach")->required();
+  live_attach->add_flag("--allow-seccomp", attach_opts.allow_seccomp,
+                        "load the agent even though the process runs under a seccomp filter");
   CLI::App* live_status = live_cmd->add_subcommand("status", "show what is being recorded");
   CLI::App* live_stop = live_cmd->add_subcommand("stop", "stop recording and close the trace file");
+  CLI::App* live_eject = live_cmd->add_subcommand(
+      "eject", "stop recording, detach everything, give the signal handlers back and unload the agent (the process runs on)");
 
   trace::report::Options rep;
   std::string sort = "total";
@@ -377,11 +400,23 @@ int main_cli(int argc, char** argv) {
   }
 
   if (list->parsed()) {
-    return is_pid(list_target) ? list_process(static_cast<pid_t>(std::stol(list_target)), list_glob, list_all)
+    return is_pid(list_target) ? list_process(static_cast<pid_t>(std::stol(list_target)), list_glob, list_all, attach_opts)
                                : list_program(list_target, list_glob, list_all);
   }
   if (record_cmd->parsed()) {
     rec_command.insert(rec_command.end(), tail.begin(), tail.end());
+    if (record_pid > 0) {
+      if (!rec_command.empty()) return fail("record -p PID records a running process: give no program", 2);
+      if (!rec.excludes.empty() || rec.max_depth > 0 || !rec.min_duration.empty() || rec.trap) {
+        return fail("record -p does not take -x, -D, -t or --trap yet (the running agent records with its defaults)", 2);
+      }
+      RecordProcessArgs pa;
+      pa.filters = rec.filters;
+      pa.output = absolute(rec.output);
+      pa.duration = rec.duration;
+      pa.attach = attach_opts;
+      return record_process(record_pid, pa);
+    }
     return record(rec, rec_command);
   }
   if (run_cmd->parsed()) {
@@ -389,10 +424,11 @@ int main_cli(int argc, char** argv) {
     return run(run_command);
   }
   if (live_cmd->parsed()) {
-    if (live_attach->parsed()) return live(live_pid, control::Verb::attach, live_glob, live_output);
-    if (live_detach->parsed()) return live(live_pid, control::Verb::detach, live_detach_glob, {});
-    if (live_status->parsed()) return live(live_pid, control::Verb::status, {}, {});
-    if (live_stop->parsed()) return live(live_pid, control::Verb::stop, {}, {});
+    if (live_attach->parsed()) return live(live_pid, control::Verb::attach, live_glob, live_output, attach_opts);
+    if (live_detach->parsed()) return live(live_pid, control::Verb::detach, live_detach_glob, {}, attach_opts);
+    if (live_status->parsed()) return live(live_pid, control::Verb::status, {}, {}, attach_opts);
+    if (live_stop->parsed()) return live(live_pid, control::Verb::stop, {}, {}, attach_opts);
+    if (live_eject->parsed()) return eject(live_pid);
   }
   if (report_cmd->parsed()) {
     using trace::report::SortKey;

@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "common/eject.h"
 #include "sites/hooks/internal.h"
 
 namespace tramway::hooks::detail {
@@ -26,6 +27,16 @@ thread_local constinit CounterBlock* t_block __attribute__((tls_model("initial-e
 
 namespace {
 std::atomic<CounterBlock*> g_blocks{nullptr};
+
+// Unloaded after an eject (common/eject.h): no hook runs any more.
+__attribute__((destructor)) void unmap_blocks_at_unload() {
+  if (!common::ejecting()) return;
+  for (CounterBlock* b = g_blocks.exchange(nullptr); b;) {
+    CounterBlock* next = b->next;
+    ::munmap(b, sizeof(CounterBlock));
+    b = next;
+  }
+}
 }  // namespace
 
 CounterBlock* claim_block() noexcept {
