@@ -304,8 +304,10 @@ Result<InjectReport> inject_agent(pid_t pid, const AgentFiles& given, const Inje
   return r;
 }
 
-Result<InjectReport> unload_agent(pid_t pid, const AgentFiles& given, const InjectOptions& o) {
+Result<InjectReport> unload_agent(pid_t pid, const AgentFiles& given, const InjectOptions& options) {
   const AgentFiles files = canonical(given);
+  InjectOptions o = options;
+  o.check.allow_seccomp = true;  // the loader unmaps and closes only: a filter that let it load lets it unload
   Result<InjectReport> r = with_thread(pid, o, [&](Hijack& h, const Loader& l, InjectReport&) -> Status {
     if (Status s = observe_outside(pid, h.tid(), h.stopped().pc, o); !s.ok()) {
       return Status::error("cannot unload yet: " + s.message() + " (nothing was unloaded)", s.sys_errno());

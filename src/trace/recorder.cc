@@ -26,6 +26,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "common/eject.h"
 #include "common/fork_hooks.h"
 #include "common/own_stack.h"
 #include "tramway/grace.h"
@@ -290,9 +291,18 @@ class Recording {
   }
 };
 
+Recording* g_recording = nullptr;
 Recording& recording() {
-  static auto* r = new Recording;  // never destroyed: hijacked frames may return at exit
+  static auto* r = g_recording = new Recording;  // never destroyed: hijacked frames may return at exit
   return *r;
+}
+
+// Unloaded after an eject (common/eject.h): stopped, its buffers can go with the library.
+__attribute__((destructor)) void free_recording_at_unload() {
+  if (common::ejecting() && g_recording && !g_recording->active) {
+    delete g_recording;
+    g_recording = nullptr;
+  }
 }
 
 // fork(): the child gets a copy of the rings but no flusher, and shares the file, so it does

@@ -76,9 +76,21 @@ struct Child {
       buffered.append(buf, static_cast<std::size_t>(n));
     }
   }
-  std::string rest() {
+  // Everything up to end of file (bounded).
+  std::string rest(std::chrono::milliseconds timeout = 30s) {
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    for (;;) {
+      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+      if (left.count() <= 0) break;
+      pollfd p{out, POLLIN, 0};
+      if (poll(&p, 1, static_cast<int>(left.count())) <= 0) continue;
+      char buf[4096];
+      const ssize_t n = read(out, buf, sizeof buf);
+      if (n <= 0) break;
+      buffered.append(buf, static_cast<std::size_t>(n));
+    }
     std::string all;
-    for (std::string l; !(l = line(20s)).empty();) all += l + "\n";
+    all.swap(buffered);
     return all;
   }
   int wait() {
@@ -218,6 +230,12 @@ class Inject : public ::testing::Test {
   std::string untraced_output() {
     Child c;
     start_target(c);
+    // Once the handler has run (the timer fires every 10 ms): the output says whether it did.
+    std::string counts;
+    for (int i = 0; i < 2000 && !std::regex_search(counts, std::regex("alarms [1-9]")); ++i) {
+      c.send("counts");
+      counts = c.line();
+    }
     c.send("end");
     std::string out = c.rest();
     EXPECT_EQ(c.wait(), 0);
@@ -336,8 +354,8 @@ TEST_F(Inject, RecordPidTracesARunningProgramAndEjects) {
   EXPECT_TRUE(contains(r.err, "unloaded the agent")) << r.err;
   const CliRun rep = cli({"report", trace});
   ASSERT_EQ(rep.code, 0) << rep.err;
-  EXPECT_TRUE(contains(rep.out, "work::step")) << rep.out;
-  EXPECT_TRUE(contains(rep.out, "work::checksum")) << rep.out;
+  EXPECT_TRUE(contains(rep.out, "work::step(unsigned long)")) << rep.out;
+  EXPECT_TRUE(contains(rep.out, "work::checksum(unsigned long)")) << rep.out;
   EXPECT_FALSE(maps_tramway(footprint(t.pid).maps));
   EXPECT_EQ(footprint(t.pid).tasks, before.tasks);
   t.send("end");
@@ -349,8 +367,8 @@ TEST_F(Inject, ListOfAPlainProcessLoadsTheAgent) {
   start_target(t);
   const CliRun l = cli({"list", std::to_string(t.pid), "work::*"});
   ASSERT_EQ(l.code, 0) << l.err;
-  EXPECT_TRUE(contains(l.out, "work::checksum\t0x")) << l.out;
-  EXPECT_TRUE(contains(l.out, "work::step\t0x")) << l.out;
+  EXPECT_TRUE(contains(l.out, "work::checksum(unsigned long)\t0x")) << l.out;
+  EXPECT_TRUE(contains(l.out, "work::step(unsigned long)\t0x")) << l.out;
   EXPECT_EQ(cli({"live", std::to_string(t.pid), "eject"}).code, 0);
 }
 
