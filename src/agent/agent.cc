@@ -273,6 +273,9 @@ control::Reply status_reply() {
       "pid " + std::to_string(getpid()),
       std::string("recording ") + (s.recording ? "yes" : "no"),
   };
+  std::string wrapped = "handlers";  // the program's signal handlers behind the router's wrapper
+  for (int sig : text::detail::wrapped_signals()) wrapped += " " + std::to_string(sig);
+  lines.push_back(wrapped);
   if (s.recording) {
     lines.push_back("output " + (s.output.empty() ? st.output : s.output));
     lines.push_back("functions " + std::to_string(s.functions));
@@ -531,6 +534,7 @@ extern "C" __attribute__((visibility("default"))) const char* tramway_agent_inje
       return error;
     }
     st.injected = true;
+    if (!st.preloaded) text::detail::bring_interposers_in_front();
     if (st.server && !control::find_socket(getpid()).ok()) {  // ended by an eject: a new one
       st.server->stop();
       delete st.server;

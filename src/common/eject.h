@@ -34,6 +34,11 @@ Status give_back_signals();
 Status release_fixup_signal();
 // After an eject of a preloaded agent, for a new injection: the router installs itself again.
 Status take_signals_again();
+// An injected agent: the program's later sigaction & co. must reach the router (got_redirect.h);
+// give_back_signals undoes it.
+void bring_interposers_in_front() noexcept;
+// The signals whose handler runs behind the router's wrapper now (for `live status`).
+std::vector<int> wrapped_signals();
 // Handlers of the router running now, on any thread.
 int handlers_in_flight() noexcept;
 }  // namespace tramway::text::detail

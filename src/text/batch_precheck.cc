@@ -26,6 +26,7 @@
 #include "common/format.h"
 #include "common/proc.h"
 #include "text/all_blocked.h"
+#include "text/got_redirect.h"
 #include "text/internal.h"
 #include "text/thread_slots.h"
 #include "tramway/text/signal_router.h"
@@ -231,6 +232,8 @@ std::uint64_t signalfd_signals() noexcept {
 }
 
 Status precheck_batch() {
+  // Objects loaded since the last batch call libc's sigaction & co. until redirected.
+  if (interposers_brought_in_front()) redirect_signal_calls();
   const int fix = fixup_signal();
   Status st = disposition_check(SIGTRAP, "int3 traps");
   if (st.ok()) st = disposition_check(fix, "the fix-up signal");

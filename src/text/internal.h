@@ -89,6 +89,15 @@ bool names_fixup_signal(const sigset_t* set) noexcept;
 bool fixup_use_seen() noexcept;
 void note_fixup_use() noexcept;
 
+// The router's interposer of one of the functions got_redirect.h names (0 for another name).
+std::uintptr_t interposer_address(const char* name) noexcept;
+// For a libtramway loaded into a running program: put the interposers in front of libc
+// (got_redirect.h), now and, through precheck_batch, for objects loaded later.
+void bring_interposers_in_front() noexcept;
+bool interposers_brought_in_front() noexcept;
+// The signals whose kernel handler is the router's wrapper (the program's handler behind it).
+std::vector<int> wrapped_signals();
+
 // --- batch_precheck.cc: what apply() checks before any int3 is written --------------------------
 // Every thread may take SIGTRAP (none blocks it) and the kernel's SIGTRAP and fix-up
 // dispositions are still the router's; the fix-up signal is not the program's (no thread

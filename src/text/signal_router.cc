@@ -36,6 +36,7 @@
 #include "text/all_blocked.h"
 #include "text/thread_slots.h"
 #include "common/eject.h"
+#include "text/got_redirect.h"
 
 extern "C" int __sigaction(int, const struct sigaction*, struct sigaction*) noexcept;
 
@@ -493,7 +494,29 @@ Status ensure_router() noexcept {
 
 Status install_signal_router() { return detail::ensure_router(); }
 
+std::atomic<bool> g_loaded_late{false};
+
+std::vector<int> detail::wrapped_signals() {
+  std::vector<int> out;
+  for (int sig = 1; sig < NSIG; ++sig) {
+    struct sigaction cur {};
+    if (__sigaction(sig, nullptr, &cur) == 0 && reinterpret_cast<std::uintptr_t>(cur.sa_sigaction) ==
+                                                    reinterpret_cast<std::uintptr_t>(&wrapper)) {
+      out.push_back(sig);
+    }
+  }
+  return out;
+}
+
+void detail::bring_interposers_in_front() noexcept {
+  g_loaded_late.store(true, std::memory_order_release);
+  redirect_signal_calls();
+}
+bool detail::interposers_brought_in_front() noexcept { return g_loaded_late.load(std::memory_order_acquire); }
+
 Status detail::give_back_signals() {
+  // The program's objects call libc's functions again from now on.
+  if (g_loaded_late.exchange(false)) restore_signal_calls();
   int expected = 2;
   if (!g_router_state.compare_exchange_strong(expected, 4)) return {};
   const int fixup = g_fixup_signal.load(std::memory_order_relaxed);
@@ -846,3 +869,31 @@ __attribute__((visibility("default"))) sighandler_t sigset(int sig, sighandler_t
 }
 
 }  // extern "C"
+
+namespace tramway::text::detail {
+
+std::uintptr_t interposer_address(const char* name) noexcept {
+  struct Entry {
+    const char* name;
+    std::uintptr_t address;
+  };
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"  // sigset: interposed, not used
+  static const Entry entries[] = {
+      {"sigaction", reinterpret_cast<std::uintptr_t>(&::sigaction)},
+      {"signal", reinterpret_cast<std::uintptr_t>(&::signal)},
+      {"sigprocmask", reinterpret_cast<std::uintptr_t>(&::sigprocmask)},
+      {"pthread_sigmask", reinterpret_cast<std::uintptr_t>(&::pthread_sigmask)},
+      {"sigset", reinterpret_cast<std::uintptr_t>(&::sigset)},
+      {"bsd_signal", reinterpret_cast<std::uintptr_t>(&::bsd_signal)},
+      {"sysv_signal", reinterpret_cast<std::uintptr_t>(&::sysv_signal)},
+      {"__sysv_signal", reinterpret_cast<std::uintptr_t>(&::__sysv_signal)},
+  };
+#pragma GCC diagnostic pop
+  for (const Entry& e : entries) {
+    if (std::strcmp(e.name, name) == 0) return e.address;
+  }
+  return 0;
+}
+
+}  // namespace tramway::text::detail
