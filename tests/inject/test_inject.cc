@@ -371,6 +371,87 @@ TEST_F(Inject, RecordPidTracesARunningProgramAndEjects) {
   EXPECT_TRUE(contains(t.rest(), "sleep slept\n"));
 }
 
+// A program nobody here wrote, started without tramway: Debian's python3.11 running queries
+// through Debian's libsqlite3.so.0 (functions reached through relocated prologues), traced live
+// and ejected; what it prints is what it prints untraced.
+TEST_F(Inject, RecordPidOnDebiansPythonAndSqlite) {
+  if (access("/usr/bin/python3.11", X_OK) != 0) GTEST_SKIP() << "no /usr/bin/python3.11";
+  const std::string script = R"PY(
+import sqlite3, sys, threading
+stop = threading.Event()
+def work():
+    db = sqlite3.connect(":memory:")
+    db.execute("create table t(k integer primary key, v text)")
+    n = 0
+    while not stop.is_set():
+        db.execute("insert into t(v) values (?)", (str(n),))
+        db.execute("select count(*), sum(length(v)) from t where k % 7 = 3").fetchone()
+        n += 1
+threading.Thread(target=work, daemon=True).start()
+print("ready", flush=True)
+for line in sys.stdin:
+    if line.strip() == "end":
+        break
+stop.set()
+db = sqlite3.connect(":memory:")
+db.execute("create table t(k integer primary key, v text)")
+db.executemany("insert into t(v) values (?)", [(str(i),) for i in range(1000)])
+print(db.execute("select count(*), sum(length(v)), max(k) from t where k % 7 = 3").fetchone(), flush=True)
+)PY";
+  auto run_python = [&](bool traced) {
+    Child c;
+    start(c, {"/usr/bin/python3.11", "-c", script}, dir_ + "/py-err");
+    EXPECT_EQ(c.line(), "ready") << read_file(c.err_path);
+    if (traced) {
+      const std::string pid = std::to_string(c.pid), trace = dir_ + "/py.trace";
+      const CliRun r = cli({"record", "-p", pid, "-f", "sqlite3_step", "-f", "sqlite3_prepare_v2", "--duration", "0.5", "-o", trace});
+      EXPECT_EQ(r.code, 0) << r.err;
+      EXPECT_TRUE(contains(r.err, "unloaded the agent from process " + pid)) << r.err;
+      const CliRun rep = cli({"report", trace});
+      EXPECT_TRUE(std::regex_search(rep.out, std::regex("\\n *[1-9][0-9]* +.*sqlite3_step\\n"))) << rep.out;
+      EXPECT_FALSE(maps_tramway(footprint(c.pid).maps));
+    }
+    c.send("end");
+    const std::string out = c.rest();
+    EXPECT_EQ(c.wait(), 0) << read_file(c.err_path);
+    return out;
+  };
+  const std::string plain = run_python(false);
+  EXPECT_EQ(plain, "(143, 413, 997)\n");
+  EXPECT_EQ(run_python(true), plain);
+}
+
+// `tramway run` preloads the agent: eject detaches and gives everything back but leaves it
+// loaded (the loader never unloads preloaded objects), and a later attach takes it up again.
+TEST_F(Inject, EjectOfAPreloadedAgentLeavesItIdleAndAttachableAgain) {
+  Child r;
+  start(r, {kCli, "run", "--", kTarget}, dir_ + "/run-err");
+  ASSERT_EQ(r.line(), "ready");
+  pid_t pid = -1;
+  for (int i = 0; i < 2000 && pid < 0; ++i) {
+    std::smatch m;
+    const std::string err = read_file(r.err_path);
+    if (std::regex_search(err, m, std::regex("is running as pid ([0-9]+)"))) pid = std::stoi(m[1]);
+    else std::this_thread::sleep_for(5ms);
+  }
+  ASSERT_GT(pid, 0);
+  const std::string p = std::to_string(pid);
+  ASSERT_EQ(cli({"live", p, "attach", "work::step*", "-o", dir_ + "/a.trace"}).code, 0);
+  const CliRun e = cli({"live", p, "eject"});
+  EXPECT_EQ(e.code, 0) << e.err;
+  EXPECT_TRUE(contains(e.out, "the agent stays loaded, idle")) << e.out;
+  EXPECT_EQ(cli({"live", p, "status"}).code, 1);  // no socket any more
+  const CliRun again = cli({"live", p, "attach", "work::step*", "-o", dir_ + "/b.trace"});
+  EXPECT_EQ(again.code, 0) << again.err;
+  const CliRun s = cli({"live", p, "status"});
+  EXPECT_TRUE(contains(s.out, "recording yes")) << s.out;
+  EXPECT_TRUE(contains(s.out, "handlers 14\n")) << s.out;
+  EXPECT_EQ(cli({"live", p, "stop"}).code, 0);
+  r.send("end");
+  EXPECT_TRUE(contains(r.rest(), "sleep slept\n"));
+  EXPECT_EQ(r.wait(), 0);
+}
+
 TEST_F(Inject, ListOfAPlainProcessLoadsTheAgent) {
   Child t;
   start_target(t);
