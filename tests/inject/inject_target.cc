@@ -8,6 +8,7 @@
 //   ping         -> pong
 //   usr1         -> usr1 installed
 //   counts       -> alarms N usr1 M sleep_eintr K   (handlers run; nanosleep interruptions)
+//   mem          -> heap in use BYTES   (malloc's count: what tramway may leave behind)
 //   end          -> wakes every blocked thread, joins them, prints the results and exits 0
 // Options, for the injector's refusals: --seccomp (an allow-everything seccomp filter),
 // --nodump (prctl PR_SET_DUMPABLE 0).
@@ -18,6 +19,7 @@
 #include <linux/filter.h>
 #include <linux/futex.h>
 #include <linux/seccomp.h>
+#include <malloc.h>
 #include <pthread.h>
 #include <signal.h>
 #include <sys/epoll.h>
@@ -217,6 +219,9 @@ int main(int argc, char** argv) {
       std::printf("usr1 installed\n");
     } else if (line == "counts") {
       std::printf("alarms %ld usr1 %ld sleep_eintr %ld\n", g_alarms.load(), g_usr1.load(), g_sleep_eintr.load());
+    } else if (line == "mem") {
+      const struct mallinfo2 mi = mallinfo2();
+      std::printf("heap in use %zu\n", mi.uordblks);
     } else if (line == "end") {
       break;
     } else {
