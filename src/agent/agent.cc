@@ -274,7 +274,10 @@ control::Reply status_reply() {
       std::string("recording ") + (s.recording ? "yes" : "no"),
   };
   std::string wrapped = "handlers";  // the program's signal handlers behind the router's wrapper
-  for (int sig : text::detail::wrapped_signals()) wrapped += " " + std::to_string(sig);
+  for (int sig : text::detail::wrapped_signals()) {
+    wrapped += ' ';
+    wrapped += std::to_string(sig);  // piecewise: GCC 12 -O3 warns falsely (-Wrestrict) on " " + string
+  }
   lines.push_back(wrapped);
   if (s.recording) {
     lines.push_back("output " + (s.output.empty() ? st.output : s.output));

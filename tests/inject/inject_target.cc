@@ -49,7 +49,11 @@ __attribute__((noinline)) std::uint64_t step(std::uint64_t x) {
   x ^= x >> 29;
   return x;
 }
+std::atomic<std::uint64_t> g_rounds{0};
+// Counts its calls: a side effect, so that no compiler calls it once for a whole busy loop
+// (Clang did: a call it proves pure and whose result only the last iteration uses).
 __attribute__((noinline)) std::uint64_t checksum(std::uint64_t n) {
+  g_rounds.fetch_add(1, std::memory_order_relaxed);
   std::uint64_t sum = 0;
   for (std::uint64_t i = 0; i < n; ++i) sum += step(i);
   return sum;
