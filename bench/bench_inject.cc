@@ -1,16 +1,19 @@
 // Injection into a running process (issue 13), timed from outside as a user sees it: the
-// `tramway` command against bench_inject_target (tests/inject/inject_target.cc, started plainly,
-// with 10,000 more functions in a shared library), side by side with `bpftrace -p` attaching
-// one uprobe to the same function in the same run. Not a Google Benchmark program (each
+// `tramway` command against tests/inject/inject_target.cc started plainly — alone
+// (bench_inject_plain_target) for one function, and with 10,000 more functions in a shared
+// library (bench_inject_target) for those — side by side with `bpftrace -p` attaching one
+// uprobe to the same function of the same process in the same run. Not a Google Benchmark program (each
 // sample is a process's life); it prints bench/report.h's JSON lines, medians of the
 // repetitions (--benchmark_repetitions=N, default 5), on stdout:
-//   inject/first_callback/1      `tramway live PID attach 'work::step*'` on a process without an
-//                                agent, until it returns (the callbacks run from then on: two
-//                                threads call work::step all the time), ms
-//   inject/first_callback/10000  the same for 'bench_rfn_*' (10,000 relocated prologues), ms
+//   inject/first_callback/1      `tramway live PID attach 'work::step*'` on the plain process
+//                                without an agent, until it returns (the callbacks run from then
+//                                on: two threads call work::step all the time), ms
+//   inject/first_callback/10000  the same for 'bench_rfn_*' (10,000 relocated prologues) on the
+//                                other, ms
 //   inject/pause                 the longest pause of the hijacked thread (the command says it), ms
 //   eject                        `tramway live PID eject` (10,000 functions attached), ms
-//   bpftrace/attach_pid          `bpftrace -p PID` until its probe on work::step first fires, ms
+//   bpftrace/attach_pid          `bpftrace -p PID` (the plain process) until its probe on
+//                                work::step first fires, ms
 //   inject/first_callback/1_ratio_to_bpftrace
 // Flags: --figures=REGEX; --benchmark_repetitions=N.
 #include <fcntl.h>
@@ -125,44 +128,55 @@ int main(int argc, char** argv) {
     if (std::strncmp(argv[i], "--figures=", 10) == 0) figures = std::regex(argv[i] + 10);
     if (std::strncmp(argv[i], "--benchmark_repetitions=", 24) == 0) reps = std::max(1, std::atoi(argv[i] + 24));
   }
-  const std::string cli = BENCH_TRAMWAY_CLI, target = BENCH_INJECT_TARGET;
+  const std::string cli = BENCH_TRAMWAY_CLI, target = BENCH_INJECT_TARGET, plain = BENCH_INJECT_PLAIN_TARGET;
   const bool bpftrace = access("/usr/bin/bpftrace", X_OK) == 0 && geteuid() == 0;
   std::vector<double> first1, first10k, pause, eject, bpf;
   const std::regex paused("paused ([0-9.]+) ms");
-  for (int r = 0; r < reps; ++r) {
-    Proc t = spawn({target});
-    if (!wait_for(t.out, "ready", 10000)) {
-      std::fprintf(stderr, "bench_inject: the target did not start\n");
-      return 1;
-    }
-    const std::string pid = std::to_string(t.pid);
-    std::string err;
-    std::smatch m;
-    double ms = timed({cli, "live", pid, "attach", "work::step*", "-o", "/tmp/bench_inject.trace"}, &err);
-    if (ms >= 0) first1.push_back(ms);
-    if (std::regex_search(err, m, paused)) pause.push_back(std::stod(m[1]));
-    timed({cli, "live", pid, "eject"});
-    ms = timed({cli, "live", pid, "attach", "bench_rfn_*", "-o", "/tmp/bench_inject.trace"}, &err);
-    if (ms >= 0) first10k.push_back(ms);
-    if (std::regex_search(err, m, paused)) pause.push_back(std::stod(m[1]));
-    ms = timed({cli, "live", pid, "eject"});
-    if (ms >= 0) eject.push_back(ms);
-    if (bpftrace) {
-      const double t0 = now_ms();
-      Proc b = spawn({"bpftrace", "-p", pid, "-e", "uprobe:" + target + ":_ZN4work4stepEm { printf(\"hit\\n\"); exit(); }"});
-      if (wait_for(b.out, "hit", 60000)) bpf.push_back(now_ms() - t0);
-      kill(b.pid, SIGINT);
-      waitpid(b.pid, nullptr, 0);
-      close(b.in);
-      close(b.out);
-      close(b.err);
-    }
+  auto start_target = [](const std::string& path) {
+    Proc t = spawn({path});
+    if (!wait_for(t.out, "ready", 10000)) std::fprintf(stderr, "bench_inject: %s did not start\n", path.c_str());
+    return t;
+  };
+  auto end_target = [](Proc& t) {
     (void)!write(t.in, "end\n", 4);
     close(t.in);
     drain(t.out);
     waitpid(t.pid, nullptr, 0);
     close(t.out);
     close(t.err);
+  };
+  for (int r = 0; r < reps; ++r) {
+    std::string err;
+    std::smatch m;
+    {  // one function, then bpftrace on the same process once the agent is out
+      Proc t = start_target(plain);
+      const std::string pid = std::to_string(t.pid);
+      const double ms = timed({cli, "live", pid, "attach", "work::step*", "-o", "/tmp/bench_inject.trace"}, &err);
+      if (ms >= 0) first1.push_back(ms);
+      if (std::regex_search(err, m, paused)) pause.push_back(std::stod(m[1]));
+      timed({cli, "live", pid, "eject"});
+      if (bpftrace) {
+        const double t0 = now_ms();
+        Proc b = spawn({"bpftrace", "-p", pid, "-e", "uprobe:" + plain + ":_ZN4work4stepEm { printf(\"hit\\n\"); exit(); }"});
+        if (wait_for(b.out, "hit", 60000)) bpf.push_back(now_ms() - t0);
+        kill(b.pid, SIGINT);
+        waitpid(b.pid, nullptr, 0);
+        close(b.in);
+        close(b.out);
+        close(b.err);
+      }
+      end_target(t);
+    }
+    {  // 10,000 functions
+      Proc t = start_target(target);
+      const std::string pid = std::to_string(t.pid);
+      double ms = timed({cli, "live", pid, "attach", "bench_rfn_*", "-o", "/tmp/bench_inject.trace"}, &err);
+      if (ms >= 0) first10k.push_back(ms);
+      if (std::regex_search(err, m, paused)) pause.push_back(std::stod(m[1]));
+      ms = timed({cli, "live", pid, "eject"});
+      if (ms >= 0) eject.push_back(ms);
+      end_target(t);
+    }
   }
   unlink("/tmp/bench_inject.trace");
   auto print = [&](const std::string& name, double value, const char* unit) {
