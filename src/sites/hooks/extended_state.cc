@@ -31,8 +31,11 @@ const XsaveLayout& xsave_layout() {
 
 // Runs `o`'s callback between xsave and xrstor of every state component the OS enabled. No
 // library call may come before the xsave: glibc's string functions use AVX and end with
-// vzeroupper, which would clear the very upper halves this is meant to keep.
-__attribute__((target("xsave"), noinline)) void call_saving_extended_state(Ops& o, std::uintptr_t entry,
+// vzeroupper, which would clear the very upper halves this is meant to keep. Nor a sanitizer's:
+// AddressSanitizer poisons an alloca through its runtime (__asan_alloca_poison), whose memset
+// on AMD EPYC ends with vzeroupper (the asan preset lost ymm0's upper half there, not on Intel).
+__attribute__((target("xsave"), noinline, no_sanitize("address", "undefined")))
+void call_saving_extended_state(Ops& o, std::uintptr_t entry,
                                                                           std::uintptr_t caller, EntryRegs& regs) {
   const XsaveLayout& layout = xsave_layout();
   auto* raw = static_cast<unsigned char*>(__builtin_alloca(layout.size + 64));
