@@ -538,7 +538,7 @@ extern "C" __attribute__((visibility("default"))) const char* tramway_agent_inje
     }
     st.injected = true;
     if (!st.preloaded) text::detail::bring_interposers_in_front();
-    if (st.server && !control::find_socket(getpid()).ok()) {  // ended by an eject: a new one
+    if (st.server && st.server->ended()) {  // ended by an eject: a new one
       st.server->stop();
       delete st.server;
       st.server = nullptr;

@@ -228,6 +228,7 @@ struct Server::Impl {
 Server::Server(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 Server::~Server() { stop(); }
 const std::string& Server::path() const noexcept { return impl_->path; }
+bool Server::ended() const noexcept { return impl_->ended.load(std::memory_order_acquire); }
 
 void Server::stop() {
   Impl& s = *impl_;

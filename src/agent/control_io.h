@@ -47,6 +47,8 @@ class Server {
 
   void stop();
   const std::string& path() const noexcept;
+  // The server ended by itself after a reply marked `last`: stop() only joins its thread.
+  bool ended() const noexcept;
 
   struct Impl;
 

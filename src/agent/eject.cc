@@ -12,6 +12,7 @@
 #include "common/eject.h"
 #include "common/format.h"
 #include "common/proc.h"
+#include "common/tramway_mapping.h"
 #include "tramway/text/signal_router.h"
 
 namespace tramway::agent {
@@ -29,8 +30,7 @@ std::vector<text::PcRange> own_text() {
     in >> range >> perms >> offset >> dev >> inode;
     std::getline(in >> std::ws, path);
     if (perms.size() < 3 || perms[2] != 'x') continue;
-    const std::string base = path.substr(path.rfind('/') + 1);
-    if (base.rfind("libtramway", 0) != 0 && base.rfind("memfd:tramway-code", 0) != 0) continue;
+    if (!common::is_tramway_mapping(path)) continue;
     const auto dash = range.find('-');
     const std::uintptr_t b = std::stoull(range.substr(0, dash), nullptr, 16), e = std::stoull(range.substr(dash + 1), nullptr, 16);
     if (!out.empty() && out.back().end == b) out.back().end = e;

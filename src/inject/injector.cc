@@ -14,6 +14,7 @@
 #include <thread>
 #include <vector>
 
+#include "common/tramway_mapping.h"
 #include "inject/elf_symbols.h"
 #include "inject/remote_call.h"
 
@@ -190,8 +191,7 @@ Result<std::uint64_t> remote_dlopen(Hijack& h, const Loader& l, const InjectOpti
 std::vector<Mapping> tramway_text(pid_t pid) {
   std::vector<Mapping> out;
   for (const Mapping& m : read_maps(pid)) {
-    const std::string b = m.path.substr(m.path.rfind('/') + 1);
-    if (m.perms.size() >= 3 && m.perms[2] == 'x' && (b.rfind("libtramway", 0) == 0 || b.rfind("memfd:tramway-code", 0) == 0)) {
+    if (m.perms.size() >= 3 && m.perms[2] == 'x' && common::is_tramway_mapping(m.path)) {
       out.push_back(m);
     }
   }

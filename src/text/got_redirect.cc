@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "common/tramway_mapping.h"
 #include "text/internal.h"
 
 namespace tramway::text::detail {
@@ -39,8 +40,8 @@ std::atomic<std::size_t> g_redirected{0};
 
 bool skipped(const std::string& name) {
   const std::string base = name.substr(name.rfind('/') + 1);
-  return base.rfind("libc.so", 0) == 0 || base.rfind("ld-linux", 0) == 0 || base.rfind("libtramway", 0) == 0 ||
-         base.rfind("linux-vdso", 0) == 0;
+  return base.rfind("libc.so", 0) == 0 || base.rfind("ld-linux", 0) == 0 || base.rfind("linux-vdso", 0) == 0 ||
+         common::is_tramway_mapping(name);
 }
 
 // Writes `value` to a GOT slot, making a RELRO page writable for the store.

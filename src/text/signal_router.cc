@@ -56,6 +56,11 @@ using detail::t_slot;
 // glibc's internal signals (SIGCANCEL, SIGSETXID): never touched, as glibc itself does.
 constexpr int kGlibcInternalFirst = 32, kGlibcInternalLast = 33;
 
+// Signals the router never wraps, adopts or gives back: those no handler can catch, and glibc's.
+constexpr bool never_routed(int sig) noexcept {
+  return sig == SIGKILL || sig == SIGSTOP || (sig >= kGlibcInternalFirst && sig <= kGlibcInternalLast);
+}
+
 // ---- the program's handlers -------------------------------------------------------------------
 struct UserAction {
   std::atomic<std::uintptr_t> handler{0};  // what the wrapper calls (SIG_DFL = 0, SIG_IGN = 1)
@@ -339,7 +344,7 @@ Status install() {
   // Put the wrapper in front of every handler installed before us, and record what the
   // program sees.
   for (int sig = 1; sig < NSIG; ++sig) {
-    if (sig == SIGKILL || sig == SIGSTOP || (sig >= kGlibcInternalFirst && sig <= kGlibcInternalLast)) continue;
+    if (never_routed(sig)) continue;
     struct sigaction cur {};
     if (__sigaction(sig, nullptr, &cur) != 0) continue;
     const auto h = reinterpret_cast<std::uintptr_t>(cur.sa_handler);
@@ -523,7 +528,7 @@ Status detail::give_back_signals() {
   std::string failed;
   UserLock lock;
   for (int sig = 1; sig < NSIG; ++sig) {
-    if (sig == SIGKILL || sig == SIGSTOP || sig == fixup || (sig >= kGlibcInternalFirst && sig <= kGlibcInternalLast)) continue;
+    if (never_routed(sig) || sig == fixup) continue;
     struct sigaction cur {};
     if (__sigaction(sig, nullptr, &cur) != 0 || !is_ours(reinterpret_cast<std::uintptr_t>(cur.sa_handler))) continue;
     if (__sigaction(sig, &g_user[sig].full, nullptr) != 0) failed += (failed.empty() ? "" : ", ") + std::to_string(sig);
@@ -750,8 +755,7 @@ extern "C" {
 __attribute__((visibility("default"))) int sigaction(int sig, const struct sigaction* act,
                                                      struct sigaction* old) noexcept {
   using namespace tramway::text;
-  if (sig <= 0 || sig >= NSIG || sig == SIGKILL || sig == SIGSTOP ||
-      (sig >= kGlibcInternalFirst && sig <= kGlibcInternalLast) || !detail::ensure_router().ok()) {
+  if (sig <= 0 || sig >= NSIG || never_routed(sig) || !detail::ensure_router().ok()) {
     return __sigaction(sig, act, old);
   }
   const auto h = act ? reinterpret_cast<std::uintptr_t>(act->sa_handler) : 0;

@@ -65,7 +65,8 @@ void on_thread_exit(void* arg) {
 bool g_exit_key_made = false;
 void make_exit_key() { g_exit_key_made = pthread_key_create(&g_exit_key, on_thread_exit) == 0; }
 
-std::size_t state_bytes(const ThreadState* t) { return sizeof(ThreadState) + (t->mask + 1) * sizeof(format::Event); }
+// A state and its ring of `events` events are one mapping.
+std::size_t state_bytes(std::size_t events) { return sizeof(ThreadState) + events * sizeof(format::Event); }
 
 // Unloaded after an eject (common/eject.h): no thread is inside a traced call any more and no
 // hook runs, so the states are unread; a thread that exits later must not run on_thread_exit.
@@ -74,14 +75,14 @@ __attribute__((destructor)) void unmap_states_at_unload() {
   if (g_exit_key_made) pthread_key_delete(g_exit_key);
   for (ThreadState* t = g_states.exchange(nullptr); t;) {
     ThreadState* next = t->next;
-    ::munmap(t, state_bytes(t));
+    ::munmap(t, state_bytes(t->mask + 1));
     t = next;
   }
 }
 
 ThreadState* make_state() noexcept {
   std::size_t events = g_ring_events.load(std::memory_order_relaxed);
-  const std::size_t bytes = sizeof(ThreadState) + events * sizeof(format::Event);  // state_bytes
+  const std::size_t bytes = state_bytes(events);
   void* mem = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (mem == MAP_FAILED) return nullptr;
   auto* t = new (mem) ThreadState;

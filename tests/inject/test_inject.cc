@@ -25,6 +25,7 @@
 #include <thread>
 #include <vector>
 
+#include "common/tramway_mapping.h"
 #include "inject/remote_call.h"
 #include "inject/target.h"
 
@@ -189,9 +190,22 @@ Footprint footprint(pid_t pid) {
   return f;
 }
 
-// A mapping of tramway's: its libraries or its code arenas.
+// The path of a /proc/PID/maps line ("" for an anonymous mapping).
+std::string map_path(const std::string& line) {
+  std::istringstream f(line);
+  std::string range, perms, offset, dev, inode, path;
+  f >> range >> perms >> offset >> dev >> inode;
+  std::getline(f >> std::ws, path);
+  return path;
+}
+
+// Whether `maps` holds a mapping of tramway's: its libraries or its code arenas.
 bool maps_tramway(const std::string& maps) {
-  return maps.find("libtramway") != std::string::npos || maps.find("memfd:tramway") != std::string::npos;
+  std::istringstream in(maps);
+  for (std::string l; std::getline(in, l);) {
+    if (tramway::common::is_tramway_mapping(map_path(l))) return true;
+  }
+  return false;
 }
 
 long rss_kib(pid_t pid) {
@@ -245,6 +259,14 @@ class Inject : public ::testing::Test {
     std::vector<std::string> argv = {kCli};
     argv.insert(argv.end(), args.begin(), args.end());
     return run(argv, dir_, ids);
+  }
+  // `live PID attach` on a process that must be refused (as `caller` if given): exit status 1,
+  // and the message names `why`. Returns the message.
+  std::string expect_refused(pid_t pid, const std::string& why, const Ids* caller = nullptr) {
+    const CliRun r = cli({"live", std::to_string(pid), "attach", "work::step*"}, caller);
+    EXPECT_EQ(r.code, 1);
+    EXPECT_TRUE(contains(r.err, why)) << r.err;
+    return r.err;
   }
   // Waits until the recording of `pid` has events (the first callbacks ran).
   void wait_for_events(pid_t pid) {
@@ -323,11 +345,7 @@ TEST_F(Inject, CyclesLeaveTheProgramAsItWas) {
     std::istringstream in(maps);
     for (std::string l; std::getline(in, l);) {
       if (contains(l, "[heap]")) continue;
-      std::istringstream f(l);
-      std::string range, perms, offset, dev, inode, path;
-      f >> range >> perms >> offset >> dev >> inode;
-      std::getline(f >> std::ws, path);
-      if (path.empty()) continue;  // anonymous: an arena's split between rw and reserved moves
+      if (map_path(l).empty()) continue;  // anonymous: an arena's split between rw and reserved moves
       out += l + "\n";
     }
     return out;
@@ -468,11 +486,8 @@ TEST_F(Inject, AProcessAnotherTracerHoldsIsRefused) {
   Child t;
   start_target(t);
   ASSERT_EQ(ptrace(PTRACE_SEIZE, t.pid, nullptr, nullptr), 0);
-  const CliRun r = cli({"live", std::to_string(t.pid), "attach", "work::step*"});
-  EXPECT_EQ(r.code, 1);
-  EXPECT_TRUE(contains(r.err, "is being traced by process " + std::to_string(getpid()) +
-                                  " (a debugger or strace); a process has one tracer at a time"))
-      << r.err;
+  expect_refused(t.pid, "is being traced by process " + std::to_string(getpid()) +
+                            " (a debugger or strace); a process has one tracer at a time");
   // Release it (a seized tracee is released by an interrupt stop and a detach).
   ASSERT_EQ(ptrace(PTRACE_INTERRUPT, t.pid, nullptr, nullptr), 0);
   ASSERT_EQ(waitpid(t.pid, nullptr, __WALL), t.pid);
@@ -486,9 +501,7 @@ TEST_F(Inject, AStoppedProcessIsRefused) {
   start_target(t);
   ASSERT_EQ(kill(t.pid, SIGSTOP), 0);
   for (int i = 0; i < 2000 && inject::read_target(t.pid)->state != 'T'; ++i) std::this_thread::sleep_for(1ms);
-  const CliRun r = cli({"live", std::to_string(t.pid), "attach", "work::step*"});
-  EXPECT_EQ(r.code, 1);
-  EXPECT_TRUE(contains(r.err, "is stopped; resume it with `kill -CONT " + std::to_string(t.pid) + "`")) << r.err;
+  expect_refused(t.pid, "is stopped; resume it with `kill -CONT " + std::to_string(t.pid) + "`");
   kill(t.pid, SIGCONT);
 }
 
@@ -496,21 +509,17 @@ TEST_F(Inject, AStaticProgramIsRefused) {
   Child t;
   start(t, {kStatic}, dir_ + "/static-err");
   ASSERT_EQ(t.line(), "ready");
-  const CliRun r = cli({"live", std::to_string(t.pid), "attach", "main"});
-  EXPECT_EQ(r.code, 1);
-  EXPECT_TRUE(contains(r.err, "is statically linked (no libc.so.6 in its memory map)")) << r.err;
+  expect_refused(t.pid, "is statically linked (no libc.so.6 in its memory map)");
 }
 
 TEST_F(Inject, ASeccompFilterIsRefusedUnlessAllowed) {
   Child t;
   start_target(t, {"--seccomp"});
   const std::string pid = std::to_string(t.pid);
-  CliRun r = cli({"live", pid, "attach", "work::step*"});
-  EXPECT_EQ(r.code, 1);
-  EXPECT_TRUE(contains(r.err, "runs under a seccomp filter (Seccomp: 2 in /proc/" + pid + "/status)")) << r.err;
-  EXPECT_TRUE(contains(r.err, "retry with --allow-seccomp")) << r.err;
+  const std::string err = expect_refused(t.pid, "runs under a seccomp filter (Seccomp: 2 in /proc/" + pid + "/status)");
+  EXPECT_TRUE(contains(err, "retry with --allow-seccomp")) << err;
   EXPECT_FALSE(maps_tramway(read_file("/proc/" + pid + "/maps")));
-  r = cli({"live", pid, "attach", "--allow-seccomp", "work::step*", "-o", dir_ + "/s.trace"});
+  const CliRun r = cli({"live", pid, "attach", "--allow-seccomp", "work::step*", "-o", dir_ + "/s.trace"});
   EXPECT_EQ(r.code, 0) << r.err;
   EXPECT_EQ(cli({"live", pid, "eject"}).code, 0);
 }
@@ -520,9 +529,7 @@ TEST_F(Inject, ASetUserIdProcessIsRefused) {
   Child t;
   const Ids ids{65534, 0};  // real nobody, effective root: as a set-user-ID program runs
   start_target(t, {}, &ids);
-  const CliRun r = cli({"live", std::to_string(t.pid), "attach", "work::step*"});
-  EXPECT_EQ(r.code, 1);
-  EXPECT_TRUE(contains(r.err, "runs set-user-ID or set-group-ID")) << r.err;
+  expect_refused(t.pid, "runs set-user-ID or set-group-ID");
 }
 
 TEST_F(Inject, ANonDumpableProcessIsRefused) {
@@ -530,9 +537,7 @@ TEST_F(Inject, ANonDumpableProcessIsRefused) {
   Child t;
   const Ids ids{65534, 65534};
   start_target(t, {"--nodump"}, &ids);
-  const CliRun r = cli({"live", std::to_string(t.pid), "attach", "work::step*"});
-  EXPECT_EQ(r.code, 1);
-  EXPECT_TRUE(contains(r.err, "is not dumpable (it called prctl(PR_SET_DUMPABLE, 0)")) << r.err;
+  expect_refused(t.pid, "is not dumpable (it called prctl(PR_SET_DUMPABLE, 0)");
 }
 
 TEST_F(Inject, AnotherUsersProcessIsRefusedWithoutTheCapability) {
@@ -540,9 +545,7 @@ TEST_F(Inject, AnotherUsersProcessIsRefusedWithoutTheCapability) {
   Child t;
   start_target(t);  // root's
   const Ids nobody{65534, 65534};
-  const CliRun r = cli({"live", std::to_string(t.pid), "attach", "work::step*"}, &nobody);
-  EXPECT_EQ(r.code, 1);
-  EXPECT_TRUE(contains(r.err, "belongs to another user")) << r.err;
+  expect_refused(t.pid, "belongs to another user", &nobody);
 }
 
 // The checks themselves, for the cases this machine cannot stage (Yama, musl, 32-bit, strict mode).
