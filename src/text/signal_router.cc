@@ -37,6 +37,7 @@
 #include "text/thread_slots.h"
 #include "common/eject.h"
 #include "text/got_redirect.h"
+#include "text/eintr_undo.h"
 
 extern "C" int __sigaction(int, const struct sigaction*, struct sigaction*) noexcept;
 
@@ -173,6 +174,7 @@ void wrapper(int sig, siginfo_t* si, void* uc) {
     unblock_fixup();  // the frame is recorded: fix-ups may now move its PC
   }
   reset_if_oneshot(sig, flags);
+  detail::note_program_handler(frame.slot(), static_cast<ucontext_t*>(uc));
   if (is_function(h)) call_user(h, flags, sig, si, uc);
 }
 
@@ -297,6 +299,7 @@ void answer_move_request(const FrameGuard& frame, ucontext_t* uc) noexcept {
 void fixup_handler(int, siginfo_t*, void* ucv) {
   auto* uc = static_cast<ucontext_t*>(ucv);
   FrameGuard frame(uc, false);
+  detail::undo_own_eintr(frame.slot(), uc);  // first: the others must see where it resumes
   answer_move_request(frame, uc);
   detail::sample_for_watch(frame.slot(), uc);
 }
@@ -374,6 +377,7 @@ Status install() {
     return Status::error(std::string("installing the SIGTRAP router failed: ") + std::strerror(errno), errno);
   }
   __sigaction(g_fixup_signal.load(), nullptr, &g_fixup_original);
+  detail::eintr_undo_init();
   struct sigaction fix {};
   fix.sa_sigaction = fixup_handler;
   fix.sa_flags = SA_SIGINFO | SA_RESTART;

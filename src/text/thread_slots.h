@@ -52,6 +52,10 @@ struct ThreadSlot {
   std::atomic<bool> watch_quiet{false};
   std::atomic<std::uintptr_t> watch_pc{0};
   std::atomic<std::uint32_t> watch_samples{0};
+  // Where the program's own handler was last entered on a system call's EINTR return (pc,
+  // sp): that EINTR is the program's, and eintr_undo.cc must not take it back.
+  std::atomic<std::uintptr_t> program_eintr_pc{0};
+  std::atomic<std::uintptr_t> program_eintr_sp{0};
 
   pid_t tid() const noexcept { return static_cast<pid_t>(owner.load(std::memory_order_acquire) & kTidMask); }
 };

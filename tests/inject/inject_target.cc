@@ -89,9 +89,13 @@ struct Results {
 };
 Results g_results;
 
+// At least one round: under load a busy thread may not have run at all before `end` comes,
+// and its result must not depend on that.
 void busy(int i) {
-  std::uint64_t last = 0;
-  while (!g_end.load(std::memory_order_relaxed)) last = work::checksum(1000);
+  std::uint64_t last;
+  do {
+    last = work::checksum(1000);
+  } while (!g_end.load(std::memory_order_relaxed));
   g_results.busy[i] = last;
 }
 
@@ -121,10 +125,11 @@ std::atomic<long> g_sleep_eintr{0};
 void sleeper() {
   block_program_signals();
   // Sleeps in 100 ms slices until the end; each slice must last its full length. An EINTR is
-  // counted (`counts` shows it) and the rest of the slice slept, as a careful program does: a
-  // handled signal that lands as the thread enters nanosleep makes the kernel return EINTR
-  // whatever SA_RESTART says, and tramway's fix-up signal can be one (a thread seen running is
-  // signalled); the injector's own stops never cause one.
+  // counted (`counts` shows it, and the test wants 0) and the rest of the slice slept. A handled
+  // signal that lands as the thread enters nanosleep makes the kernel return EINTR whatever
+  // SA_RESTART says; tramway's fix-up signal can be one (a thread seen running is signalled),
+  // and its handler must take that EINTR back (text/eintr_undo.h). This thread blocks the
+  // program's own signals, so any EINTR here is tramway's.
   std::string out = "slept";
   while (!g_end.load()) {
     timespec before, after, req{0, 100'000'000}, rem{};

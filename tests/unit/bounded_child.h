@@ -82,22 +82,27 @@ inline std::string describe(int code) {
 
 inline pid_t gettid_() { return static_cast<pid_t>(::syscall(SYS_gettid)); }
 
-// True once thread `tid` of this process sleeps in futex(2) (blocked on a mutex), within
-// `timeout_ms`.
-inline bool wait_blocked_in_futex(pid_t tid, std::int64_t timeout_ms = 3000) {
+// True once thread `tid` of this process sleeps in system call `nr` (as /proc/TID/syscall
+// says: only a thread off its CPU inside a call shows its number), within `timeout_ms`.
+inline bool wait_blocked_in(pid_t tid, long nr, std::int64_t timeout_ms = 3000) {
   const std::int64_t deadline = now_ms() + timeout_ms;
   char path[64];
   std::snprintf(path, sizeof path, "/proc/self/task/%d/syscall", tid);
   while (now_ms() < deadline) {
     if (FILE* f = std::fopen(path, "r")) {
-      long nr = -2;
-      const int got = std::fscanf(f, "%ld", &nr);
+      long seen = -2;
+      const int got = std::fscanf(f, "%ld", &seen);
       std::fclose(f);
-      if (got == 1 && nr == SYS_futex) return true;
+      if (got == 1 && seen == nr) return true;
     }
     nap();
   }
   return false;
+}
+
+// True once thread `tid` of this process sleeps in futex(2) (blocked on a mutex).
+inline bool wait_blocked_in_futex(pid_t tid, std::int64_t timeout_ms = 3000) {
+  return wait_blocked_in(tid, SYS_futex, timeout_ms);
 }
 
 }  // namespace bounded
