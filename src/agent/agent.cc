@@ -189,8 +189,9 @@ std::string no_match(const std::string& glob, std::size_t matched, bool all) {
 
 // ---- recording ----
 
-// The agent's state. Never destroyed: the exit handler may run after this library's static
-// destructors (their order against a constructor function's is not defined).
+// The agent's state. Not destroyed while the process runs: the exit handler may run after
+// this library's static destructors (their order against a constructor function's is not
+// defined). An eject's unload frees it (free_state_at_unload).
 struct State {
   std::mutex mu;  // serialises compound operations (start, stop + summary) between the control
                   // thread, the duration timer and the exit handler
@@ -206,9 +207,21 @@ struct State {
   bool injected = false;    // started by tramway_agent_injected (inject/injector.h)
   bool exit_handler = false;
 };
+State* g_state = nullptr;
 State& state() {
-  static State* s = new State;
+  static State* s = g_state = new State;
   return *s;
+}
+
+// Unloaded after an eject: the exit handler has run (the loader runs a library's atexit
+// handlers at its dlclose) and nothing else of the agent will; priority 101 runs after them
+// and after the static destructors. libtramway's own kept objects go with its unload
+// (common/unload_freed.h).
+__attribute__((destructor(101))) void free_state_at_unload() {
+  if (!common::ejecting() || !g_state) return;
+  delete g_state->server;  // stopped by the eject; stop() again only joins and closes nothing new
+  delete g_state;
+  g_state = nullptr;
 }
 
 Status start_recording(const std::string& file) {

@@ -21,6 +21,7 @@
 #include <signal.h>
 #include <sched.h>
 #include <sys/syscall.h>
+#include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -46,6 +47,7 @@
 #include "grace/internal.h"
 #include "tramway/grace.h"
 #include "tramway/text/signal_router.h"
+#include "common/unload_freed.h"
 
 namespace tramway::grace {
 namespace detail {
@@ -70,7 +72,15 @@ long futex(std::atomic<int>* addr, int op, int value, const timespec* timeout = 
 // however the thread ends (even a raw SYS_exit inside a region, which runs no TLS destructor),
 // the kernel marks the mutex's owner dead, so a grace period can tell an exited thread from a
 // live one without /proc and without mistaking a new thread that got the same tid.
+//
+// A marker outlives an eject's unload of libtramway: it is on its thread's robust list, which
+// the kernel writes when the thread exits, so its memory cannot be freed while the thread
+// lives (and only the thread itself may unlock it). A later injection's libtramway adopts it
+// instead of leaving one more behind on every cycle: the thread's first region looks for a
+// marker on its own robust list, known by `magic` just before the mutex.
+constexpr std::uint64_t kLiveMarkerMagic = 0x746b'7261'6d79'6177;  // "wayramkt", version 1 of the layout
 struct LiveMarker : Marker {
+  std::uint64_t magic = kLiveMarkerMagic;
   pthread_mutex_t alive;
 };
 
@@ -81,10 +91,10 @@ struct Registry {
   pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
   std::vector<LiveMarker*> markers;
 };
-Registry& registry() {
-  static auto* r = new Registry;  // leaked: threads may exit after static destructors ran
-  return *r;
-}
+// Kept until unload: threads may exit after static destructors ran. The markers themselves
+// stay: each is on its thread's robust list, which the kernel writes when the thread exits.
+common::UnloadFreed<Registry> g_registry;
+Registry& registry() { return g_registry.get(); }
 
 pthread_key_t g_exit_key;
 pthread_once_t g_exit_key_once = PTHREAD_ONCE_INIT;
@@ -96,6 +106,42 @@ void hold_alive(LiveMarker* m) {
   pthread_mutex_init(&m->alive, &attr);
   pthread_mutexattr_destroy(&attr);
   pthread_mutex_lock(&m->alive);
+}
+
+// The marker an earlier libtramway left on the calling thread's robust list, or nullptr. Signals
+// are blocked (register_thread), so nothing else changes the list while it is walked. The
+// list holds glibc's links: each entry is the `__list.__next` field of a robust mutex the
+// thread holds (bit 0 tags a PI mutex), and the last one points back at the head.
+LiveMarker* adopt_left_marker() noexcept {
+  robust_list_head* head = nullptr;
+  std::size_t len = 0;
+  if (::syscall(SYS_get_robust_list, 0, &head, &len) != 0 || head == nullptr) return nullptr;
+  static const std::uintptr_t next_offset = [] {
+    static pthread_mutex_t probe;
+    return reinterpret_cast<std::uintptr_t>(&probe.__data.__list.__next) - reinterpret_cast<std::uintptr_t>(&probe);
+  }();
+  const std::uintptr_t alive_offset = [] {
+    alignas(LiveMarker) static unsigned char storage[sizeof(LiveMarker)];
+    auto* m = reinterpret_cast<LiveMarker*>(storage);
+    return reinterpret_cast<std::uintptr_t>(&m->alive) - reinterpret_cast<std::uintptr_t>(m);
+  }();
+  const auto end = reinterpret_cast<std::uintptr_t>(head);
+  auto p = reinterpret_cast<std::uintptr_t>(head->list.next);
+  for (int n = 0; (p & ~std::uintptr_t{1}) != end && p != 0 && n < ROBUST_LIST_LIMIT; ++n) {
+    const std::uintptr_t entry = p & ~std::uintptr_t{1};
+    const std::uintptr_t mutex = entry - next_offset;
+    // The word before the mutex need not be mapped (a mutex at the start of a shared page):
+    // read it through the kernel, which says EFAULT instead of faulting.
+    std::uint64_t magic = 0;
+    iovec local{&magic, sizeof magic}, remote{reinterpret_cast<void*>(mutex - sizeof magic), sizeof magic};
+    if ((p & 1) == 0 && mutex >= alive_offset &&
+        ::process_vm_readv(::getpid(), &local, 1, &remote, 1, 0) == static_cast<ssize_t>(sizeof magic) &&
+        magic == kLiveMarkerMagic) {
+      return reinterpret_cast<LiveMarker*>(mutex - alive_offset);
+    }
+    p = *reinterpret_cast<const std::uintptr_t*>(entry);
+  }
+  return nullptr;
 }
 
 void unregister_thread(void* p) {
@@ -300,10 +346,8 @@ struct Callbacks {
   bool stop = false;  // eject: the thread ends once the queue is empty
   common::OwnStackThread thread;
 };
-Callbacks& callbacks() {
-  static auto* c = new Callbacks;
-  return *c;
-}
+common::UnloadFreed<Callbacks> g_callbacks;
+Callbacks& callbacks() { return g_callbacks.get(); }
 
 void* callback_thread(void*) {
   pthread_setname_np(pthread_self(), "tramway-grace");
@@ -509,9 +553,14 @@ Marker* register_thread() noexcept {
   sigfillset(&all);
   pthread_sigmask(SIG_SETMASK, &all, &old);
   pthread_once(&g_exit_key_once, init_once);
-  auto* m = new LiveMarker;
+  LiveMarker* m = adopt_left_marker();  // still locked by this thread: it is on its list
+  if (m) {
+    m->value.store(0, std::memory_order_relaxed);
+  } else {
+    m = new LiveMarker;
+    hold_alive(m);
+  }
   m->tid = common::current_tid();
-  hold_alive(m);
   Registry& r = registry();
   pthread_mutex_lock(&r.mu);
   r.markers.push_back(m);

@@ -9,6 +9,7 @@
 
 #include "arch/x86_64/insn.h"
 #include "tramway/text/patch.h"
+#include "common/unload_freed.h"
 
 namespace tramway {
 namespace {
@@ -25,10 +26,8 @@ struct Registry {
   std::vector<Table> tables;
   std::unordered_map<const StaticKey*, std::vector<const JumpEntry*>> by_key;
 };
-Registry& registry() {
-  static auto* r = new Registry;  // leaked: objects unregister during exit
-  return *r;
-}
+common::UnloadFreed<Registry> g_registry;  // kept until unload: objects unregister during exit
+Registry& registry() { return g_registry.get(); }
 
 const StaticKey* key_of(const JumpEntry& e) { return reinterpret_cast<const StaticKey*>(e.key & ~std::uintptr_t{1}); }
 

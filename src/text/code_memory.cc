@@ -6,6 +6,7 @@
 #include "common/eject.h"
 #include "common/format.h"
 #include "text/internal.h"
+#include "common/unload_freed.h"
 
 #include <pthread.h>
 #include <sys/mman.h>
@@ -43,10 +44,8 @@ struct State {
   std::vector<Arena*> arenas;  // never shrinks; arenas are not unmapped while the process runs
   std::vector<int> child_fds;  // during fork(): each arena's copy for the child, -1 where none
 };
-State& state() {
-  static State* s = new State;  // leaked on purpose: used until the last thread exits (or eject)
-  return *s;
-}
+common::UnloadFreed<State> g_state;  // used until the last thread exits (or an eject's unload)
+State& state() { return g_state.get(); }
 
 // Unloaded after an eject (common/eject.h): every hook is detached and no thread runs in the
 // arenas (the agent watched them), so they go with the library.
@@ -56,6 +55,7 @@ __attribute__((destructor)) void unmap_arenas_at_unload() {
     munmap(a->rx, a->size);
     munmap(a->rw, a->size);
     close(a->fd);
+    delete a;
   }
   state().arenas.clear();
 }

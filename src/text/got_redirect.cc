@@ -15,6 +15,7 @@
 
 #include "common/tramway_mapping.h"
 #include "text/internal.h"
+#include "common/unload_freed.h"
 
 namespace tramway::text::detail {
 namespace {
@@ -32,10 +33,8 @@ struct Slot {
 };
 
 std::mutex g_mu;  // lock rank text (common/lock_order.h): taken with no other tramway lock
-std::vector<Slot>& slots() {
-  static auto* v = new std::vector<Slot>;  // leaked: used until unload
-  return *v;
-}
+common::UnloadFreed<std::vector<Slot>> g_slots;  // used until unload
+std::vector<Slot>& slots() { return g_slots.get(); }
 std::atomic<std::size_t> g_redirected{0};
 
 bool skipped(const std::string& name) {

@@ -32,6 +32,8 @@
 #include "text/internal.h"
 #include "tramway/text/code_memory.h"
 #include "tramway/text/signal_router.h"
+#include "common/eject.h"
+#include "common/unload_freed.h"
 
 // Odd while a batch may have int3s in code (its trap table is published), bumped at every
 // publish and unpublish. Read by the gdb script (share/tramway/tramway.gdb) to tell tramway's
@@ -72,10 +74,14 @@ std::atomic<std::uint64_t> g_table_generation{0};
 std::atomic<long> g_readers{0};
 // Tables unpublished but maybe still read by a handler (a thread preempted inside one).
 // Guarded by the patch lock. Freed by a later batch; the poker never waits for a reader.
-std::vector<TrapTable*>& retired_tables() {
-  static auto* v = new std::vector<TrapTable*>;
-  return *v;
-}
+struct RetiredTables {
+  std::vector<TrapTable*> tables;
+  ~RetiredTables() {  // at unload after an eject: no handler reads any of them
+    for (TrapTable* t : tables) ::operator delete(t);
+  }
+};
+common::UnloadFreed<RetiredTables> g_retired_tables;
+std::vector<TrapTable*>& retired_tables() { return g_retired_tables.get().tables; }
 
 TrapTable* make_table(std::size_t n) {
   const std::size_t bytes = sizeof(TrapTable) + (n ? n - 1 : 0) * sizeof(TrapEntry);
@@ -113,6 +119,14 @@ void free_retired_tables_if_unread() {
     }
   }
   retired.clear();
+}
+
+// Unloaded after an eject: no batch runs and no handler reads a table any more.
+__attribute__((destructor)) void free_spare_table_at_unload() {
+  if (!common::ejecting()) return;
+  ::operator delete(g_spare_table);
+  g_spare_table = nullptr;
+  g_spare_capacity = 0;
 }
 
 TrapTable* take_table(std::size_t n) {
@@ -363,18 +377,12 @@ Status apply(const PatchBatch& batch) {
 
 // Scratch space reused by every batch (guarded by the patch lock), for the same reason as the
 // spare trap table.
-std::vector<Site>& scratch_sites() {
-  static auto* v = new std::vector<Site>;
-  return *v;
-}
-std::vector<std::pair<std::uintptr_t, std::uint32_t>>& scratch_order() {
-  static auto* v = new std::vector<std::pair<std::uintptr_t, std::uint32_t>>;
-  return *v;
-}
-detail::PageWriter& scratch_writer() {
-  static auto* w = new detail::PageWriter;
-  return *w;
-}
+common::UnloadFreed<std::vector<Site>> g_scratch_sites;
+common::UnloadFreed<std::vector<std::pair<std::uintptr_t, std::uint32_t>>> g_scratch_order;
+common::UnloadFreed<detail::PageWriter> g_scratch_writer;
+std::vector<Site>& scratch_sites() { return g_scratch_sites.get(); }
+std::vector<std::pair<std::uintptr_t, std::uint32_t>>& scratch_order() { return g_scratch_order.get(); }
+detail::PageWriter& scratch_writer() { return g_scratch_writer.get(); }
 
 namespace {
 

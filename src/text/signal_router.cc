@@ -38,6 +38,7 @@
 #include "common/eject.h"
 #include "text/got_redirect.h"
 #include "text/eintr_undo.h"
+#include "common/unload_freed.h"
 
 extern "C" int __sigaction(int, const struct sigaction*, struct sigaction*) noexcept;
 
@@ -581,10 +582,14 @@ namespace {
 
 // Guarded by g_move_mutex. Tables of closed requests, freed once no handler reads them; the
 // last one freed is kept for the next request, so a batch does not allocate every time.
-std::vector<MoveTable*>& retired_move_tables() {
-  static auto* v = new std::vector<MoveTable*>;
-  return *v;
-}
+struct RetiredMoveTables {
+  std::vector<MoveTable*> tables;
+  ~RetiredMoveTables() {  // at unload after an eject: no handler reads any of them
+    for (MoveTable* t : tables) delete t;
+  }
+};
+common::UnloadFreed<RetiredMoveTables> g_retired_move_tables;
+std::vector<MoveTable*>& retired_move_tables() { return g_retired_move_tables.get().tables; }
 MoveTable* g_spare_move_table = nullptr;
 
 void free_retired_move_tables_if_unread() {

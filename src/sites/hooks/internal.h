@@ -230,7 +230,7 @@ struct Site {
   std::shared_ptr<const arch::RelocationPlan> plan;
   std::string name, object;
   ObjectKey object_key;
-  SiteCell* cell = nullptr;  // never freed: the literal slot points at it
+  SiteCell* cell = nullptr;  // freed only by an eject's unload: the literal slot points at it
   bool literal_written = false;
   // What the site holds: a nop, a call of the thunk or of `slot` (a relocated function's pad
   // site in mode off keeps its last call: detour.h).

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "arch/x86_64/insn.h"
+#include "common/eject.h"
 #include "common/format.h"
 #include "sites/hooks/internal.h"
 #include "tramway/grace.h"
@@ -35,6 +36,19 @@ std::vector<text::CodeBlock> g_thunks;  // permanent; under g_mu
 
 void free_target(std::uintptr_t t) {
   if (t & kListTag) ::operator delete(reinterpret_cast<void*>(t & ~kListTag));
+}
+
+// Unloaded after an eject: every hook is detached and no thread runs in the stubs (the agent
+// watched tramway's code), so the cells, and a list one may still name, go with the library.
+// A plain destructor: it runs before g_sites' own.
+__attribute__((destructor)) void free_cells_at_unload() {
+  if (!common::ejecting()) return;
+  for (auto& [entry, site] : g_sites) {
+    if (!site.cell) continue;
+    free_target(site.cell->target.load(std::memory_order_relaxed));
+    delete site.cell;
+    site.cell = nullptr;
+  }
 }
 
 // A thunk `jmp *0(%rip); .quad tramway_hook_entry` that a call at `entry` reaches with rel32.
