@@ -201,6 +201,13 @@ struct State {
   std::vector<std::string> exclude;  // TRAMWAY_EXCLUDE: globs recordings never trace
   std::uint32_t max_depth = 0;       // TRAMWAY_MAX_DEPTH: recordings' depth limit (0: none)
   std::uint64_t min_duration_ns = 0; // TRAMWAY_MIN_DURATION_NS: recordings write only calls this long
+  // `option` requests (record -p): for the next recording only, on top of the defaults above.
+  struct Next {
+    std::vector<std::string> exclude;
+    std::optional<std::uint32_t> max_depth;
+    std::optional<std::uint64_t> min_duration_ns;
+    bool allow_trap = false;
+  } next;
   control::Server* server = nullptr;
   pid_t pid = 0;
   bool preloaded = false;   // loaded at start (LD_PRELOAD): it cannot be unloaded
@@ -232,13 +239,45 @@ Status start_recording(const std::string& file) {
   }
   trace::RecordOptions o;
   o.output = file;
-  o.allow_trap = st.allow_trap;
+  o.allow_trap = st.allow_trap || st.next.allow_trap;
   o.exclude = st.exclude;
-  o.max_depth = st.max_depth;
-  o.min_duration_ns = st.min_duration_ns;
+  o.exclude.insert(o.exclude.end(), st.next.exclude.begin(), st.next.exclude.end());
+  o.max_depth = st.next.max_depth.value_or(st.max_depth);
+  o.min_duration_ns = st.next.min_duration_ns.value_or(st.min_duration_ns);
+  st.next = {};
   if (Status s = trace::start(o); !s.ok()) return Status::error("cannot record to " + file + ": " + s.message());
   st.output = file;
   st.peak_functions = 0;
+  return {};
+}
+
+// `option NAME [VALUE]`: one setting of the next recording.
+Status set_option(const std::string& arg) {
+  const std::size_t space = arg.find(' ');
+  const std::string name = arg.substr(0, space), value = space == std::string::npos ? "" : arg.substr(space + 1);
+  State& st = state();
+  std::lock_guard lock(st.mu);
+  auto number = [&](unsigned long long lo, unsigned long long hi) -> std::optional<unsigned long long> {
+    char* end = nullptr;
+    const unsigned long long v = std::strtoull(value.c_str(), &end, 10);
+    if (value.empty() || *end != '\0' || v < lo || v > hi) return std::nullopt;
+    return v;
+  };
+  if (name == "exclude" && !value.empty()) {
+    st.next.exclude.push_back(value);
+  } else if (name == "max-depth") {
+    const auto d = number(1, 512);
+    if (!d) return Status::error("max-depth '" + value + "' is not a depth from 1 to 512");
+    st.next.max_depth = static_cast<std::uint32_t>(*d);
+  } else if (name == "min-duration") {
+    const auto ns = number(0, UINT64_MAX);
+    if (!ns) return Status::error("min-duration '" + value + "' is not a number of nanoseconds");
+    st.next.min_duration_ns = *ns;
+  } else if (name == "trap" && value.empty()) {
+    st.next.allow_trap = true;
+  } else {
+    return Status::error("unknown option '" + arg + "' (options: exclude GLOB, max-depth N, min-duration NS, trap)");
+  }
   return {};
 }
 
@@ -362,6 +401,9 @@ control::Reply handle(const control::Request& req) {
     }
     case control::Verb::eject:
       return eject_reply();
+    case control::Verb::option:
+      if (Status st = set_option(req.arg); !st.ok()) return Reply::failure(st.message());
+      return Reply::success("option " + req.arg + " (for the next recording)");
   }
   return Reply::failure("unhandled request");
 }

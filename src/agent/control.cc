@@ -14,7 +14,8 @@
 namespace tramway::control {
 namespace {
 
-constexpr std::string_view kRequests = "attach GLOB, detach GLOB, status, stop, list [GLOB], list-all [GLOB], start FILE, eject";
+constexpr std::string_view kRequests =
+    "attach GLOB, detach GLOB, status, stop, list [GLOB], list-all [GLOB], option NAME [VALUE], start FILE, eject";
 
 std::string_view trim(std::string_view s) {
   while (!s.empty() && s.front() == ' ') s.remove_prefix(1);
@@ -49,6 +50,7 @@ const char* verb_name(Verb verb) {
     case Verb::list_all: return "list-all";
     case Verb::start: return "start";
     case Verb::eject: return "eject";
+    case Verb::option: return "option";
   }
   return "?";
 }
@@ -80,6 +82,7 @@ Result<Request> parse_request(std::string_view line) {
   else if (word == "list-all") r.verb = Verb::list_all;
   else if (word == "start") r.verb = Verb::start;
   else if (word == "eject") r.verb = Verb::eject;
+  else if (word == "option") r.verb = Verb::option;
   else {
     std::string shown(word.substr(0, 64));
     return Status::error("unknown request '" + shown + "' (requests: " + std::string(kRequests) + ")");
@@ -99,6 +102,11 @@ Result<Request> parse_request(std::string_view line) {
       break;
     case Verb::start:
       if (arg.empty() || arg.front() != '/') return Status::error("start needs an absolute file name, e.g. 'start /tmp/app.trace'");
+      break;
+    case Verb::option:
+      if (arg.empty()) {
+        return Status::error("option needs a name: exclude GLOB, max-depth N, min-duration NS or trap");
+      }
       break;
   }
   r.arg = std::string(arg);

@@ -6,6 +6,8 @@
 //   request   one line of at most kMaxRequest bytes (without the '\n'; one trailing '\r' is
 //             dropped), printable: `attach GLOB` | `detach GLOB` | `status` | `stop` |
 //             `list [GLOB]` | `list-all [GLOB]` (every kind: `tramway list --all`) |
+//             `option exclude GLOB` | `option max-depth N` | `option min-duration NS` |
+//             `option trap` (each for the next `start` only, on top of the agent's defaults) |
 //             `start FILE` (FILE absolute) | `eject` (the agent puts the process back as it was
 //             and its server ends after the reply: see agent/eject.h).
 //   reply     one per request. Its first line is `error: MESSAGE`, `ok`, `ok TEXT`, or
@@ -32,7 +34,7 @@ namespace tramway::control {
 
 inline constexpr std::size_t kMaxRequest = 4096;  // bytes in a request line, without '\n'
 
-enum class Verb { attach, detach, status, stop, list, start, list_all, eject };
+enum class Verb { attach, detach, status, stop, list, start, list_all, eject, option };
 
 struct Request {
   Verb verb = Verb::status;

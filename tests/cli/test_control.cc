@@ -38,6 +38,7 @@ TEST(ParseRequest, AcceptsEveryVerb) {
       {"list-all", Verb::list_all, ""},            {"list-all a*", Verb::list_all, "a*"},
       {"start /tmp/x.trace", Verb::start, "/tmp/x.trace"}, {"  status  ", Verb::status, ""},
       {"attach ns::f(int, char)", Verb::attach, "ns::f(int, char)"},
+      {"option exclude ns::*", Verb::option, "exclude ns::*"}, {"option trap", Verb::option, "trap"},
   };
   for (const Case& c : cases) {
     auto r = parse_request(c.line);
@@ -62,6 +63,7 @@ TEST(ParseRequest, SaysWhatIsWrong) {
       {"stop it", "stop takes no argument"},
       {"start relative.trace", "absolute file name"},
       {"start", "absolute file name"},
+      {"option", "option needs a name"},
       {std::string("attach a\0b", 10), "control character (byte 0x00 at offset 8)"},
       {"status\x01", "control character (byte 0x01"},
       {"attach \x7f", "control character (byte 0x7f"},

@@ -2,9 +2,10 @@
 // started without it, traces them, ejects, and refuses what it must. The target is
 // inject_target.cc (8 threads, blocked calls, handlers before and after injection).
 //
-// TRAMWAY_INJECT_CYCLES (environment, default 8) sets the inject/attach/detach/eject cycles of
+// TRAMWAY_INJECT_CYCLES (environment, default 20) sets the inject/attach/detach/eject cycles of
 // Inject.CyclesLeaveTheProgramAsItWas; the 1,000 by hand:
 //   TRAMWAY_INJECT_CYCLES=1000 build/gcc/tests/inject/test_inject --gtest_filter='*Cycles*'
+// (20 cycles or more also check that malloc's bytes in use stop changing after cycle 10.)
 #include <dirent.h>
 #include <fcntl.h>
 #include <poll.h>
@@ -283,7 +284,7 @@ class Inject : public ::testing::Test {
 
 TEST_F(Inject, CyclesLeaveTheProgramAsItWas) {
   const char* env = std::getenv("TRAMWAY_INJECT_CYCLES");
-  const int cycles = env ? std::atoi(env) : 8;
+  const int cycles = env ? std::atoi(env) : 20;
   const std::string expected = untraced_output();
   ASSERT_TRUE(contains(expected, "read 1 byte x")) << expected;
 
@@ -292,6 +293,16 @@ TEST_F(Inject, CyclesLeaveTheProgramAsItWas) {
   const std::string pid = std::to_string(t.pid);
   Footprint base;
   long base_rss = 0, last_rss = 0;
+  // malloc's bytes in use: the first cycles add what the C library keeps per thread that ran
+  // tramway code (a tcache, a marker on its robust list, adopted later); from then on an
+  // eject leaves exactly what the injection found.
+  constexpr int kHeapSettled = 10;
+  long heap_settled = -1, heap_last = -1;
+  auto heap_in_use = [&t] {
+    t.send("mem");
+    const std::string l = t.line();
+    return l.starts_with("heap in use ") ? std::stol(l.substr(12)) : -1;
+  };
   for (int cycle = 0; cycle <= cycles; ++cycle) {
     const CliRun a = cli({"live", pid, "attach", "work::step*", "-o", dir_ + "/t.trace"});
     ASSERT_EQ(a.code, 0) << "cycle " << cycle << ": " << a.err;
@@ -338,6 +349,8 @@ TEST_F(Inject, CyclesLeaveTheProgramAsItWas) {
     ASSERT_EQ(now.fds, base.fds) << "cycle " << cycle;
     ASSERT_EQ(now.tasks, base.tasks) << "cycle " << cycle;
     last_rss = rss_kib(t.pid);
+    heap_last = heap_in_use();
+    if (cycle == kHeapSettled) heap_settled = heap_last;
   }
   // Mappings: identical, but for the heap and the arena growing within what they reserved.
   auto shape = [](const std::string& maps) {
@@ -353,6 +366,11 @@ TEST_F(Inject, CyclesLeaveTheProgramAsItWas) {
   EXPECT_EQ(shape(footprint(t.pid).maps), shape(base.maps));
   if (cycles > 0) {
     EXPECT_LT(last_rss - base_rss, 4096) << "RSS grew from " << base_rss << " to " << last_rss << " KiB";
+    std::fprintf(stderr, "%d cycles: RSS %ld -> %ld KiB; malloc in use %ld at cycle %d, %ld at the end\n", cycles,
+                 base_rss, last_rss, heap_settled, kHeapSettled, heap_last);
+  }
+  if (cycles >= 2 * kHeapSettled) {
+    EXPECT_EQ(heap_last, heap_settled) << "an eject left malloc'd memory behind";
   }
 
   t.send("counts");
@@ -384,6 +402,50 @@ TEST_F(Inject, RecordPidTracesARunningProgramAndEjects) {
   EXPECT_TRUE(contains(rep.out, "work::checksum(unsigned long)")) << rep.out;
   EXPECT_FALSE(maps_tramway(footprint(t.pid).maps));
   EXPECT_EQ(footprint(t.pid).tasks, before.tasks);
+  t.send("end");
+  EXPECT_TRUE(contains(t.rest(), "sleep slept\n"));
+}
+
+// -x, -D and -t reach the injected agent as `option` requests for that recording.
+TEST_F(Inject, RecordPidTakesTheRecordingsSettings) {
+  Child t;
+  start_target(t);
+  const std::string pid = std::to_string(t.pid), excluded = dir_ + "/x.trace", shallow = dir_ + "/d.trace";
+  const CliRun x = cli({"record", "-p", pid, "-f", "work::*", "-x", "work::step*", "--duration", "0.3", "-o", excluded});
+  ASSERT_EQ(x.code, 0) << x.err;
+  EXPECT_TRUE(contains(x.err, "recording 1 functions of process " + pid)) << x.err;
+  CliRun rep = cli({"report", excluded});
+  ASSERT_EQ(rep.code, 0) << rep.err;
+  EXPECT_TRUE(contains(rep.out, "work::checksum(unsigned long)")) << rep.out;
+  EXPECT_FALSE(contains(rep.out, "work::step(unsigned long)")) << rep.out;
+
+  // checksum calls step 1,000 times a call: at depth 1 a step is written only when the
+  // recording began inside a checksum (the traced depth starts at the attach).
+  const CliRun d = cli({"record", "-p", pid, "-f", "work::*", "-D", "1", "--duration", "0.3", "-o", shallow});
+  ASSERT_EQ(d.code, 0) << d.err;
+  EXPECT_TRUE(contains(d.err, "recording 2 functions of process " + pid)) << d.err;
+  rep = cli({"report", shallow});
+  ASSERT_EQ(rep.code, 0) << rep.err;
+  auto calls_of = [&](const std::string& fn) {
+    std::istringstream in(rep.out);
+    for (std::string l; std::getline(in, l);) {
+      if (contains(l, fn)) return std::atol(l.c_str());
+    }
+    return 0L;
+  };
+  const long checksums = calls_of("work::checksum(unsigned long)"), steps = calls_of("work::step(unsigned long)");
+  EXPECT_GT(checksums, 0) << rep.out;
+  EXPECT_LE(steps, 2 * 1000) << "steps below the depth limit were written:\n" << rep.out;
+
+  // -t 5us: a checksum lasts about 15 us, a step 20 ns; a step is written only when something
+  // (a preemption) made it last 5 us.
+  const CliRun m = cli({"record", "-p", pid, "-f", "work::*", "-t", "5us", "--duration", "0.3", "-o", dir_ + "/t.trace"});
+  ASSERT_EQ(m.code, 0) << m.err;
+  rep = cli({"report", dir_ + "/t.trace"});
+  ASSERT_EQ(rep.code, 0) << rep.err;
+  EXPECT_GT(calls_of("work::checksum(unsigned long)"), 0) << rep.out;
+  EXPECT_LT(calls_of("work::step(unsigned long)"), calls_of("work::checksum(unsigned long)")) << rep.out;
+  EXPECT_FALSE(maps_tramway(footprint(t.pid).maps));
   t.send("end");
   EXPECT_TRUE(contains(t.rest(), "sleep slept\n"));
 }

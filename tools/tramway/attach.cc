@@ -150,6 +150,15 @@ int record_process(pid_t pid, const RecordProcessArgs& a) {
   if (!st.ok() || !st->ok) return finish(fail(st.ok() ? st->text : st.status().message()));
   if (st->text == "recording") return finish(fail("process " + std::to_string(pid) + " is being recorded already (`tramway live " +
                                                   std::to_string(pid) + " status` says where)"));
+  std::vector<std::string> options;
+  for (const std::string& x : a.excludes) options.push_back("exclude " + x);
+  if (a.max_depth > 0) options.push_back("max-depth " + std::to_string(a.max_depth));
+  if (a.min_duration_ns > 0) options.push_back("min-duration " + std::to_string(a.min_duration_ns));
+  if (a.trap) options.push_back("trap");
+  for (const std::string& o : options) {
+    Result<control::Reply> r = c.call({control::Verb::option, o});
+    if (!r.ok() || !r->ok) return finish(fail("the agent refused '" + o + "': " + (r.ok() ? r->text : r.status().message())));
+  }
   Result<control::Reply> started = c.call({control::Verb::start, a.output});
   if (!started.ok() || !started->ok) return finish(fail(started.ok() ? started->text : started.status().message()));
   std::size_t functions = 0;

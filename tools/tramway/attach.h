@@ -9,6 +9,8 @@
 
 #include <sys/types.h>
 
+#include <cstdint>
+
 #include <string>
 #include <vector>
 
@@ -36,6 +38,11 @@ struct RecordProcessArgs {
   std::vector<std::string> filters;
   std::string output;  // absolute
   double duration = 0;  // 0: until the process exits or we are interrupted
+  // The recording's settings, sent as `option` requests before `start` (agent/control.h).
+  std::vector<std::string> excludes;
+  unsigned max_depth = 0;        // 0: none
+  std::uint64_t min_duration_ns = 0;
+  bool trap = false;
   AttachOptions attach;
 };
 // `tramway record -p PID`: records until the duration is over, the process exits or SIGINT/

@@ -407,10 +407,15 @@ int main_cli(int argc, char** argv) {
     rec_command.insert(rec_command.end(), tail.begin(), tail.end());
     if (record_pid > 0) {
       if (!rec_command.empty()) return fail("record -p PID records a running process: give no program", 2);
-      if (!rec.excludes.empty() || rec.max_depth > 0 || !rec.min_duration.empty() || rec.trap) {
-        return fail("record -p does not take -x, -D, -t or --trap yet (the running agent records with its defaults)", 2);
-      }
       RecordProcessArgs pa;
+      pa.excludes = rec.excludes;
+      pa.max_depth = rec.max_depth;
+      pa.trap = rec.trap;
+      if (!rec.min_duration.empty()) {
+        auto ns = trace::report::parse_duration(rec.min_duration);
+        if (!ns.ok()) return fail("-t: " + ns.status().message(), 2);
+        pa.min_duration_ns = *ns;
+      }
       pa.filters = rec.filters;
       pa.output = absolute(rec.output);
       pa.duration = rec.duration;
