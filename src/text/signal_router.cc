@@ -582,15 +582,17 @@ namespace {
 
 // Guarded by g_move_mutex. Tables of closed requests, freed once no handler reads them; the
 // last one freed is kept for the next request, so a batch does not allocate every time.
+MoveTable* g_spare_move_table = nullptr;
 struct RetiredMoveTables {
   std::vector<MoveTable*> tables;
   ~RetiredMoveTables() {  // at unload after an eject: no handler reads any of them
     for (MoveTable* t : tables) delete t;
+    delete g_spare_move_table;
+    g_spare_move_table = nullptr;
   }
 };
 common::UnloadFreed<RetiredMoveTables> g_retired_move_tables;
 std::vector<MoveTable*>& retired_move_tables() { return g_retired_move_tables.get().tables; }
-MoveTable* g_spare_move_table = nullptr;
 
 void free_retired_move_tables_if_unread() {
   auto& retired = retired_move_tables();

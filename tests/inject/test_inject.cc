@@ -289,13 +289,17 @@ TEST_F(Inject, CyclesLeaveTheProgramAsItWas) {
   ASSERT_TRUE(contains(expected, "read 1 byte x")) << expected;
 
   Child t;
+  // Without per-thread caches malloc's count is exact: a cache holds freed chunks as in use,
+  // and which thread's cache gets the injector's frees depends on which thread it took.
+  setenv("GLIBC_TUNABLES", "glibc.malloc.tcache_count=0", 1);
   start_target(t);
+  unsetenv("GLIBC_TUNABLES");
   const std::string pid = std::to_string(t.pid);
   Footprint base;
   long base_rss = 0, last_rss = 0;
-  // malloc's bytes in use: the first cycles add what the C library keeps per thread that ran
-  // tramway code (a tcache, a marker on its robust list, adopted later); from then on an
-  // eject leaves exactly what the injection found.
+  // malloc's bytes in use: the first cycles add what the C library and the loader keep, and a
+  // marker on the robust list of each thread that ran tramway code (adopted by later
+  // injections); from then on an eject leaves exactly what the injection found.
   constexpr int kHeapSettled = 10;
   long heap_settled = -1, heap_last = -1;
   auto heap_in_use = [&t] {
