@@ -18,7 +18,12 @@ using tramway::hooks::HookKind;
 
 HookKindOf classify_function(std::uintptr_t address, std::size_t size) {
   std::vector<std::uint8_t> code(size);
-  if (size == 0 || !arch::read_own_memory(address, code)) {
+  if (size == 0 || !arch::read_own_memory(address, code)) code.clear();
+  return classify_code(address, size, code);
+}
+
+HookKindOf classify_code(std::uintptr_t address, std::size_t size, std::span<const std::uint8_t> code) {
+  if (size == 0 || code.size() != size) {
     return {HookKind::refused, "its " + std::to_string(size) + " bytes cannot be read (the symbol's size does not "
                                "match the mapped code)", nullptr};
   }

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <span>
 #include <string>
 
 #include "arch/x86_64/relocate.h"
@@ -25,6 +26,8 @@ struct HookKindOf {
 };
 
 HookKindOf classify_function(std::uintptr_t address, std::size_t size);
+// The same from the function's `size` bytes read already (empty: they could not be read).
+HookKindOf classify_code(std::uintptr_t address, std::size_t size, std::span<const std::uint8_t> code);
 
 // Why a function must not be hooked whatever its bytes, or nullopt: it is a compiler's cold
 // fragment of another function (entered by a jump: no return address to hook), or tramway's own code
