@@ -18,7 +18,10 @@
 // Hooks on any function (relocated prologues, DESIGN.md "Hooks on any function"):
 //   hook/relocated/empty, hook/relocated/direct/empty     ns a call of plain_target hooked
 //                                           through a relocated prologue: the same body as
-//                                           patchable_target, without a patchable entry (CPU time)
+//                                           patchable_target, without a patchable entry (CPU time);
+//                                           "direct" is an ops that asks for direct mode, which
+//                                           a relocated function never takes (its callers may
+//                                           keep %r11 across the call: sites.cc, mode_for)
 //   hook/relocated/empty_minus_common       ns over hook/common/empty (target <= 1.0)
 //   hook/relocated/empty_ratio_to_common    the same as a ratio
 //   hook/trap/empty                         ns a call through a trap probe (not implemented yet:

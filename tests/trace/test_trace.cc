@@ -166,6 +166,34 @@ TEST_F(Trace, IpaRaCallersKeepTheirRegistersAcrossATracedLeaf) {
   expect_balanced(p);
 }
 
+// A plain ops whose callback clobbers %r11 and %xmm8-15 (so it is not "lean": the stub saves
+// the vector registers around it), asked for direct mode and not: the leaf's IPA-RA caller
+// still finds them as it left them (hook_entry.S saves them; a relocated function stays in
+// common mode, whose entry saves %r11 before anything).
+TEST(RelocatedHooks, IpaRaCallersKeepTheirRegistersWhateverTheCallbackClobbers) {
+  for (const bool direct : {false, true}) {
+    static std::atomic<int> calls{0};
+    calls = 0;
+    tramway::hooks::Ops ops;
+    ops.direct = direct;
+    ops.entry = [](const tramway::hooks::Ops&, std::uintptr_t, std::uintptr_t, tramway::hooks::EntryRegs&) {
+      calls.fetch_add(1, std::memory_order_relaxed);
+      asm volatile(
+          "movq $-1, %%r11\n\t"
+          "pcmpeqd %%xmm8, %%xmm8\n\t pcmpeqd %%xmm9, %%xmm9\n\t pcmpeqd %%xmm10, %%xmm10\n\t"
+          "pcmpeqd %%xmm11, %%xmm11\n\t pcmpeqd %%xmm12, %%xmm12\n\t pcmpeqd %%xmm13, %%xmm13\n\t"
+          "pcmpeqd %%xmm14, %%xmm14\n\t pcmpeqd %%xmm15, %%xmm15" ::
+              : "r11", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15");
+    };
+    ASSERT_TRUE(tramway::hooks::attach(ops, tramway::hooks::Filter::names({"tramway_ipa_leaf"})).ok());
+    for (std::uint64_t i = 0; i < 100; ++i) {
+      ASSERT_EQ(tramway_ipa_caller(i), i + 0x1000) << "call " << i << " (direct asked: " << direct << ")";
+    }
+    ASSERT_TRUE(tramway::hooks::detach(ops).ok());
+    EXPECT_EQ(calls.load(), 100) << "the callback did not run on every call (direct asked: " << direct << ")";
+  }
+}
+
 // The tracer's entry path runs without xmm0-7 saved (hooks::Ops::promise_vector_free): the
 // arguments in them must reach the function on its fast path and on a thread's first traced
 // call, which claims the thread's trace state (mmap, the C library) on that path: the thread

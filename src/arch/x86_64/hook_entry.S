@@ -16,7 +16,13 @@
  * entry, so the stubs align their frame themselves.
  *
  * Each saves every register a function may expect at its entry (rdi, rsi, rdx, rcx, r8, r9,
- * rax for varargs, r10 for the static chain, xmm0-7) as a tramway::hooks::EntryRegs, raises
+ * rax for varargs, r10 for the static chain, xmm0-7) as a tramway::hooks::EntryRegs, and
+ * every other call-clobbered register the code it calls may change (r11, xmm8-15): GCC's
+ * interprocedural register allocation (-fipa-ra, on at -O2) lets a caller keep values in any
+ * call-clobbered register that a function of its own unit does not touch, across a call to
+ * it. GCC turns it off for patchable entries, not for the functions tramway hooks through a
+ * relocated prologue. (%r11 still carries a direct slot's data, which is why a relocated
+ * function is never in direct mode: sites.cc, mode_for.) Then the stub raises
  * the thread's grace-period marker (ops, lists and slot data are retired through the trace
  * flavor), runs the callbacks, lowers the marker, restores the registers and returns into
  * the function's body. The usual case — one ops, enabled, without extended state, the
@@ -24,7 +30,7 @@
  * about 1.5 ns less than calling a C++ dispatcher, measured); every other case goes to the
  * C++ dispatchers (sites/hooks/dispatch.cc), which handle all of them.
  *
- * xmm0-7 are saved only when something may change them: not for an ops whose callback was
+ * xmm0-15 are saved only when something may change them: not for an ops whose callback was
  * proven (arch/x86_64/callback_scan.h, at attach) to touch no vector register and never to
  * read its EntryRegs (TRAMWAY_FAST_LEAN; about 1.5 ns a call, measured). So nothing that
  * may call out — the marker's registration and wake-up, the dispatchers — runs before the
@@ -38,19 +44,21 @@
 #include "arch/x86_64/hook_layout.h"
 
 /* Frame: %rbp, then, at a 16-byte aligned %rsp, EntryRegs (192 bytes), 8 spare bytes at
- * 192(%rsp) (the direct stub keeps its slot data pointer there) and a copy of %rbp at
- * 200(%rsp): hooks::caller_return_slot (sites/hooks/dispatch.cc) finds the caller's return
- * address at 16 bytes above it. The general-purpose registers are saved on entry; xmm0-7
- * by HOOK_SAVE_VECTOR, on the paths that need it. */
+ * 192(%rsp) (the direct stub keeps its slot data pointer there), a copy of %rbp at
+ * 200(%rsp) (hooks::caller_return_slot, sites/hooks/dispatch.cc, finds the caller's return
+ * address at 16 bytes above it), xmm8-15 at 208 + 16 * (i - 8)(%rsp) and %r11 at 336(%rsp).
+ * The general-purpose registers are saved on entry; the vector ones by HOOK_SAVE_VECTOR, on
+ * the paths that need it. */
 .macro HOOK_FRAME_ENTER
 	pushq	%rbp
 	.cfi_def_cfa_offset 16
 	.cfi_offset %rbp, -16
 	movq	%rsp, %rbp
 	.cfi_def_cfa_register %rbp
-	subq	$208, %rsp
+	subq	$352, %rsp
 	andq	$-16, %rsp
 	movq	%rbp, 200(%rsp)
+	movq	%r11, 336(%rsp)
 	movq	%rdi, 0(%rsp)
 	movq	%rsi, 8(%rsp)
 	movq	%rdx, 16(%rsp)
@@ -61,16 +69,22 @@
 	movq	%r10, 56(%rsp)
 .endm
 
-/* xmm<i> lives at 64 + 16 * i(%rsp), EntryRegs::xmm[i]. */
+/* xmm<i> lives at 64 + 16 * i(%rsp), EntryRegs::xmm[i], for i < 8; xmm8-15 above the rest. */
 .macro HOOK_SAVE_VECTOR
 	.irp i, 0, 1, 2, 3, 4, 5, 6, 7
 	movaps	%xmm\i, 64 + 16 * \i(%rsp)
+	.endr
+	.irp i, 8, 9, 10, 11, 12, 13, 14, 15
+	movaps	%xmm\i, 208 + 16 * (\i - 8)(%rsp)
 	.endr
 .endm
 
 .macro HOOK_RESTORE_VECTOR
 	.irp i, 0, 1, 2, 3, 4, 5, 6, 7
 	movaps	64 + 16 * \i(%rsp), %xmm\i
+	.endr
+	.irp i, 8, 9, 10, 11, 12, 13, 14, 15
+	movaps	208 + 16 * (\i - 8)(%rsp), %xmm\i
 	.endr
 .endm
 
@@ -85,6 +99,7 @@
 	movq	40(%rsp), %r9
 	movq	48(%rsp), %rax
 	movq	56(%rsp), %r10
+	movq	336(%rsp), %r11
 	.cfi_remember_state
 	leave
 	.cfi_def_cfa %rsp, 8

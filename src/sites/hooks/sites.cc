@@ -69,9 +69,12 @@ Result<std::uintptr_t> thunk_near(std::uintptr_t entry) {
 
 }  // namespace
 
+// A relocated function is never in direct mode: its callers may keep a value in %r11 across
+// the call (GCC's -fipa-ra, which patchable entries turn off), and a direct slot passes its
+// data in %r11 before the stub can save it (hook_entry.S). The common entry saves it first.
 Mode mode_for(const Site& s, const std::vector<Ops*>& ops) {
   if (ops.empty()) return Mode::off;
-  return ops.size() == 1 && ops[0]->state->direct && !s.trap ? Mode::direct : Mode::common;
+  return ops.size() == 1 && ops[0]->state->direct && !s.trap && !s.relocated ? Mode::direct : Mode::common;
 }
 bool site_is(const Site& s, Mode m, const std::vector<Ops*>& ops) {
   if (s.mode != m) return false;
